@@ -1,0 +1,163 @@
+"""Sockets, TLS and the framed relay shared by braid-server and braidd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+
+from braid.protocol.tunnel import EOF_FRAME, FRAME_MAX, FrameDecoder, frame_header
+
+log = logging.getLogger(__name__)
+
+IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
+SOL_MPTCP = 284
+READ_SIZE = FRAME_MAX
+
+
+class MptcpUnavailable(OSError):
+    """The kernel refuses IPPROTO_MPTCP (too old, or net.mptcp.enabled=0)."""
+
+
+def mptcp_socket(family: int) -> socket.socket:
+    """A stream socket with IPPROTO_MPTCP; raises MptcpUnavailable if the kernel says no."""
+    try:
+        return socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    except OSError as exc:
+        if exc.errno in (errno.EPROTONOSUPPORT, errno.ENOPROTOOPT, errno.EINVAL):
+            raise MptcpUnavailable(
+                exc.errno,
+                "this kernel does not offer Multipath TCP "
+                "(needs Linux 5.6 or later and sysctl net.mptcp.enabled=1)",
+            ) from None
+        raise
+
+
+def is_mptcp(sock: socket.socket) -> bool:
+    """True while the connection really runs MPTCP (no fallback to plain TCP)."""
+    mptcp_info = 1
+    try:
+        sock.getsockopt(SOL_MPTCP, mptcp_info, 256)
+    except OSError:
+        return False
+    return True
+
+
+def fingerprint(der: bytes) -> str:
+    """The pinning fingerprint: SHA-256 of the DER certificate, lower-case hex."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert_file, key_file)
+    # Tickets would let a resumed session skip the certificate the client pins.
+    ctx.options |= ssl.OP_NO_TICKET
+    return ctx
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """TLS 1.3 without CA checks: the client pins the certificate's fingerprint instead."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@dataclass
+class RelayCounters:
+    up: int = 0  # client -> destination
+    down: int = 0  # destination -> client
+
+
+async def _plain_to_tunnel(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: list[int]
+) -> None:
+    while True:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            writer.write(EOF_FRAME)
+            await writer.drain()
+            return
+        count[0] += len(data)
+        writer.writelines((frame_header(len(data)), data))
+        await writer.drain()
+
+
+async def _tunnel_to_plain(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: list[int]
+) -> None:
+    decoder = FrameDecoder()
+    while not decoder.eof:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            raise ConnectionResetError("the tunnel closed without ending the stream")
+        chunks = decoder.feed(data)
+        if chunks:
+            for chunk in chunks:
+                count[0] += len(chunk)
+            writer.writelines(chunks)
+            await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+    await writer.drain()
+
+
+async def relay(
+    plain: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    tunnel: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    counters: RelayCounters | None = None,
+    tunnel_is_client_side: bool = True,
+) -> None:
+    """Carry bytes both ways between a plain TCP stream and a framed tunnel stream.
+
+    Returns when both directions have ended cleanly; on an error in either
+    direction both connections are closed at once, so the far end sees a
+    reset instead of a silently truncated stream.
+    """
+    counters = counters or RelayCounters()
+    into_tunnel = [0]
+    out_of_tunnel = [0]
+    tasks = [
+        asyncio.ensure_future(_plain_to_tunnel(plain[0], tunnel[1], into_tunnel)),
+        asyncio.ensure_future(_tunnel_to_plain(tunnel[0], plain[1], out_of_tunnel)),
+    ]
+    clean = False
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [t for t in done if t.exception() is not None]
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
+        clean = True
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if tunnel_is_client_side:
+            counters.up += into_tunnel[0]
+            counters.down += out_of_tunnel[0]
+        else:
+            counters.up += out_of_tunnel[0]
+            counters.down += into_tunnel[0]
+        await close_writer(plain[1], abort=not clean)
+        await close_writer(tunnel[1], abort=not clean)
+
+
+async def close_writer(writer: asyncio.StreamWriter, abort: bool = False) -> None:
+    """Close a stream, never raising; ``abort`` resets instead of a clean close."""
+    with contextlib.suppress(Exception):
+        if abort:
+            writer.transport.abort()
+        else:
+            writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 5)
