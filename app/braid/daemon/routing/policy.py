@@ -1,0 +1,428 @@
+"""Per-link policy routing and MPTCP endpoints.
+
+For every link Braid uses it installs, keyed on the device (tethered phones
+often share one subnet and gateway):
+
+- a routing table of its own: the default route via the link's gateway, by
+  device, and the link's own prefixes;
+- ``ip rule from <link address> lookup <table>`` for each of its addresses,
+  so a subflow bound to that address leaves by that link (without it, extra
+  subflows leave by the main table's default route and are dropped by the
+  ISP's reverse-path filter);
+- an MPTCP endpoint per address with the device and the ``subflow`` flag
+  (plus ``backup`` for backup links), so the kernel opens one subflow per link.
+
+Everything Braid owns is recognisable without a record: tables and rule
+priorities in a reserved range, rules and routes with Braid's protocol
+number, endpoint ids in a reserved range. That is what lets ``cleanup``
+remove a crashed run's leftovers and nothing else.
+
+The calls block (netlink round trips of a few milliseconds); the daemon runs
+them on one worker thread so changes never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute, MPTCP
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+TABLE_BASE = 18400
+SLOTS = 32
+RULE_PRIORITY_BASE = 18400
+ENDPOINT_ID_BASE = 180  # ids 180..243, two per slot (IPv4, IPv6)
+RTPROT_BRAID = 98  # marks the routes and rules Braid adds
+
+FLAG_SIGNAL = 1
+FLAG_SUBFLOW = 2
+FLAG_BACKUP = 4
+
+SUBFLOWS_NEEDED = 8
+LIMITS_FILE = "mptcp-limits.json"
+
+ERRNO_EXISTS = 17
+ERRNO_NOENT = 2
+ERRNO_NOSRCH = 3
+
+
+def table_for(slot: int) -> int:
+    return TABLE_BASE + slot
+
+
+def owns_table(table: int) -> bool:
+    return TABLE_BASE <= table < TABLE_BASE + SLOTS
+
+
+def owns_priority(priority: int) -> bool:
+    return RULE_PRIORITY_BASE <= priority < RULE_PRIORITY_BASE + SLOTS
+
+
+def owns_endpoint(endpoint_id: int) -> bool:
+    return ENDPOINT_ID_BASE <= endpoint_id < ENDPOINT_ID_BASE + 2 * SLOTS
+
+
+@dataclass(frozen=True)
+class LinkRouting:
+    """What the routing of one link should be; compared to decide when to redo it."""
+
+    device: str
+    ifindex: int
+    slot: int
+    addresses4: tuple[str, ...] = ()
+    addresses6: tuple[str, ...] = ()
+    prefixes4: tuple[str, ...] = ()
+    prefixes6: tuple[str, ...] = ()
+    gateway4: str | None = None
+    gateway6: str | None = None
+    backup: bool = False
+
+    @property
+    def table(self) -> int:
+        return table_for(self.slot)
+
+    @property
+    def priority(self) -> int:
+        return RULE_PRIORITY_BASE + self.slot
+
+    def endpoint_id(self, family: int) -> int:
+        return ENDPOINT_ID_BASE + 2 * self.slot + (0 if family == socket.AF_INET else 1)
+
+
+@dataclass
+class DeviceView:
+    """A device as the kernel sees it now: enough to decide whether it can carry traffic."""
+
+    name: str
+    ifindex: int
+    up: bool
+    carrier: bool
+    addresses4: list[tuple[str, int]] = field(default_factory=list)
+    addresses6: list[tuple[str, int]] = field(default_factory=list)
+    gateway4: str | None = None
+    gateway6: str | None = None
+    has_default4: bool = False
+    has_default6: bool = False
+
+
+def _attr(msg, name, default=None):
+    return msg.get_attr(name, default) if hasattr(msg, "get_attr") else default
+
+
+class Routing:
+    """Owns Braid's routing state in the current network namespace."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self._ipr = IPRoute()
+        self._mptcp = MPTCP()
+        self._state_dir = state_dir
+        self._applied: dict[str, LinkRouting] = {}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._ipr.close()
+        with contextlib.suppress(Exception):
+            self._mptcp.close()
+
+    # -- reading the system -------------------------------------------------
+
+    def view(self, device: str) -> DeviceView | None:
+        """The device's state, addresses and default gateways, or None if it does not exist."""
+        links = self._ipr.link_lookup(ifname=device)
+        if not links:
+            return None
+        index = links[0]
+        (link,) = self._ipr.get_links(index)
+        flags = link["flags"]
+        operstate = _attr(link, "IFLA_OPERSTATE", "UNKNOWN")
+        view = DeviceView(
+            name=device,
+            ifindex=index,
+            up=bool(flags & 1),  # IFF_UP
+            carrier=operstate in ("UP", "UNKNOWN") and bool(flags & 0x10000),  # IFF_LOWER_UP
+        )
+        for msg in self._ipr.get_addr(index=index):
+            addr = _attr(msg, "IFA_ADDRESS")
+            if msg["family"] == socket.AF_INET:
+                addr = _attr(msg, "IFA_LOCAL", addr)
+                view.addresses4.append((addr, msg["prefixlen"]))
+            elif msg["family"] == socket.AF_INET6 and msg["scope"] == 0:
+                if msg["flags"] & 0x20:  # IFA_F_DADFAILED
+                    continue
+                if _attr(msg, "IFA_FLAGS", msg["flags"]) & 0x40:  # tentative
+                    continue
+                view.addresses6.append((addr, msg["prefixlen"]))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in self._ipr.get_routes(family=family, table=254):
+                if route["dst_len"] != 0 or _attr(route, "RTA_OIF") != index:
+                    continue
+                gateway = _attr(route, "RTA_GATEWAY")
+                if family == socket.AF_INET:
+                    view.has_default4 = True
+                    view.gateway4 = view.gateway4 or gateway
+                else:
+                    view.has_default6 = True
+                    view.gateway6 = view.gateway6 or gateway
+        return view
+
+    # -- limits -------------------------------------------------------------
+
+    def _limits(self) -> tuple[int, int]:
+        (msg,) = self._mptcp.limits("show")
+        return (
+            msg.get_attr("MPTCP_PM_ATTR_SUBFLOWS") or 0,
+            msg.get_attr("MPTCP_PM_ATTR_RCV_ADD_ADDRS") or 0,
+        )
+
+    def raise_limits(self) -> None:
+        """Raise the subflow limit (default 2) and remember the old values to restore."""
+        subflows, add_addr = self._limits()
+        if subflows >= SUBFLOWS_NEEDED:
+            return
+        if self._state_dir is not None:
+            saved = self._state_dir / LIMITS_FILE
+            if not saved.exists():  # a crashed run's record holds the true original
+                _write_json(saved, {"subflows": subflows, "add_addr_accepted": add_addr})
+        self._mptcp.limits("set", subflows=SUBFLOWS_NEEDED, add_addr_accepted=add_addr)
+        log.info("MPTCP subflow limit raised from %d to %d", subflows, SUBFLOWS_NEEDED)
+
+    def restore_limits(self) -> None:
+        if self._state_dir is None:
+            return
+        saved = self._state_dir / LIMITS_FILE
+        try:
+            old = json.loads(saved.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s); leaving the MPTCP limits as they are", saved, exc)
+            return
+        self._mptcp.limits(
+            "set", subflows=int(old["subflows"]), add_addr_accepted=int(old["add_addr_accepted"])
+        )
+        saved.unlink(missing_ok=True)
+        log.info("MPTCP limits restored to subflows %s", old["subflows"])
+
+    # -- links --------------------------------------------------------------
+
+    def apply(self, want: LinkRouting) -> None:
+        """Make the link's table, rules and endpoints match ``want`` (idempotent)."""
+        have = self._applied.get(want.device)
+        if have == want:
+            return
+        if have is not None:
+            self.remove(want.device)
+        self._install_routes(want)
+        self._install_rules(want)
+        self._install_endpoints(want)
+        self._applied[want.device] = want
+        log.info(
+            "link %s: table %d, addresses %s, gateway %s%s",
+            want.device,
+            want.table,
+            ", ".join(want.addresses4 + want.addresses6) or "none",
+            want.gateway4 or want.gateway6 or "none (on-link)",
+            ", backup" if want.backup else "",
+        )
+
+    def reinstall_routes(self, device: str) -> None:
+        """Re-add routes the kernel flushed when the device went down (it sends no event for them)."""
+        want = self._applied.get(device)
+        if want is not None:
+            self._install_routes(want)
+
+    def remove(self, device: str) -> None:
+        want = self._applied.pop(device, None)
+        if want is None:
+            return
+        for family in (socket.AF_INET, socket.AF_INET6):
+            self._del_endpoint(want.endpoint_id(family))
+        self._flush_rules(lambda prio: prio == want.priority)
+        self._flush_table(want.table)
+        log.info("link %s: routing removed", device)
+
+    def applied(self) -> dict[str, LinkRouting]:
+        return dict(self._applied)
+
+    def remove_all(self) -> None:
+        for device in list(self._applied):
+            try:
+                self.remove(device)
+            except NetlinkError as exc:
+                log.warning("removing routing of %s: %s", device, exc)
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove everything in Braid's ranges, whoever left it, and restore the limits."""
+        for endpoint in list(self._mptcp.endpoint("show")):
+            attrs = endpoint.get_attr("MPTCP_PM_ATTR_ADDR")
+            endpoint_id = attrs.get_attr("MPTCP_PM_ADDR_ATTR_ID") if attrs else None
+            if endpoint_id is not None and owns_endpoint(endpoint_id):
+                self._del_endpoint(endpoint_id)
+        self._flush_rules(owns_priority)
+        for slot in range(SLOTS):
+            self._flush_table(table_for(slot))
+        self.restore_limits()
+        self._applied.clear()
+
+    # -- internals ----------------------------------------------------------
+
+    def _install_routes(self, want: LinkRouting) -> None:
+        routes: list[dict] = []
+        for prefix in want.prefixes4:
+            routes.append({"dst": prefix, "family": socket.AF_INET, "scope": 253})
+        for prefix in want.prefixes6:
+            routes.append({"dst": prefix, "family": socket.AF_INET6})
+        if want.addresses4:
+            route = {"dst": "0.0.0.0/0", "family": socket.AF_INET}
+            if want.gateway4:
+                route["gateway"] = want.gateway4
+            else:
+                route["scope"] = 253
+            routes.append(route)
+        if want.addresses6:
+            route = {"dst": "::/0", "family": socket.AF_INET6}
+            if want.gateway6:
+                route["gateway"] = want.gateway6
+            routes.append(route)
+        for route in routes:
+            try:
+                self._ipr.route(
+                    "replace", table=want.table, oif=want.ifindex, proto=RTPROT_BRAID, **route
+                )
+            except NetlinkError as exc:
+                # A gateway the kernel cannot reach yet (device still coming up) is retried later.
+                log.warning("link %s: route %s: %s", want.device, route["dst"], exc.args[-1])
+
+    def _install_rules(self, want: LinkRouting) -> None:
+        for family, addresses, length in (
+            (socket.AF_INET, want.addresses4, 32),
+            (socket.AF_INET6, want.addresses6, 128),
+        ):
+            for address in addresses:
+                try:
+                    self._ipr.rule(
+                        "add",
+                        family=family,
+                        src=address,
+                        src_len=length,
+                        table=want.table,
+                        priority=want.priority,
+                        protocol=RTPROT_BRAID,
+                    )
+                except NetlinkError as exc:
+                    if exc.code != ERRNO_EXISTS:
+                        raise
+
+    def _install_endpoints(self, want: LinkRouting) -> None:
+        flags = FLAG_SUBFLOW | (FLAG_BACKUP if want.backup else 0)
+        for family, addresses in (
+            (socket.AF_INET, want.addresses4),
+            (socket.AF_INET6, want.addresses6),
+        ):
+            if not addresses:
+                continue
+            endpoint_id = want.endpoint_id(family)
+            self._del_endpoint(endpoint_id)
+            key = "addr4" if family == socket.AF_INET else "addr6"
+            try:
+                self._mptcp.endpoint(
+                    "add",
+                    **{key: addresses[0]},
+                    id=endpoint_id,
+                    flags=flags,
+                    # pyroute2 0.9.7 declares the index as raw bytes: pass it packed.
+                    if_idx=struct.pack("=i", want.ifindex),
+                )
+            except NetlinkError as exc:
+                if exc.code != ERRNO_EXISTS:
+                    raise
+                log.warning(
+                    "link %s: an endpoint for %s exists already and is not Braid's; "
+                    "leaving it alone",
+                    want.device,
+                    addresses[0],
+                )
+
+    def set_backup(self, device: str, backup: bool) -> None:
+        """Change the link's backup flag (issue-free path: re-add its endpoints)."""
+        want = self._applied.get(device)
+        if want is None or want.backup == backup:
+            return
+        updated = LinkRouting(**{**want.__dict__, "backup": backup})
+        self._install_endpoints(updated)
+        self._applied[device] = updated
+
+    def _del_endpoint(self, endpoint_id: int) -> None:
+        try:
+            self._mptcp.endpoint("del", id=endpoint_id)
+        except NetlinkError as exc:
+            if exc.code not in (ERRNO_NOENT, 22):  # EINVAL: no such id
+                raise
+
+    def _flush_rules(self, priority_matches) -> None:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for rule in list(self._ipr.get_rules(family=family)):
+                priority = rule.get_attr("FRA_PRIORITY")
+                if priority is None or not priority_matches(priority):
+                    continue
+                try:
+                    self._ipr.rule(
+                        "del",
+                        family=family,
+                        priority=priority,
+                        table=rule.get_attr("FRA_TABLE") or rule["table"],
+                        src=rule.get_attr("FRA_SRC"),
+                        src_len=rule["src_len"],
+                    )
+                except NetlinkError as exc:
+                    if exc.code != ERRNO_NOENT:
+                        raise
+
+    def _flush_table(self, table: int) -> None:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in list(self._ipr.get_routes(family=family, table=table)):
+                if route.get_attr("RTA_TABLE") != table:
+                    continue
+                try:
+                    self._ipr.route("del", **_route_key(route, table))
+                except NetlinkError as exc:
+                    if exc.code not in (ERRNO_NOENT, ERRNO_NOSRCH):
+                        raise
+
+
+def _route_key(route, table: int) -> dict:
+    family = route["family"]
+    dst = route.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
+    key = {
+        "family": family,
+        "table": table,
+        "dst": f"{dst}/{route['dst_len']}",
+        "scope": route["scope"],
+    }
+    oif = route.get_attr("RTA_OIF")
+    if oif is not None:
+        key["oif"] = oif
+    return key
+
+
+def prefixes_of(addresses: list[tuple[str, int]]) -> tuple[str, ...]:
+    nets = {str(ipaddress.ip_interface(f"{a}/{n}").network) for a, n in addresses}
+    return tuple(sorted(n for n in nets if not n.endswith(("/32", "/128"))))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
