@@ -1,0 +1,72 @@
+"""Links as the daemon tracks them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+KINDS = ("ethernet", "wifi", "cellular", "other")
+
+
+class Priority(enum.StrEnum):
+    ALWAYS = "always"  # carries traffic
+    BACKUP = "backup"  # carries traffic only when no "always" link works
+    NEVER = "never"  # carries nothing
+
+
+class LinkState(enum.StrEnum):
+    UP = "up"  # usable: has an address and a way out
+    NO_ADDRESS = "no-address"  # the device is up but has no usable address yet
+    DOWN = "down"  # the device is down or has no carrier
+    MISSING = "missing"  # no such device (unplugged)
+
+
+def default_priority(kind: str) -> Priority:
+    # Phones and modems are usually metered: use them only when nothing else works.
+    return Priority.BACKUP if kind == "cellular" else Priority.ALWAYS
+
+
+def parse_link_option(text: str) -> tuple[str, str | None, Priority | None]:
+    """``IFACE[:KIND[:PRIORITY]]`` from the command line."""
+    name, _, rest = text.partition(":")
+    kind, _, priority = rest.partition(":")
+    if not name:
+        raise ValueError(f"--link needs an interface name, got {text!r}")
+    if kind and kind not in KINDS:
+        raise ValueError(f"unknown link kind {kind!r} (one of {', '.join(KINDS)})")
+    try:
+        chosen = Priority(priority) if priority else None
+    except ValueError:
+        raise ValueError(
+            f"unknown priority {priority!r} (one of {', '.join(p.value for p in Priority)})"
+        ) from None
+    return name, kind or None, chosen
+
+
+@dataclass
+class Link:
+    name: str
+    kind: str
+    priority: Priority
+    order: int
+    slot: int
+    state: LinkState = LinkState.MISSING
+    addresses: list[str] = field(default_factory=list)
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_bps: float = 0.0
+    tx_bps: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "priority": str(self.priority),
+            "order": self.order,
+            "state": str(self.state),
+            "addresses": list(self.addresses),
+            "rx_bps": round(self.rx_bps),
+            "tx_bps": round(self.tx_bps),
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+        }

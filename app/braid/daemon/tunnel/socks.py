@@ -1,0 +1,147 @@
+"""The SOCKS5 port: each accepted connection rides its own tunnel connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+
+from braid.protocol.address import Address
+from braid.protocol.socks5 import (
+    SocksCommand,
+    SocksError,
+    SocksServerConnection,
+    encode_reply,
+)
+from braid.protocol.tunnel import Reply, frame_header
+from braid.transport import RelayCounters, close_writer, relay
+from braid.tunnel_client import TunnelError
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """ADDR:PORT or [V6]:PORT."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected ADDR:PORT, got {text!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+class SocksServer:
+    """Accepts SOCKS5 CONNECT on a loopback address and relays through tunnels.
+
+    ``take_tunnel`` returns an authenticated tunnel, or raises TunnelError
+    when Braid is not connected.
+    """
+
+    def __init__(self, listen: tuple[str, int], take_tunnel: Callable) -> None:
+        self.listen = listen
+        self._take_tunnel = take_tunnel
+        self._server: asyncio.base_events.Server | None = None
+        self._flows: set[asyncio.Task] = set()
+        self.counters = RelayCounters()
+        self.flows_total = 0
+        self.flows_failed = 0
+
+    @property
+    def address(self) -> str:
+        host, port = self.listen
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def active_flows(self) -> int:
+        return len(self._flows)
+
+    async def start(self) -> None:
+        host, port = self.listen
+        self._server = await asyncio.start_server(
+            self._accept, host, port, reuse_address=True, backlog=512
+        )
+        sock = self._server.sockets[0]
+        self.listen = sock.getsockname()[:2]
+        log.info("SOCKS5 listening on %s", self.address)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._flows):
+            task.cancel()
+        if self._flows:
+            await asyncio.gather(*self._flows, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._flows.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.debug("flow ended: %s", exc)
+        finally:
+            self._flows.discard(task)
+            await close_writer(writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = SocksServerConnection()
+        request = None
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                while request is None:
+                    data = await reader.read(4096)
+                    if not data:
+                        return
+                    out, request = conn.receive(data)
+                    if out:
+                        writer.write(out)
+        except SocksError as exc:
+            log.info("SOCKS5 client rejected: %s", exc)
+            if exc.reply:
+                writer.write(exc.reply)
+            return
+        if request.command is not SocksCommand.CONNECT:
+            writer.write(encode_reply(Reply.COMMAND_NOT_SUPPORTED))
+            return
+        self.flows_total += 1
+        tunnel = await self._connect(request.address)
+        if isinstance(tunnel, Reply):
+            self.flows_failed += 1
+            writer.write(encode_reply(tunnel))
+            return
+        writer.write(encode_reply(Reply.SUCCEEDED, Address("0.0.0.0", 0)))
+        if conn.leftover:
+            tunnel.writer.writelines((frame_header(len(conn.leftover)), conn.leftover))
+            self.counters.up += len(conn.leftover)
+        await relay((reader, writer), (tunnel.reader, tunnel.writer), self.counters)
+
+    async def _connect(self, address: Address):
+        """The tunnel carrying ``address``, or the Reply code to give the client."""
+        for attempt in range(2):
+            try:
+                tunnel = await self._take_tunnel()
+            except TunnelError as exc:
+                log.info("flow to %s: no tunnel: %s", address, exc)
+                return Reply.NETWORK_UNREACHABLE
+            try:
+                reply = await tunnel.request(address)
+            except (TunnelError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                # A pooled connection the server already dropped: nothing was sent
+                # for the client yet, so one retry on a fresh connection is safe.
+                await tunnel.close()
+                log.debug("flow to %s: tunnel failed (attempt %d): %s", address, attempt + 1, exc)
+                continue
+            if reply.code is not Reply.SUCCEEDED:
+                await tunnel.close()
+                log.info("flow to %s refused by the server: %s", address, reply.code.describe())
+                return reply.code
+            return tunnel
+        return Reply.GENERAL_FAILURE
