@@ -1,0 +1,49 @@
+"""Control protocol messages: versioned JSON lines, errors that explain themselves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from braid.protocol import control
+from braid.protocol.control import ControlError, ErrorCode
+
+
+def test_request_round_trip():
+    line = control.encode({"id": 3, "cmd": "status"})
+    assert line.endswith(b"\n")
+    assert control.decode_request(line) == {"v": 1, "id": 3, "cmd": "status"}
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (b"not json", ErrorCode.BAD_REQUEST),
+        (b"[1,2]", ErrorCode.BAD_REQUEST),
+        (b'{"cmd":"status"}', ErrorCode.UNSUPPORTED_VERSION),
+        (b'{"v":99,"cmd":"status"}', ErrorCode.UNSUPPORTED_VERSION),
+        (b'{"v":1}', ErrorCode.BAD_REQUEST),
+        (b'{"v":1,"cmd":5}', ErrorCode.BAD_REQUEST),
+    ],
+)
+def test_bad_requests_are_errors_with_codes(line, code):
+    with pytest.raises(ControlError) as info:
+        control.decode_request(line)
+    assert info.value.code == code
+    assert info.value.message
+
+
+def test_error_reply_shape():
+    reply = json.loads(control.error(7, ErrorCode.FORBIDDEN, "no"))
+    assert reply == {"v": 1, "id": 7, "ok": False, "error": {"code": "forbidden", "message": "no"}}
+
+
+@given(st.binary(max_size=200))
+def test_garbage_lines_only_raise_control_errors(data):
+    try:
+        control.decode_request(data)
+    except ControlError:
+        pass
