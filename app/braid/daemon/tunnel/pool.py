@@ -100,7 +100,7 @@ class TunnelPool:
     def _usable(self, tunnel: Tunnel, now: float) -> bool:
         if not tunnel.is_alive() or now - tunnel.created > MAX_AGE:
             return False
-        bound = tunnel.local_address
+        bound = tunnel.local[0]
         family = socket.AF_INET6 if ":" in bound else socket.AF_INET
         return self._source(family) in (None, bound)
 
