@@ -1,0 +1,299 @@
+"""braid-server's state directory: configuration, certificate, key and token hash.
+
+DIR/server.json   settings and the token's SHA-256 (written last: its
+                  presence means the directory is initialised)
+DIR/cert.pem      self-signed certificate the clients pin by fingerprint
+DIR/key.pem       its private key (mode 0600)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from braid.server.policy import Policy, PolicyError
+from braid.transport import fingerprint
+
+FORMAT = 1
+CONFIG_NAME = "server.json"
+CERT_NAME = "cert.pem"
+KEY_NAME = "key.pem"
+CERT_DAYS = 3650
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+
+
+class StateError(Exception):
+    """The state directory is missing, unreadable or invalid; the message says which."""
+
+
+# --- addresses ------------------------------------------------------------------
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR:PORT`` (IPv6 in brackets, e.g. ``[::]:7443``) -> (address, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+    else:
+        host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r}: expected ADDRESS:PORT, e.g. 0.0.0.0:7443 or [::]:7443")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (write IPv6 as [::]:7443)") from None
+    if ip.version == 6 and not text.startswith("["):
+        raise ValueError(f"write an IPv6 listen address in brackets: [{host}]:{port_text}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{port_text!r} is not a port number (1-65535)")
+    return str(ip), int(port_text)
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_wildcard(host: str) -> bool:
+    return ipaddress.ip_address(host).is_unspecified
+
+
+def check_public_host(host: str) -> str:
+    """A name or IP literal clients can reach; returned normalised (no brackets)."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
+            raise ValueError(f"{host!r} is neither a host name nor an IP address") from None
+        return host.rstrip(".").lower()
+    if ip.is_unspecified:
+        raise ValueError(f"{host} is not an address clients can connect to")
+    return str(ip)
+
+
+# --- token ------------------------------------------------------------------------
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str | bytes) -> str:
+    # The token is 256 random bits, not a password: nobody can guess it, so a
+    # plain SHA-256 is enough and a slow password hash would only cost CPU per
+    # connection.
+    raw = token.encode() if isinstance(token, str) else token
+    return hashlib.sha256(raw).hexdigest()
+
+
+def token_matches(token: bytes, stored_hash: str) -> bool:
+    return hmac.compare_digest(hashlib.sha256(token).digest(), bytes.fromhex(stored_hash))
+
+
+# --- configuration -------------------------------------------------------------------
+
+
+@dataclass
+class Timeouts:
+    handshake: float = 10.0  # TCP accept to HELLO read, TLS included
+    idle: float = 300.0  # AUTH_OK sent to REQUEST read: the client's warm pool
+    connect: float = 10.0  # name resolution and connecting to the destination
+
+
+@dataclass
+class ServerConfig:
+    listen_host: str
+    listen_port: int
+    public_host: str
+    token_sha256: str
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @property
+    def listen(self) -> str:
+        return format_hostport(self.listen_host, self.listen_port)
+
+    def policy(self) -> Policy:
+        return Policy.from_config(self.allow, self.deny)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "listen": self.listen,
+            "public_host": self.public_host,
+            "token_sha256": self.token_sha256,
+            "policy": {"allow": list(self.allow), "deny": list(self.deny)},
+            "timeouts": {
+                "handshake": self.timeouts.handshake,
+                "idle": self.timeouts.idle,
+                "connect": self.timeouts.connect,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> ServerConfig:
+        """Validate what was read; raises ValueError naming the bad setting."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        version = data.get("format")
+        if version != FORMAT:
+            raise ValueError(f"format {version!r} is not {FORMAT} (written by another version?)")
+        host, port = parse_listen(str(data.get("listen", "")))
+        public = check_public_host(str(data.get("public_host", "")))
+        token_hash = str(data.get("token_sha256", ""))
+        if not re.fullmatch(r"[0-9a-f]{64}", token_hash):
+            raise ValueError("token_sha256 must be 64 lower-case hex digits")
+        policy = data.get("policy", {})
+        if not isinstance(policy, dict):
+            raise ValueError("policy must be an object")
+        allow, deny = policy.get("allow", []), policy.get("deny", [])
+        if not isinstance(allow, list) or not isinstance(deny, list):
+            raise ValueError("policy.allow and policy.deny must be lists of networks")
+        try:
+            Policy.from_config(allow, deny)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        raw_timeouts = data.get("timeouts", {})
+        if not isinstance(raw_timeouts, dict):
+            raise ValueError("timeouts must be an object")
+        timeouts = Timeouts()
+        for name in ("handshake", "idle", "connect"):
+            if name in raw_timeouts:
+                value = raw_timeouts[name]
+                if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                    raise ValueError(f"timeouts.{name} must be a positive number of seconds")
+                setattr(timeouts, name, float(value))
+        return cls(host, port, public, token_hash, list(allow), list(deny), timeouts)
+
+
+# --- files --------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def make_certificate(public_host: str) -> tuple[bytes, bytes]:
+    """A self-signed ECDSA P-256 certificate for ``public_host``: (cert PEM, key PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"braid-server {public_host}")])
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(public_host))
+    except ValueError:
+        san = x509.DNSName(public_host)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+class StateDir:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.config_path = self.path / CONFIG_NAME
+        self.cert_path = self.path / CERT_NAME
+        self.key_path = self.path / KEY_NAME
+
+    def is_initialised(self) -> bool:
+        try:
+            return self.config_path.is_file()
+        except OSError:
+            return False
+
+    def create(self, config: ServerConfig) -> None:
+        """Make the directory with a fresh certificate and key, then the configuration."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        cert_pem, key_pem = make_certificate(config.public_host)
+        write_atomic(self.key_path, key_pem, 0o600)
+        write_atomic(self.cert_path, cert_pem, 0o644)
+        self.save(config)
+
+    def save(self, config: ServerConfig) -> None:
+        text = json.dumps(config.to_json(), indent=2) + "\n"
+        write_atomic(self.config_path, text.encode(), 0o600)
+
+    def load(self) -> ServerConfig:
+        try:
+            text = self.config_path.read_text()
+        except FileNotFoundError:
+            raise StateError(
+                f"{self.path} is not initialised (no {CONFIG_NAME}): run braid-server init first"
+            ) from None
+        except OSError as exc:
+            raise StateError(f"cannot read {self.config_path}: {exc.strerror}") from None
+        try:
+            return ServerConfig.from_json(json.loads(text))
+        except ValueError as exc:  # JSONDecodeError included
+            raise StateError(f"{self.config_path} is invalid: {exc}") from None
+
+    def certificate_der(self) -> bytes:
+        try:
+            pem = self.cert_path.read_bytes()
+        except FileNotFoundError:
+            raise StateError(
+                f"the certificate {self.cert_path} is missing; "
+                "move the state directory away and run braid-server init again"
+            ) from None
+        except OSError as exc:
+            raise StateError(f"cannot read {self.cert_path}: {exc.strerror}") from None
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            raise StateError(f"{self.cert_path} is not a PEM certificate") from None
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.certificate_der())
