@@ -1,0 +1,380 @@
+"""The laptop's end of a tunnel connection to braid-server.
+
+``open_tunnel`` connects (over MPTCP where the kernel has it), pins the
+server's certificate, authenticates with the token and returns a ``Tunnel``
+that may wait, warm, in a pool until ``request`` asks for a destination.
+Every failure is a ``TunnelError`` whose message is written for the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from braid.protocol.address import Address
+from braid.protocol.pairing import Pairing
+from braid.protocol.tunnel import (
+    Command,
+    ProtocolError,
+    ReplyMessage,
+    encode_hello,
+    encode_request,
+    parse_auth_reply,
+    parse_reply,
+)
+from braid.transport import (
+    MptcpUnavailable,
+    client_tls_context,
+    close_writer,
+    fingerprint,
+    is_mptcp,
+    mptcp_socket,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MESSAGE_MAX = 1024  # far above the longest HELLO, REQUEST or REPLY
+_warned_no_mptcp = False
+
+
+class TunnelError(Exception):
+    """A tunnel could not be opened or used; the message is meant for the user.
+
+    ``fatal`` is true when retrying cannot help until the user acts: the
+    server refused the token, or presented another certificate.
+    """
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+async def read_message(
+    reader: asyncio.StreamReader,
+    parse: Callable[[bytes], tuple[T, int] | int | None],
+    prefix: bytes = b"",
+) -> tuple[T, int] | int:
+    """Read exactly one message that ``parse`` recognises, and not a byte more.
+
+    Reads byte by byte (cheap: the StreamReader has buffered them) so that
+    the frames that may follow stay in the reader for the relay.
+    Raises asyncio.IncompleteReadError at EOF and ProtocolError on garbage.
+    """
+    buf = bytearray(prefix)
+    while True:
+        parsed = parse(bytes(buf))
+        if parsed is not None:
+            return parsed
+        if len(buf) >= MESSAGE_MAX:
+            raise ProtocolError("message too long")
+        buf += await reader.readexactly(1)
+
+
+class Tunnel:
+    """An authenticated connection to braid-server that carries one flow."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        sock: socket.socket,
+        server: str,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        # The raw socket, for MPTCP introspection (MPTCP_INFO, subflows) only:
+        # reading or writing it directly would bypass TLS.
+        self.sock = sock
+        self.server = server
+        self.created = time.monotonic()
+        self.local: tuple = writer.get_extra_info("sockname")
+        self._requested = False
+
+    @property
+    def mptcp(self) -> bool:
+        return is_mptcp(self.sock)
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.created
+
+    def is_alive(self) -> bool:
+        """False once the server closed it (e.g. after its idle timeout) or we did."""
+        return (
+            not self.writer.is_closing()
+            and not self.reader.at_eof()
+            and self.reader.exception() is None
+        )
+
+    async def request(self, address: Address, timeout: float = 15) -> ReplyMessage:
+        """Ask the server to connect to ``address``; returns its reply, success or not.
+
+        On success the tunnel now carries the flow: frames follow on
+        ``reader``/``writer`` (see ``transport.relay``).
+        """
+        if self._requested:
+            raise RuntimeError("a tunnel carries a single request")
+        self._requested = True
+        try:
+            async with asyncio.timeout(timeout):
+                self.writer.write(encode_request(Command.CONNECT, address))
+                await self.writer.drain()
+                reply, _ = await read_message(self.reader, parse_reply)
+        except TimeoutError:
+            await self.close(abort=True)
+            raise TunnelError(
+                f"the server {self.server} did not answer the request for {address} "
+                f"within {timeout:g} s"
+            ) from None
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            await self.close(abort=True)
+            raise TunnelError(
+                f"the server {self.server} closed the tunnel before answering "
+                f"the request for {address}" + _because(exc)
+            ) from None
+        except ProtocolError as exc:
+            await self.close(abort=True)
+            raise TunnelError(
+                f"the server {self.server} answered with something that is not Braid's "
+                f"protocol: {exc}"
+            ) from None
+        return reply
+
+    async def close(self, abort: bool = False) -> None:
+        await close_writer(self.writer, abort=abort)
+
+
+def _because(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return ""
+    if isinstance(exc, OSError) and exc.errno:
+        return f" ({os.strerror(exc.errno).lower()})"
+    return f" ({exc})" if str(exc) else ""
+
+
+def _token_refused(server: str) -> str:
+    return (
+        f"the server {server} closed the connection after the token was sent: the token "
+        "is wrong or was replaced (run braid-server init --new-token and pair again)"
+    )
+
+
+def _short(fp: str) -> str:
+    return fp[:16] + "…"
+
+
+async def _candidates(
+    host: str, port: int, family: int, family_hint: int | None
+) -> list[tuple[int, tuple]]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            host, port, family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        raise TunnelError(f"cannot resolve the server name {host}: {exc}") from None
+    seen: set[tuple] = set()
+    out: list[tuple[int, tuple]] = []
+    for fam, _, _, _, sockaddr in infos:
+        if (fam, sockaddr) not in seen:
+            seen.add((fam, sockaddr))
+            out.append((fam, sockaddr))
+    if family_hint is not None:
+        out.sort(key=lambda c: c[0] != family_hint)  # stable: keeps resolver order
+    return out
+
+
+async def sock_connect(sock: socket.socket, sockaddr: tuple) -> None:
+    """Connect a non-blocking socket to a numeric address.
+
+    ``loop.sock_connect`` cannot be used on MPTCP sockets: it passes the
+    socket's protocol (262) to getaddrinfo, which fails with EAI_SOCKTYPE.
+    """
+    loop = asyncio.get_running_loop()
+    err = sock.connect_ex(sockaddr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        ready = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _new_socket(family: int, use_mptcp: bool) -> socket.socket:
+    global _warned_no_mptcp
+    if use_mptcp:
+        try:
+            return mptcp_socket(family)
+        except MptcpUnavailable as exc:
+            if not _warned_no_mptcp:
+                log.warning("%s; using plain TCP, so links are not bonded", exc.strerror)
+                _warned_no_mptcp = True
+    return socket.socket(family, socket.SOCK_STREAM)
+
+
+async def _connect(
+    candidates: list[tuple[int, tuple]],
+    server: str,
+    deadline: float,
+    bind: tuple[str, int] | None,
+    bind_device: str | None,
+    use_mptcp: bool,
+) -> socket.socket:
+    """Connect to the first candidate that answers, giving each a fair share of the time left."""
+    loop = asyncio.get_running_loop()
+    errors: list[str] = []
+    for index, (family, sockaddr) in enumerate(candidates):
+        left = len(candidates) - index
+        attempt_deadline = loop.time() + (deadline - loop.time()) / left
+        sock = _new_socket(family, use_mptcp)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if bind_device:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bind_device.encode())
+            if bind:
+                sock.bind(bind)
+            async with asyncio.timeout_at(attempt_deadline):
+                await sock_connect(sock, sockaddr)
+            return sock
+        except TimeoutError:
+            sock.close()
+            errors.append(f"{sockaddr[0]}: timed out")
+        except OSError as exc:
+            sock.close()
+            if bind and exc.errno == errno.EADDRNOTAVAIL:
+                raise TunnelError(
+                    f"cannot use the local address {bind[0]}: it is not (or no longer) "
+                    "configured on this machine"
+                ) from None
+            if bind_device and exc.errno in (errno.ENODEV, errno.EPERM):
+                raise TunnelError(
+                    f"cannot bind to the device {bind_device}: {exc.strerror}"
+                ) from None
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            errors.append(f"{sockaddr[0]}: {reason}" if len(candidates) > 1 else reason)
+        except BaseException:
+            sock.close()
+            raise
+    if all(e.endswith("timed out") for e in errors):
+        raise TunnelError(f"timed out connecting to {server}")
+    raise TunnelError(f"cannot reach {server}: {'; '.join(errors)}")
+
+
+async def open_tunnel(
+    pairing: Pairing,
+    *,
+    family_hint: int | None = None,
+    bind: tuple[str, int] | None = None,
+    bind_device: str | None = None,
+    timeout: float = 10.0,
+    mptcp: bool = True,
+) -> Tunnel:
+    """Connect to the paired server and authenticate; raises TunnelError.
+
+    ``family_hint`` (AF_INET or AF_INET6) puts that family's addresses first.
+    ``bind`` fixes the local address of the initial subflow, and with it the
+    link it leaves from; then only server addresses of the same family are
+    tried. ``mptcp=False`` forces plain TCP.
+    """
+    loop = asyncio.get_running_loop()
+    server = pairing.server
+    deadline = loop.time() + timeout
+    family = socket.AF_UNSPEC
+    if bind is not None:
+        try:
+            version = ipaddress.ip_address(bind[0]).version
+        except ValueError:
+            raise TunnelError(f"the local address {bind[0]!r} is not an IP address") from None
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+    phase = f"resolving {pairing.host}"
+    sock: socket.socket | None = None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            candidates = await _candidates(pairing.host, pairing.port, family, family_hint)
+            if not candidates:
+                kind = "IPv4" if family == socket.AF_INET else "IPv6"
+                local = bind[0] if bind else ""
+                raise TunnelError(f"{pairing.host} has no {kind} address to reach from {local}")
+            phase = f"connecting to {server}"
+            sock = await _connect(candidates, server, deadline, bind, bind_device, mptcp)
+            phase = f"in the TLS handshake with {server}"
+            reader, writer = await asyncio.open_connection(
+                sock=sock,
+                ssl=client_tls_context(),
+                server_hostname="",  # no SNI: the certificate is pinned, not checked by name
+                ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
+                limit=2**17,
+            )
+            ssl_object = writer.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            presented = fingerprint(der) if der else "nothing"
+            if presented != pairing.fingerprint:
+                raise TunnelError(
+                    f"certificate fingerprint mismatch: expected {_short(pairing.fingerprint)}, "
+                    f"server presented {_short(presented)} — is this the right server, "
+                    "or was it re-initialised? (then pair again)",
+                    fatal=True,
+                )
+            phase = f"waiting for {server} to answer the HELLO"
+            writer.write(encode_hello(pairing.token))
+            await writer.drain()
+            await read_message(reader, parse_auth_reply)
+    except TimeoutError:
+        _discard(sock, writer)
+        raise TunnelError(f"timed out {phase} (after {timeout:g} s)") from None
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        _discard(sock, writer)
+        if phase.startswith("waiting for"):
+            raise TunnelError(_token_refused(server), fatal=True) from None
+        raise TunnelError(f"{server} closed the connection {phase}{_because(exc)}") from None
+    except ssl.SSLError as exc:
+        _discard(sock, writer)
+        if phase.startswith("waiting for"):  # a close without TLS goodbye
+            raise TunnelError(_token_refused(server), fatal=True) from None
+        raise TunnelError(
+            f"the TLS handshake with {server} failed ({exc.reason or exc}): is it a braid-server?"
+        ) from None
+    except ProtocolError:
+        _discard(sock, writer)
+        raise TunnelError(
+            f"{server} answered with something that is not Braid's protocol"
+        ) from None
+    except OSError as exc:
+        _discard(sock, writer)
+        raise TunnelError(f"error {phase}: {exc.strerror or exc}") from None
+    except BaseException:
+        _discard(sock, writer)
+        raise
+    assert sock is not None
+    tunnel = Tunnel(reader, writer, sock, server)
+    log.debug("tunnel to %s open from %s (mptcp=%s)", server, tunnel.local, tunnel.mptcp)
+    return tunnel
+
+
+def _discard(sock: socket.socket | None, writer: asyncio.StreamWriter | None) -> None:
+    """Drop a half-made connection at once (a reset, no TLS goodbye)."""
+    if writer is not None:
+        writer.transport.abort()
+    elif sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+__all__ = ["Tunnel", "TunnelError", "open_tunnel", "read_message", "sock_connect"]
