@@ -1,0 +1,7 @@
+"""``python -m braid.server``: the same as the braid-server command."""
+
+import sys
+
+from braid.server.cli import main
+
+sys.exit(main())
