@@ -1,0 +1,781 @@
+"""The test world: a laptop with several links, their ISPs, an internet and the user's server.
+
+Everything lives in network namespaces made here and removed on :meth:`World.close` (also from
+``atexit`` and on SIGTERM/SIGINT, and by :func:`sweep_stale` after a crash). Nothing is ever
+changed in the namespace of the machine running it::
+
+    laptop ── wire-1 ── isp-1 ──┐
+       │  ─── wire-2 ── isp-2 ──┼── inet (targets 198.19.0.1, 2001:db8:ff::1) ── server
+       └───── wire-3 ── isp-3 ──┘
+
+* ``laptop``: one interface per link (eth0, wlan0, usb0 ...), link i with 198.18.i.2/24 and
+  2001:db8:i::2/64, default routes in the main table only (metrics 100, 600, 700 ... as
+  NetworkManager sets them). Policy routing is the product's job, not the world's.
+* ``wire-i``: the delay line (:mod:`braid.netbed.wire`) between the laptop and its ISP.
+* ``isp-i``: a router with ``down`` (198.18.i.1, 2001:db8:i::1) and ``up`` (198.18.1i.2,
+  2001:db8:1i::2). Rate: tbf on both egresses. Loss and blackhole: nftables in its forward hook.
+  It also drops forwarded packets from the laptop whose source address it would not route back
+  through ``down`` (strict reverse-path filter, as real access networks do).
+* ``inet``: routes everything; hosts the targets on its loopback (this kernel has no dummy
+  interfaces), served by :mod:`braid.netbed.target`.
+* ``server``: 198.18.20.2, 2001:db8:20::2; resolves files.braid.test through its own hosts file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import psutil
+
+from braid.netbed import nsutil, traffic
+from braid.netbed.nsutil import NetbedError, command, ip_batch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("ethernet", "wifi", "cellular", "other")
+#: The name prefix of every namespace of a world: ``brd<owner pid>x<counter>-<role>``.
+NAME_PATTERN = re.compile(r"^brd(\d+)x(\d+)-")
+NFT_TABLE = "braid_netbed"
+#: tbf queue bound. Real access links buffer tens of milliseconds (more on bufferbloated ones);
+#: 40 ms keeps the RTT under load realistic while still letting one TCP flow fill a 20-100 Mbit/s
+#: link at the RTTs used here.
+TBF_LATENCY_MS = 40
+#: tbf bucket: about 4 ms of traffic (one timer tick at HZ=250), but at least 8 full frames, so a
+#: late timer wake-up does not cost throughput while bursts stay far below the queue's latency.
+TBF_BURST_SECONDS = 0.004
+TBF_MIN_BURST = 8 * 1514
+#: Offloads the veths must not use: segmentation (frames would exceed the MTU in the forwarder and
+#: in tbf) and checksum offload (the forwarder would copy frames whose checksum is never filled).
+OFFLOADS_OFF = ("rx", "tx", "sg", "tso", "gso", "gro", "lro")
+READY_TIMEOUT = 15.0
+STOP_GRACE = 2.0
+
+
+@dataclass
+class LinkSpec:
+    """One of the laptop's links and the access network behind it."""
+
+    name: str  # laptop interface name, e.g. "eth0"
+    kind: str  # "ethernet" | "wifi" | "cellular" | "other"
+    rate_mbit: float | None = 50  # both directions; None = unshaped
+    rtt_ms: float = 0  # added round-trip time; 0 = frames still pass the forwarder, undelayed
+    loss: float = 0.0  # fraction 0..1 dropped in each direction
+
+
+DEFAULT_LINKS: tuple[LinkSpec, ...] = (
+    LinkSpec("eth0", "ethernet", 50, 10),
+    LinkSpec("wlan0", "wifi", 30, 20),
+    LinkSpec("usb0", "cellular", 20, 50),
+)
+
+
+def _metric(index: int) -> int:
+    """NetworkManager-like route metrics in link order: 100, 600, 700, 800 ..."""
+    return 100 if index == 1 else 500 + 100 * (index - 1)
+
+
+def _package_root() -> Path:
+    """The directory holding the ``braid`` package, for children started with ``-m``."""
+    return Path(__file__).resolve().parents[2]
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: ours) with the braid package importable by ``python -m``."""
+    result = dict(os.environ if env is None else env)
+    paths = [str(_package_root())]
+    if result.get("PYTHONPATH"):
+        paths.append(result["PYTHONPATH"])
+    result["PYTHONPATH"] = os.pathsep.join(paths)
+    return result
+
+
+def python_argv(module: str, *args: str) -> list[str]:
+    """argv running ``module`` with this interpreter, e.g. ``python_argv("braid.netbed.traffic",
+    "download", "198.19.0.1")``."""
+    return [sys.executable, "-m", module, *args]
+
+
+class _Helper:
+    """A long-running helper process of the world, driven through a line protocol on stdio.
+
+    Its stdin is a pipe it watches: when we die, the pipe closes and it exits on its own.
+    """
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._buffer = b""
+        with log_path.open("ab") as stderr:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, bufsize=0,
+                env=child_env(), start_new_session=True,  # the terminal's ^C is ours to handle
+            )
+
+    def readline(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise NetbedError(f"{self.name}: no answer within {timeout:g} s")
+            data = os.read(fd, 65536)
+            if not data:
+                raise NetbedError(f"{self.name} exited (status {self.proc.poll()})")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        if (line := self.readline(timeout)) != "ready":
+            raise NetbedError(f"{self.name}: unexpected {line!r}")
+
+    def request(self, line: str, timeout: float = 5.0) -> str:
+        assert self.proc.stdin is not None
+        with self._lock:
+            try:
+                self.proc.stdin.write(line.encode() + b"\n")
+            except OSError as exc:
+                raise NetbedError(f"{self.name}: {exc}") from exc
+            return self.readline(timeout)
+
+    def close_stdin(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+
+def _stop_processes(procs: Sequence[subprocess.Popen[Any]], grace: float = STOP_GRACE) -> None:
+    """SIGTERM them all, wait up to ``grace`` seconds in total, then SIGKILL the rest."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1.0)
+    for proc in procs:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+class World:
+    """A running test world; use as a context manager (or ``start()``/``close()``)."""
+
+    server_v4 = "198.18.20.2"
+    server_v6 = "2001:db8:20::2"
+    target_v4 = "198.19.0.1"
+    target_v6 = "2001:db8:ff::1"
+    spare_v4 = "198.19.0.2"
+    spare_v6 = "2001:db8:ff::2"
+    target_name = "files.braid.test"
+    http_port = 80
+    echo_port = 7
+
+    def __init__(self, links: Sequence[LinkSpec] = DEFAULT_LINKS,
+                 workdir: str | Path | None = None, keep: bool = False) -> None:
+        self.links = [dataclasses.replace(link) for link in links]
+        _validate(self.links)
+        self.prefix = f"brd{os.getpid()}x{next(_counter)}-"
+        self.keep = keep
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path()
+        self._lock = threading.RLock()
+        self._started = False
+        self._closed = False
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._wires: dict[int, _Helper] = {}
+        self._target: _Helper | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self._started else "new"
+        return f"<World {self.prefix}* {[link.name for link in self.links]} {state}>"
+
+    # --- names ---------------------------------------------------------------------------------
+
+    def roles(self) -> list[str]:
+        indices = range(1, len(self.links) + 1)
+        return ["laptop", "server", "inet", *(f"isp-{i}" for i in indices),
+                *(f"wire-{i}" for i in indices)]
+
+    def ns(self, role: str) -> str:
+        """Full namespace name of ``role``: laptop, server, inet, isp-<i>, wire-<i>.
+
+        ``isp-<link name>`` and ``wire-<link name>`` (e.g. ``isp-wlan0``) are accepted too.
+        """
+        kind, _, which = role.partition("-")
+        if kind in ("isp", "wire") and which and not which.isdigit():
+            role = f"{kind}-{self.link_index(which)}"
+        if role not in self.roles():
+            raise KeyError(f"no role {role!r} in this world")
+        return self.prefix + role
+
+    def link_index(self, name: str) -> int:
+        """1-based index of the link whose laptop interface is ``name``."""
+        for index, link in enumerate(self.links, 1):
+            if link.name == name:
+                return index
+        raise KeyError(f"no link named {name!r}")
+
+    def link(self, name: str) -> LinkSpec:
+        return self.links[self.link_index(name) - 1]
+
+    def laptop_addr(self, name: str, family: int = 4) -> str:
+        i = self.link_index(name)
+        return f"198.18.{i}.2" if family == 4 else f"2001:db8:{i}::2"
+
+    def gateway(self, name: str, family: int = 4) -> str:
+        i = self.link_index(name)
+        return f"198.18.{i}.1" if family == 4 else f"2001:db8:{i}::1"
+
+    def metric(self, name: str) -> int:
+        return _metric(self.link_index(name))
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> World:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def start(self) -> World:
+        """Build the world and wait until every path carries traffic."""
+        with self._lock:
+            if self._started:
+                raise NetbedError("a World can be started only once")
+            self._started = True
+            sweep_stale()
+            _register(self)
+            if self._own_workdir:
+                self.workdir = Path(tempfile.mkdtemp(prefix=self.prefix))
+            else:
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                began = time.monotonic()
+                self._build()
+                log.info("world %s ready in %.2f s (workdir %s)", self.prefix,
+                         time.monotonic() - began, self.workdir)
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def close(self) -> None:
+        """Stop every process and remove every namespace of this world. Idempotent; never raises.
+
+        Namespaces are found by name prefix, so a world that failed half-way is removed too.
+        """
+        with self._lock, _teardown_guard():
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                helpers = [*self._wires.values(), *([self._target] if self._target else [])]
+                for helper in helpers:
+                    helper.close_stdin()
+                _stop_processes(self._procs + [h.proc for h in helpers])
+            except Exception:
+                log.exception("stopping the processes of %s", self.prefix)
+            names = {self.prefix + role for role in self.roles()}
+            names.update(n for n in nsutil.list_netns() if n.startswith(self.prefix))
+            for name in sorted(names):
+                try:
+                    nsutil.delete_netns(name)
+                except Exception:
+                    log.exception("deleting namespace %s", name)
+            if self._own_workdir and not self.keep and self.workdir != Path():
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            _unregister(self)
+            log.debug("world %s removed", self.prefix)
+
+    # --- building ------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        for role in self.roles():
+            command(["ip", "netns", "add", self.ns(role)])
+        self._write_server_etc()
+
+        common = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
+        router = ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+                  "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
+        # The wires are layer 2 only: without IPv6 their veths send no solicitations of their own.
+        wire = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+        for role in self.roles():
+            extra = router if role == "inet" or role.startswith("isp-") else []
+            extra = wire if role.startswith("wire-") else extra
+            self._sysctl(role, [*common, *extra])
+
+        laptop, inet, server = self.ns("laptop"), self.ns("inet"), self.ns("server")
+        for i, link in enumerate(self.links, 1):
+            wire_ns, isp = self.ns(f"wire-{i}"), self.ns(f"isp-{i}")
+            command(["ip", "-n", laptop, "link", "add", "dev", link.name, "type", "veth",
+                     "peer", "name", "lap", "netns", wire_ns])
+            command(["ip", "-n", isp, "link", "add", "dev", "down", "type", "veth",
+                     "peer", "name", "isp", "netns", wire_ns])
+            command(["ip", "-n", isp, "link", "add", "dev", "up", "type", "veth",
+                     "peer", "name", f"isp{i}", "netns", inet])
+        command(["ip", "-n", inet, "link", "add", "dev", "srv", "type", "veth",
+                 "peer", "name", "eth0", "netns", server])
+
+        self._offloads_off("laptop", [link.name for link in self.links])
+        self._offloads_off("server", ["eth0"])
+        self._offloads_off("inet", ["srv", *(f"isp{i}" for i in range(1, len(self.links) + 1))])
+        for i in range(1, len(self.links) + 1):
+            self._offloads_off(f"wire-{i}", ["lap", "isp"])
+            self._offloads_off(f"isp-{i}", ["down", "up"])
+
+        self._configure_laptop()
+        self._configure_isps()
+        self._configure_inet_and_server()
+        for i, link in enumerate(self.links, 1):
+            self._nft(i, self._nft_ruleset())
+            self._apply_rate(i, link.rate_mbit)
+            self._apply_loss(i, link.loss)
+
+        for i, link in enumerate(self.links, 1):
+            self._wires[i] = _Helper(
+                f"wire-{i}",
+                ["ip", "netns", "exec", self.ns(f"wire-{i}"),
+                 *python_argv("braid.netbed.wire", "lap", "isp",
+                              "--delay-ms", f"{link.rtt_ms / 2:g}", "--control-stdin")],
+                self.workdir / f"wire-{i}.log")
+        self._target = _Helper(
+            "target",
+            ["ip", "netns", "exec", inet,
+             *python_argv("braid.netbed.target", "--port", str(self.http_port),
+                          "--echo-port", str(self.echo_port),
+                          "--log", str(self.access_log_path), "--stdin-lifeline")],
+            self.workdir / "target.log")
+        for helper in [*self._wires.values(), self._target]:
+            helper.wait_ready()
+        self._wait_reachable()
+
+    def _sysctl(self, role: str, settings: Sequence[str]) -> None:
+        command(["ip", "netns", "exec", self.ns(role), "sysctl", "-q", "-w", *settings])
+
+    def _offloads_off(self, role: str, devices: Sequence[str]) -> None:
+        for device in devices:
+            command(["ip", "netns", "exec", self.ns(role), "ethtool", "-K", device,
+                     *itertools.chain.from_iterable((f, "off") for f in OFFLOADS_OFF)])
+
+    def _laptop_link_lines(self, i: int, link: LinkSpec) -> list[str]:
+        """What NetworkManager would configure on link i (idempotent: ``replace``)."""
+        dev, metric = link.name, _metric(i)
+        return [
+            f"link set dev {dev} up",
+            f"address replace 198.18.{i}.2/24 dev {dev}",
+            f"address replace 2001:db8:{i}::2/64 dev {dev} nodad",
+            f"route replace default via 198.18.{i}.1 dev {dev} metric {metric}",
+            f"route replace ::/0 via 2001:db8:{i}::1 dev {dev} metric {metric}",
+        ]
+
+    def _configure_laptop(self) -> None:
+        lines = ["link set dev lo up"]
+        for i, link in enumerate(self.links, 1):
+            lines += self._laptop_link_lines(i, link)
+        ip_batch(self.ns("laptop"), lines)
+        for i in range(1, len(self.links) + 1):
+            ip_batch(self.ns(f"wire-{i}"), ["link set dev lo up", "link set dev lap up",
+                                            "link set dev isp up"])
+
+    def _configure_isps(self) -> None:
+        for i in range(1, len(self.links) + 1):
+            ip_batch(self.ns(f"isp-{i}"), [
+                "link set dev lo up",
+                "link set dev down up",
+                "link set dev up up",
+                f"address add 198.18.{i}.1/24 dev down",
+                f"address add 2001:db8:{i}::1/64 dev down nodad",
+                f"address add 198.18.{10 + i}.2/24 dev up",
+                f"address add 2001:db8:1{i}::2/64 dev up nodad",
+                f"route add default via 198.18.{10 + i}.1 dev up",
+                f"route add ::/0 via 2001:db8:1{i}::1 dev up",
+            ])
+
+    def _configure_inet_and_server(self) -> None:
+        lines = [
+            "link set dev lo up",
+            f"address add {self.target_v4}/32 dev lo",
+            f"address add {self.spare_v4}/32 dev lo",
+            f"address add {self.target_v6}/128 dev lo",
+            f"address add {self.spare_v6}/128 dev lo",
+            "link set dev srv up",
+            "address add 198.18.20.1/24 dev srv",
+            "address add 2001:db8:20::1/64 dev srv nodad",
+        ]
+        for i in range(1, len(self.links) + 1):
+            lines += [
+                f"link set dev isp{i} up",
+                f"address add 198.18.{10 + i}.1/24 dev isp{i}",
+                f"address add 2001:db8:1{i}::1/64 dev isp{i} nodad",
+                f"route add 198.18.{i}.0/24 via 198.18.{10 + i}.2 dev isp{i}",
+                f"route add 2001:db8:{i}::/64 via 2001:db8:1{i}::2 dev isp{i}",
+            ]
+        ip_batch(self.ns("inet"), lines)
+        ip_batch(self.ns("server"), [
+            "link set dev lo up",
+            "link set dev eth0 up",
+            f"address add {self.server_v4}/24 dev eth0",
+            f"address add {self.server_v6}/64 dev eth0 nodad",
+            "route add default via 198.18.20.1 dev eth0",
+            "route add ::/0 via 2001:db8:20::1 dev eth0",
+        ])
+
+    def _write_server_etc(self) -> None:
+        """The server's own /etc/hosts (and a resolv.conf with no working resolver), which
+        ``ip netns exec`` mounts over /etc for processes started in the server namespace."""
+        directory = nsutil.NETNS_ETC_DIR / self.ns("server")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "hosts").write_text(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"{self.target_v4}\t{self.target_name}\n{self.target_v6}\t{self.target_name}\n")
+        # Bind-mounting needs the target file to exist; skip it on a machine without one.
+        if Path("/etc/resolv.conf").exists():
+            (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1\n")
+
+    def _wait_reachable(self) -> None:
+        """Wait until the targets answer UDP echo through every link (v4 and v6) and from the
+        server. Addresses are added without DAD, so this mostly waits for neighbour discovery."""
+        checks: list[tuple[str, str | None]] = []
+        for link in self.links:
+            checks += [("laptop", link.name)]
+        checks += [("server", None)]
+        deadline = time.monotonic() + READY_TIMEOUT
+        for role, device in checks:
+            for target in (self.target_v4, self.target_v6):
+                while True:
+                    with self.enter(role):
+                        result = traffic.echo(target, self.echo_port, count=1, timeout=0.5,
+                                              device=device)
+                    if result.received:
+                        break
+                    if time.monotonic() > deadline:
+                        raise NetbedError(f"{target} unreachable from {role} via {device}")
+
+    # --- running things ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def enter(self, role: str) -> Iterator[None]:
+        """Run the ``with`` block's socket calls of the calling thread inside ``role``'s
+        namespace (see :func:`braid.netbed.nsutil.entered`)."""
+        with nsutil.entered(self.ns(role)):
+            yield
+
+    def _argv(self, role: str, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(role), *argv]
+
+    def run(self, role: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
+        """``subprocess.run`` inside ``role``'s namespace. Defaults: check=True and, unless
+        stdout/stderr are given, captured text output. The braid package is importable."""
+        kw.setdefault("check", True)
+        if "stdout" not in kw and "stderr" not in kw:
+            kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw["env"] = child_env(kw.get("env"))
+        full = self._argv(role, argv)
+        log.debug("run in %s: %s", role, " ".join(argv))
+        return subprocess.run(full, **kw)
+
+    def popen(self, role: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """``subprocess.Popen`` inside ``role``'s namespace; stopped (SIGTERM, then SIGKILL) by
+        :meth:`close` if still running."""
+        kw["env"] = child_env(kw.get("env"))
+        with self._lock:
+            if self._closed or not self._started:
+                raise NetbedError("world is not running")
+            log.debug("popen in %s: %s", role, " ".join(argv))
+            proc = subprocess.Popen(self._argv(role, argv), **kw)
+            self._procs.append(proc)
+        return proc
+
+    # --- link conditions -----------------------------------------------------------------------
+
+    def _nft_ruleset(self) -> str:
+        return f"""
+table inet {NFT_TABLE} {{
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        jump blackhole
+        iifname "down" fib saddr . iif oif missing counter drop
+        jump loss
+    }}
+    chain blackhole {{
+    }}
+    chain loss {{
+    }}
+}}
+"""
+
+    def _nft(self, i: int, script: str) -> None:
+        command(["ip", "netns", "exec", self.ns(f"isp-{i}"), "nft", "-f", "-"], input=script)
+
+    def blackhole(self, name: str) -> None:
+        """The ISP of link ``name`` silently stops forwarding, both ways; the link stays up."""
+        i = self.link_index(name)
+        self._nft(i, f"flush chain inet {NFT_TABLE} blackhole\n"
+                     f"add rule inet {NFT_TABLE} blackhole counter drop\n")
+        log.info("blackholed %s", name)
+
+    def restore(self, name: str) -> None:
+        """Undo :meth:`blackhole`."""
+        self._nft(self.link_index(name), f"flush chain inet {NFT_TABLE} blackhole\n")
+        log.info("restored %s", name)
+
+    def link_down(self, name: str) -> None:
+        """Take the laptop's interface down (the kernel flushes its routes and IPv6 addresses)."""
+        command(["ip", "-n", self.ns("laptop"), "link", "set", "dev", name, "down"])
+        log.info("link %s down", name)
+
+    def link_up(self, name: str) -> None:
+        """Bring the interface back with its addresses and main-table default routes, as
+        NetworkManager would on reconnect."""
+        i = self.link_index(name)
+        ip_batch(self.ns("laptop"), self._laptop_link_lines(i, self.links[i - 1]))
+        log.info("link %s up", name)
+
+    def set_rate(self, name: str, mbit: float | None) -> None:
+        """Shape link ``name`` to ``mbit`` in each direction (None: unshaped)."""
+        i = self.link_index(name)
+        self._apply_rate(i, mbit)
+        self.links[i - 1].rate_mbit = mbit
+
+    def _apply_rate(self, i: int, mbit: float | None) -> None:
+        isp = self.ns(f"isp-{i}")
+        for device in ("down", "up"):  # down: download direction, up: upload direction
+            if mbit is None:
+                command(["tc", "-n", isp, "qdisc", "del", "dev", device, "root"], check=False)
+                continue
+            if mbit <= 0:
+                raise ValueError("rate must be positive (or None for unshaped)")
+            rate_bytes = mbit * 1e6 / 8
+            burst = max(TBF_MIN_BURST, int(rate_bytes * TBF_BURST_SECONDS))
+            command(["tc", "-n", isp, "qdisc", "replace", "dev", device, "root", "tbf",
+                     "rate", f"{int(mbit * 1e6)}bit", "burst", str(burst),
+                     "latency", f"{TBF_LATENCY_MS}ms"])
+
+    def set_delay(self, name: str, rtt_ms: float) -> None:
+        """Change the round-trip time added by link ``name``'s wire (half each way)."""
+        if rtt_ms < 0:
+            raise ValueError("negative delay")
+        i = self.link_index(name)
+        reply = self._wires[i].request(f"delay {rtt_ms / 2:g}")
+        if reply != "ok":
+            raise NetbedError(f"wire-{i}: {reply}")
+        self.links[i - 1].rtt_ms = rtt_ms
+
+    def set_loss(self, name: str, fraction: float) -> None:
+        """Drop ``fraction`` of the packets at link ``name``'s ISP, independently in each
+        direction (a round trip then fails with probability 1 - (1 - fraction)**2)."""
+        i = self.link_index(name)
+        self._apply_loss(i, fraction)
+        self.links[i - 1].loss = fraction
+
+    def _apply_loss(self, i: int, fraction: float) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError("loss must be within 0..1")
+        script = f"flush chain inet {NFT_TABLE} loss\n"
+        threshold = round(fraction * 10000)
+        if threshold:
+            script += (f"add rule inet {NFT_TABLE} loss "
+                       f"numgen random mod 10000 < {threshold} counter drop\n")
+        self._nft(i, script)
+
+    # --- observation ---------------------------------------------------------------------------
+
+    def counters(self, name: str) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of the laptop's interface ``name``, from netlink."""
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=self.ns("laptop")) as ipr:
+            link = ipr.link("get", ifname=name)[0]
+        stats = link.get("stats64") or link.get("stats")
+        return int(stats["rx_bytes"]), int(stats["tx_bytes"])
+
+    def wire_stats(self, name: str) -> dict[str, Any]:
+        """Counters of link ``name``'s forwarder (frames, bytes, drops, queue per direction)."""
+        reply: dict[str, Any] = json.loads(self._wires[self.link_index(name)].request("stats"))
+        return reply
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.workdir / "access.log"
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The target's HTTP access log so far, one dict per request."""
+        try:
+            text = self.access_log_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        # A line being written right now may be incomplete: only whole lines count.
+        return [json.loads(line) for line in text.splitlines(keepends=True)
+                if line.endswith("\n")]
+
+    def summary(self) -> dict[str, Any]:
+        """A description of the world for humans and ``braid demo``."""
+        return {
+            "namespaces": {role: self.ns(role) for role in self.roles()},
+            "links": [
+                {**dataclasses.asdict(link), "index": i, "metric": _metric(i),
+                 "v4": self.laptop_addr(link.name, 4), "v6": self.laptop_addr(link.name, 6),
+                 "gateway_v4": self.gateway(link.name, 4),
+                 "gateway_v6": self.gateway(link.name, 6)}
+                for i, link in enumerate(self.links, 1)
+            ],
+            "server": [self.server_v4, self.server_v6],
+            "targets": [self.target_v4, self.target_v6],
+            "target_name": self.target_name,
+            "workdir": str(self.workdir),
+        }
+
+
+def _validate(links: Sequence[LinkSpec]) -> None:
+    # Link i's ISP uplink is 198.18.(10+i).0/24 and 2001:db8:1i::/64: at most nine links.
+    if not 1 <= len(links) <= 9:
+        raise ValueError("a world has 1 to 9 links")
+    names = [link.name for link in links]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate link names: {names}")
+    for link in links:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.]{0,14}", link.name) or link.name == "lo":
+            raise ValueError(f"bad interface name {link.name!r}")
+        if link.kind not in KINDS:
+            raise ValueError(f"link {link.name}: kind must be one of {KINDS}")
+        if link.rate_mbit is not None and link.rate_mbit <= 0:
+            raise ValueError(f"link {link.name}: rate must be positive or None")
+        if link.rtt_ms < 0 or not 0.0 <= link.loss <= 1.0:
+            raise ValueError(f"link {link.name}: bad delay or loss")
+
+
+# --- cleanup: registry, signals, stale worlds ---------------------------------------------------
+
+_counter = itertools.count()
+_live: set[World] = set()
+_live_lock = threading.Lock()
+_install_lock = threading.Lock()
+_installed = False
+_previous_handlers: dict[int, Any] = {}
+_teardown_depth = 0
+_pending_signals: list[int] = []
+
+
+def _register(world: World) -> None:
+    _install_handlers()
+    with _live_lock:
+        _live.add(world)
+
+
+def _unregister(world: World) -> None:
+    with _live_lock:
+        _live.discard(world)
+
+
+def close_all() -> None:
+    """Close every world of this process (atexit and signal handlers call this)."""
+    with _live_lock:
+        worlds = list(_live)
+    for world in worlds:
+        world.close()
+
+
+@contextlib.contextmanager
+def _teardown_guard() -> Iterator[None]:
+    """Defer SIGINT/SIGTERM that arrive during a teardown until it has finished, so that a second
+    ^C cannot leave half a world behind."""
+    global _teardown_depth
+    _teardown_depth += 1
+    try:
+        yield
+    finally:
+        _teardown_depth -= 1
+        if _teardown_depth == 0 and _pending_signals:
+            signum = _pending_signals.pop(0)
+            _pending_signals.clear()
+            _on_signal(signum, None)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _teardown_depth > 0:
+        _pending_signals.append(signum)
+        return
+    log.info("signal %d: removing the test worlds", signum)
+    close_all()
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:  # SIG_DFL (or None: set outside Python): die of it
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_handlers() -> None:
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        _installed = True
+        atexit.register(close_all)
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("not in the main thread: no signal handlers, atexit only")
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            _previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, _on_signal)
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+def sweep_stale() -> list[str]:
+    """Remove namespaces (with their processes) and /etc/netns directories of worlds whose owner
+    process is gone. Returns the names removed."""
+    removed = []
+    names = set(nsutil.list_netns())
+    with contextlib.suppress(OSError):
+        names.update(entry.name for entry in nsutil.NETNS_ETC_DIR.iterdir())
+    for name in sorted(names):
+        match = NAME_PATTERN.match(name)
+        if not match or int(match.group(1)) == os.getpid() or _owner_alive(int(match.group(1))):
+            continue
+        log.info("removing stale namespace %s", name)
+        try:
+            nsutil.delete_netns(name)
+            removed.append(name)
+        except Exception:
+            log.exception("removing stale namespace %s", name)
+    return removed
