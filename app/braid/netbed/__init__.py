@@ -6,7 +6,15 @@ CAP_SYS_ADMIN for namespaces); never changes the namespace of the machine it run
 
 from braid.netbed.nsutil import NetbedError
 from braid.netbed.payload import expected_sha256
-from braid.netbed.world import DEFAULT_LINKS, LinkSpec, World, close_all, python_argv, sweep_stale
+from braid.netbed.world import (
+    DEFAULT_LINKS,
+    LinkSpec,
+    World,
+    close_all,
+    python_argv,
+    sweep_stale,
+    unavailable_reason,
+)
 
 __all__ = [
     "DEFAULT_LINKS",
@@ -17,4 +25,5 @@ __all__ = [
     "expected_sha256",
     "python_argv",
     "sweep_stale",
+    "unavailable_reason",
 ]

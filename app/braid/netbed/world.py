@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -67,6 +67,8 @@ TBF_MIN_BURST = 8 * 1514
 #: Offloads the veths must not use: segmentation (frames would exceed the MTU in the forwarder and
 #: in tbf) and checksum offload (the forwarder would copy frames whose checksum is never filled).
 OFFLOADS_OFF = ("rx", "tx", "sg", "tso", "gso", "gro", "lro")
+#: External programs the world runs (Debian packages iproute2, nftables, ethtool, procps).
+TOOLS = ("ip", "tc", "nft", "ethtool", "sysctl")
 READY_TIMEOUT = 15.0
 STOP_GRACE = 2.0
 
@@ -87,6 +89,16 @@ DEFAULT_LINKS: tuple[LinkSpec, ...] = (
     LinkSpec("wlan0", "wifi", 30, 20),
     LinkSpec("usb0", "cellular", 20, 50),
 )
+
+
+def unavailable_reason() -> str | None:
+    """Why a World cannot be built on this machine, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to build network namespaces"
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"missing programs: {', '.join(missing)} (Debian: iproute2 nftables ethtool procps)"
+    return None
 
 
 def _metric(index: int) -> int:
@@ -209,6 +221,7 @@ class World:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path()
         self._lock = threading.RLock()
+        self._owner_pid = os.getpid()
         self._started = False
         self._closed = False
         self._procs: list[subprocess.Popen[Any]] = []
@@ -274,6 +287,7 @@ class World:
             if self._started:
                 raise NetbedError("a World can be started only once")
             self._started = True
+            self._owner_pid = os.getpid()
             sweep_stale()
             _register(self)
             if self._own_workdir:
@@ -294,7 +308,11 @@ class World:
         """Stop every process and remove every namespace of this world. Idempotent; never raises.
 
         Namespaces are found by name prefix, so a world that failed half-way is removed too.
+        In a forked child (multiprocessing, pyroute2's netns helpers) this does nothing: the
+        world belongs to the process that started it.
         """
+        if os.getpid() != self._owner_pid:
+            return
         with self._lock, _teardown_guard():
             if self._closed:
                 return
@@ -616,7 +634,8 @@ table inet {NFT_TABLE} {{
         """(rx_bytes, tx_bytes) of the laptop's interface ``name``, from netlink."""
         from pyroute2 import IPRoute
 
-        with IPRoute(netns=self.ns("laptop")) as ipr:
+        # Entering the namespace ourselves: IPRoute(netns=...) forks a helper process.
+        with self.enter("laptop"), IPRoute() as ipr:
             link = ipr.link("get", ifname=name)[0]
         stats = link.get("stats64") or link.get("stats")
         return int(stats["rx_bytes"]), int(stats["tx_bytes"])
@@ -639,6 +658,22 @@ table inet {NFT_TABLE} {{
         # A line being written right now may be incomplete: only whole lines count.
         return [json.loads(line) for line in text.splitlines(keepends=True)
                 if line.endswith("\n")]
+
+    def wait_access(self, match: Callable[[dict[str, Any]], bool],
+                    timeout: float = 5.0) -> dict[str, Any]:
+        """The latest access-log entry satisfying ``match``, waiting for it up to ``timeout``.
+
+        The target writes an entry after the last byte went out, so a client that has just
+        finished can be ahead of the log.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [entry for entry in self.access_log() if match(entry)]
+            if found:
+                return found[-1]
+            if time.monotonic() > deadline:
+                raise NetbedError(f"no matching access-log entry within {timeout:g} s")
+            time.sleep(0.02)
 
     def summary(self) -> dict[str, Any]:
         """A description of the world for humans and ``braid demo``."""
@@ -729,6 +764,11 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         return
     log.info("signal %d: removing the test worlds", signum)
     close_all()
+    _chain(signum, frame)
+
+
+def _chain(signum: int, frame: FrameType | None) -> None:
+    """Do what the handler we replaced would have done."""
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
     if callable(previous):
         previous(signum, frame)
@@ -750,6 +790,19 @@ def _install_handlers() -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             _previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, _on_signal)
+
+
+def _forget_worlds_after_fork() -> None:
+    """A forked child (multiprocessing, pyroute2's netns helpers) inherits our registry, atexit
+    and signal handlers; the parent's worlds are not its to remove when it exits or is killed."""
+    global _live_lock, _teardown_depth
+    _live.clear()
+    _live_lock = threading.Lock()
+    _teardown_depth = 0
+    _pending_signals.clear()
+
+
+os.register_at_fork(after_in_child=_forget_worlds_after_fork)
 
 
 def _owner_alive(pid: int) -> bool:
