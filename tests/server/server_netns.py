@@ -160,9 +160,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def argv(self, *extra: str) -> list[str]:
-        return self.netns.exec_argv(
-            [sys.executable, "-m", "braid.server", "run", "--state-dir", str(self.state_dir), *extra]
-        )
+        command = [sys.executable, "-m", "braid.server", "run", "--state-dir", str(self.state_dir)]
+        return self.netns.exec_argv([*command, *extra])
 
     @staticmethod
     def env() -> dict[str, str]:

@@ -9,6 +9,7 @@ test's client code, run by a thread that entered the namespace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -18,14 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+from server_netns import Netns, NetnsLoop, ServerProcess, init_state, ip, new_token
 
 from braid.protocol.address import Address, decode_address, encode_address
 from braid.protocol.pairing import Pairing
 from braid.protocol.tunnel import EOF_FRAME, FrameDecoder, Reply, encode_hello, frame_header
 from braid.transport import client_tls_context, is_mptcp
 from braid.tunnel_client import Tunnel, TunnelError, open_tunnel
-
-from server_netns import Netns, NetnsLoop, ServerProcess, init_state, ip, new_token
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
@@ -231,7 +231,8 @@ def test_wrong_token_is_dropped_without_a_byte(world: World) -> None:
 
     assert world.run(raw_client()) == b""
     world.server.wait_for_log(f"WARNING rejected {SERVER_V4}:")
-    assert re.search(rf"WARNING rejected {re.escape(SERVER_V4)}:\d+: wrong token", world.server.log())
+    pattern = rf"WARNING rejected {re.escape(SERVER_V4)}:\d+: wrong token"
+    assert re.search(pattern, world.server.log())
 
     bad = dataclasses.replace(world.pairing, token="y" * 43)
     with pytest.raises(TunnelError) as info:
@@ -270,10 +271,8 @@ def test_silent_client_is_dropped_after_the_handshake_timeout(world: World) -> N
             SERVER_V4, PORT, local_addr=(SILENT_CLIENT_V4, 0)
         )
         started = time.monotonic()
-        try:
+        with contextlib.suppress(ConnectionError):
             assert await asyncio.wait_for(reader.read(), HANDSHAKE_TIMEOUT + 5) == b""
-        except ConnectionError:
-            pass
         writer.close()
         return time.monotonic() - started
 
@@ -342,3 +341,34 @@ def test_new_token_locks_out_the_old_one_without_restart(world: World) -> None:
     code = world.run(_request(fresh, Address(TARGET_V4, CLOSED_PORT)))
     assert code == Reply.CONNECTION_REFUSED
     world.pairing = fresh
+
+
+def test_client_error_messages(world: World) -> None:
+    refused = dataclasses.replace(world.pairing, port=7999)
+    expected = r"^cannot reach 198\.18\.100\.1:7999: connection refused$"
+    with pytest.raises(TunnelError, match=expected):
+        world.run(open_tunnel(refused))
+
+    # An address on the link that nobody answers for: ARP never resolves.
+    silent = dataclasses.replace(world.pairing, host="198.18.100.77")
+    with pytest.raises(TunnelError, match=r"^timed out connecting to 198\.18\.100\.77:7443"):
+        world.run(open_tunnel(silent, timeout=0.5))
+
+    async def not_braid() -> str:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, TARGET_V4, 2222)
+        try:
+            await open_tunnel(dataclasses.replace(world.pairing, host=TARGET_V4, port=2222))
+        except TunnelError as exc:
+            return str(exc)
+        finally:
+            server.close()
+        return "no error"
+
+    message = world.run(not_braid())
+    assert message.startswith("the TLS handshake with 198.18.200.1:2222 failed")
+    assert "is it a braid-server?" in message
