@@ -50,7 +50,10 @@ def encode_address(address: Address) -> bytes:
     try:
         ip = ipaddress.ip_address(address.host)
     except ValueError:
-        name = address.host.encode("idna")
+        try:
+            name = address.host.encode("idna")
+        except UnicodeError:  # an empty label, or one longer than 63 characters
+            raise AddressError(f"not a valid host name: {address.host!r}") from None
         if not 0 < len(name) <= 255:
             raise AddressError(f"host name too long or empty: {address.host!r}") from None
         return bytes([ATYP_DOMAIN, len(name)]) + name + struct.pack("!H", address.port)

@@ -43,9 +43,10 @@ class Pairing:
 
 
 def normalise_fingerprint(text: str) -> str:
-    fp = text.strip().lower().replace(":", "")
+    fp = text.strip().lower()
     if fp.startswith("sha256:"):
         fp = fp[len("sha256:") :]
+    fp = fp.replace(":", "")
     if not _FP_RE.match(fp):
         raise PairingError("the certificate fingerprint must be 64 hexadecimal digits (SHA-256)")
     return fp
@@ -55,7 +56,10 @@ def parse_pairing(text: str) -> Pairing:
     text = text.strip()
     if not text:
         raise PairingError("the pairing URI is empty")
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for an unclosed bracket
+        raise PairingError(f"the pairing URI is not valid: {exc}") from None
     if parts.scheme != SCHEME:
         raise PairingError(f"a pairing URI starts with {SCHEME}:// (this one does not)")
     try:
