@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from braid.protocol.address import Address
+from braid.protocol.address import Address, AddressError
 from braid.protocol.pairing import Pairing
 from braid.protocol.tunnel import (
     Command,
@@ -124,10 +124,14 @@ class Tunnel:
         """
         if self._requested:
             raise RuntimeError("a tunnel carries a single request")
+        try:
+            request = encode_request(Command.CONNECT, address)
+        except AddressError as exc:
+            raise TunnelError(f"cannot ask for {address.host!r}: {exc}") from None
         self._requested = True
         try:
             async with asyncio.timeout(timeout):
-                self.writer.write(encode_request(Command.CONNECT, address))
+                self.writer.write(request)
                 await self.writer.drain()
                 reply, _ = await read_message(self.reader, parse_reply)
         except TimeoutError:
