@@ -1,0 +1,88 @@
+"""braidd leaves the laptop's routing exactly as it found it: on stop, and after a crash."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from braid.netbed import LinkSpec, World, unavailable_reason
+from braid.netbed.stack import BraidStack
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    links = [LinkSpec("eth0", "ethernet", None), LinkSpec("wlan0", "wifi", None)]
+    with World(links) as w:
+        yield w
+
+
+def routing_snapshot(world: World) -> str:
+    out = []
+    for argv in (
+        ["ip", "-4", "rule"],
+        ["ip", "-6", "rule"],
+        ["ip", "-4", "route", "show", "table", "all"],
+        ["ip", "-6", "route", "show", "table", "all"],
+        ["ip", "mptcp", "endpoint"],
+        ["ip", "mptcp", "limits"],
+    ):
+        out.append(world.run("laptop", argv, capture_output=True, text=True).stdout)
+    return "\n".join(out)
+
+
+def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
+    pristine = routing_snapshot(world)
+    braid = BraidStack(world)
+    try:
+        braid.start()
+        running = routing_snapshot(world)
+        assert "lookup 18400" in running and "lookup 18401" in running
+        assert "subflows 8" in running
+
+        assert braid.stop_daemon() == 0
+        assert routing_snapshot(world) == pristine
+
+        braid.start_daemon()
+        braid.up()
+        assert braid.daemon is not None
+        braid.daemon.kill()  # SIGKILL: no chance to clean up
+        braid.daemon.wait()
+        assert routing_snapshot(world) != pristine
+
+        world.run(
+            "laptop",
+            [sys.executable, "-m", "braid.cli", "daemon", "--cleanup",
+             "--state-dir", str(braid.daemon_dir)],
+            capture_output=True,
+        )
+        assert routing_snapshot(world) == pristine
+    except BaseException:
+        print(braid.logs())
+        raise
+    finally:
+        braid.stop()
+
+
+def test_cleanup_leaves_foreign_rules_and_endpoints_alone(world: World) -> None:
+    foreign = [
+        ["ip", "rule", "add", "from", "198.18.1.2", "lookup", "100", "priority", "1000"],
+        ["ip", "route", "add", "default", "via", "198.18.1.1", "table", "100"],
+        ["ip", "mptcp", "endpoint", "add", "198.18.2.2", "id", "5", "subflow", "dev", "wlan0"],
+    ]
+    for argv in foreign:
+        world.run("laptop", argv)
+    pristine = routing_snapshot(world)
+    world.run(
+        "laptop",
+        [sys.executable, "-m", "braid.cli", "daemon", "--cleanup",
+         "--state-dir", str(world.workdir / "state")],
+        capture_output=True,
+    )
+    assert routing_snapshot(world) == pristine
