@@ -59,7 +59,10 @@ def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert_file, key_file)
     # Tickets would let a resumed session skip the certificate the client pins.
+    # OP_NO_TICKET alone does not stop TLS 1.3 tickets (OpenSSL then sends
+    # stateful ones); num_tickets = 0 does.
     ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
     return ctx
 
 
