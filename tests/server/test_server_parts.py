@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -84,3 +85,29 @@ def test_connect_errors_map_to_reply_codes(errno_name: str) -> None:
         "EHOSTUNREACH": Reply.HOST_UNREACHABLE,
     }[errno_name]
     assert server_module._ERRNO_REPLY[getattr(errno, errno_name)] == expected
+
+
+def test_server_tls_sends_nothing_after_the_handshake(tmp_path: Path) -> None:
+    """No session tickets: a refused client gets not one byte after the handshake."""
+    import ssl
+
+    from braid.server.state import make_certificate
+    from braid.transport import client_tls_context, server_tls_context
+
+    cert, key = make_certificate("vps.example.org")
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    server_ctx = server_tls_context(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_tls_context().wrap_bio(c_in, c_out, server_side=False)
+    for _ in range(5):
+        for end in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    assert client.version() == "TLSv1.3"
+    assert c_in.pending == 0
+    with pytest.raises(ssl.SSLWantReadError):
+        client.read(1)

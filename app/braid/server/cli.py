@@ -162,8 +162,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(
             f"cannot load the certificate and key from {state.path}: {exc.strerror or exc}"
         ) from None
-    raise_subflow_limit()
     listener, mptcp = open_listener(config.listen_host, config.listen_port)
+    if mptcp:
+        raise_subflow_limit()
     server = BraidServer(config, tls, listener, state=state)
     log.info(
         "listening on %s (%s); clients connect to %s:%d; certificate %s",
