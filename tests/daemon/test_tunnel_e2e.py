@@ -159,8 +159,8 @@ def test_ipv6_destination_and_names_resolved_at_the_server(
 def test_the_target_sees_the_server_as_client(world: World, stack: BraidStack) -> None:
     result = traffic(world, "download", world.target_v4, "--bytes", "64K", "--seed", "whoami", "--socks", "127.0.0.1:1080")
     assert result["ok"]
-    entries = [e for e in world.access_log() if "seed=whoami" in e.get("path", "")]
-    assert entries and all(e["client"] in (world.server_v4, world.server_v6) for e in entries), entries
+    entry = world.wait_access(lambda e: "seed=whoami" in e.get("path", ""))
+    assert entry["client"] in (world.server_v4, world.server_v6), entry
 
 
 def test_curl_through_the_socks_port(world: World, stack: BraidStack) -> None:
