@@ -372,3 +372,26 @@ def test_client_error_messages(world: World) -> None:
     message = world.run(not_braid())
     assert message.startswith("the TLS handshake with 198.18.200.1:2222 failed")
     assert "is it a braid-server?" in message
+
+
+def test_kernel_without_mptcp_falls_back_to_plain_tcp(world: World) -> None:
+    def mptcp_enabled(value: int) -> None:
+        argv = world.netns.exec_argv(["sysctl", "-qw", f"net.mptcp.enabled={value}"])
+        subprocess.run(argv, check=True, timeout=10)
+
+    state = world.tmp / "no-mptcp"
+    pairing = init_state(state, f"{SERVER_V4}:7446", policy={"allow": [f"{TARGET_V4}/32"]})
+    server = ServerProcess(world.netns, state, world.tmp / "no-mptcp.log")
+    mptcp_enabled(0)
+    try:
+        server.start()
+        mptcp, code, _, answer = world.run(_connect_and_exchange(pairing, TARGET_V4, b"tcp"))
+    finally:
+        mptcp_enabled(1)
+        server.stop()
+    assert not mptcp
+    assert (code, answer) == (Reply.SUCCEEDED, b"echo:tcp")
+    log = server.log()
+    assert "WARNING this kernel does not offer Multipath TCP" in log
+    assert "listening on 198.18.100.1:7446 (plain TCP)" in log
+    assert "MPTCP subflow limit" not in log

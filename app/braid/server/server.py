@@ -173,6 +173,14 @@ class TokenHash:
         return self._hash
 
 
+def _drop(sock: socket.socket, transport: asyncio.BaseTransport | None) -> None:
+    """Close at once, without a TLS goodbye: a refused peer gets nothing."""
+    if transport is not None:
+        transport.abort()  # type: ignore[attr-defined]
+    else:
+        sock.close()
+
+
 _ERRNO_REPLY = {
     errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
     errno.ENETUNREACH: Reply.NETWORK_UNREACHABLE,
@@ -305,11 +313,9 @@ class BraidServer:
             log.info("%s: %s", label, exc)
         finally:
             self.stats.active -= 1
-            if writer is not None:
-                if not writer.is_closing():
-                    await close_writer(writer, abort=True)
-            else:
-                sock.close()
+            # Before authentication, _authenticate has already dropped the socket.
+            if writer is not None and not writer.is_closing():
+                await close_writer(writer, abort=True)
 
     async def _authenticate(
         self, sock: socket.socket, source: str, label: str
@@ -324,36 +330,37 @@ class BraidServer:
         reader = asyncio.StreamReader(limit=2**17)
         protocol = asyncio.StreamReaderProtocol(reader)
         transport: asyncio.BaseTransport | None = None
-        reason = ""
         try:
-            async with asyncio.timeout(timeout):
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=timeout
-                )
-                writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
-                hello, _ = await read_message(reader, parse_hello)
-        except TimeoutError:
-            reason = f"no TLS handshake and HELLO within {timeout:g} s"
-        except ssl.SSLError as exc:
-            reason = f"TLS handshake failed ({exc.reason or exc})"
-        except asyncio.IncompleteReadError:
-            reason = "closed the connection without sending a HELLO"
-        except ProtocolError as exc:
-            reason = f"bad HELLO: {exc}"
-        except OSError as exc:
-            reason = f"connection failed: {exc.strerror or exc}"
-        else:
-            if token_matches(hello.token, self.token.get()):
-                writer.write(AUTH_OK)
-                await writer.drain()
-                return reader, writer
-            reason = "wrong token"
+            reason = ""
+            try:
+                async with asyncio.timeout(timeout):
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=timeout
+                    )
+                    writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+                    hello, _ = await read_message(reader, parse_hello)
+            except TimeoutError:
+                reason = f"no TLS handshake and HELLO within {timeout:g} s"
+            except ssl.SSLError as exc:
+                reason = f"TLS handshake failed ({exc.reason or exc})"
+            except asyncio.IncompleteReadError:
+                reason = "closed the connection without sending a HELLO"
+            except ProtocolError as exc:
+                reason = f"bad HELLO: {exc}"
+            except OSError as exc:
+                reason = f"connection failed: {exc.strerror or exc}"
+            else:
+                if token_matches(hello.token, self.token.get()):
+                    writer.write(AUTH_OK)
+                    await writer.drain()
+                    return reader, writer
+                reason = "wrong token"
+        except BaseException:  # cancelled at shutdown, or the peer vanished after HELLO
+            _drop(sock, transport)
+            raise
         self.stats.auth_failures += 1
         self.warnings.warn(source, f"rejected {label}: {reason}")
-        if transport is not None:
-            transport.abort()
-        else:
-            sock.close()
+        _drop(sock, transport)
         return None
 
     async def _serve_request(
