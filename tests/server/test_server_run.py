@@ -318,16 +318,19 @@ def test_missing_certificate_is_one_clear_line(world: World) -> None:
     assert result.stderr.count("\n") == 1 and "cert.pem is missing" in result.stderr
 
 
-def test_sigterm_closes_open_tunnels_and_exits_0(world: World) -> None:
+def test_sigusr1_logs_stats_and_sigterm_closes_tunnels_and_exits_0(world: World) -> None:
     state = world.tmp / "second"
     pairing = init_state(state, f"{SERVER_V4}:7445")
     second = ServerProcess(world.netns, state, world.tmp / "second.log").start()
     try:
         tunnel = world.run(open_tunnel(pairing))
+        assert second.proc is not None
+        second.proc.send_signal(signal.SIGUSR1)
+        second.wait_for_log("stats: 1 open, 1 accepted")
         assert second.stop(signal.SIGTERM) == 0
         assert world.run(asyncio.wait_for(tunnel.reader.read(), 5)) == b""
         world.run(tunnel.close())
-        assert "stats:" in second.log()
+        assert "SIGTERM: shutting down" in second.log()
     finally:
         second.stop(signal.SIGKILL)
 
