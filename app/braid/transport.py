@@ -9,7 +9,9 @@ import hashlib
 import logging
 import socket
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from braid.protocol.tunnel import EOF_FRAME, FRAME_MAX, FrameDecoder, frame_header
 
@@ -97,8 +99,13 @@ async def _plain_to_tunnel(
 
 
 async def _tunnel_to_plain(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: list[int]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    count: list[int],
+    first: Coroutine[Any, Any, None] | None = None,
 ) -> None:
+    if first is not None:
+        await first  # e.g. the server's REPLY, which precedes the frames
     decoder = FrameDecoder()
     while not decoder.eof:
         data = await reader.read(READ_SIZE)
@@ -120,6 +127,7 @@ async def relay(
     tunnel: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     counters: RelayCounters | None = None,
     tunnel_is_client_side: bool = True,
+    before_tunnel_data: Coroutine[Any, Any, None] | None = None,
 ) -> None:
     """Carry bytes both ways between a plain TCP stream and a framed tunnel stream.
 
@@ -132,7 +140,9 @@ async def relay(
     out_of_tunnel = [0]
     tasks = [
         asyncio.ensure_future(_plain_to_tunnel(plain[0], tunnel[1], into_tunnel)),
-        asyncio.ensure_future(_tunnel_to_plain(tunnel[0], plain[1], out_of_tunnel)),
+        asyncio.ensure_future(
+            _tunnel_to_plain(tunnel[0], plain[1], out_of_tunnel, before_tunnel_data)
+        ),
     ]
     clean = False
     try:
@@ -146,6 +156,8 @@ async def relay(
             if not t.done():
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if before_tunnel_data is not None:
+            before_tunnel_data.close()  # never started if the other direction failed first
         if tunnel_is_client_side:
             counters.up += into_tunnel[0]
             counters.down += out_of_tunnel[0]

@@ -116,22 +116,17 @@ class Tunnel:
             and self.reader.exception() is None
         )
 
-    async def request(self, address: Address, timeout: float = 15) -> ReplyMessage:
-        """Ask the server to connect to ``address``; returns its reply, success or not.
-
-        On success the tunnel now carries the flow: frames follow on
-        ``reader``/``writer`` (see ``transport.relay``).
-        """
+    def send_request(self, address: Address) -> None:
+        """Queue the REQUEST without waiting: flow data may follow it at once (pipelining)."""
         if self._requested:
             raise RuntimeError("a tunnel carries a single request")
-        try:
-            request = encode_request(Command.CONNECT, address)
-        except AddressError as exc:
-            raise TunnelError(f"cannot ask for {address.host!r}: {exc}") from None
         self._requested = True
+        self.writer.write(encode_request(Command.CONNECT, address))
+
+    async def read_reply(self, address: Address, timeout: float = 15) -> ReplyMessage:
+        """Wait for the server's REPLY to the request for ``address``."""
         try:
             async with asyncio.timeout(timeout):
-                self.writer.write(request)
                 await self.writer.drain()
                 reply, _ = await read_message(self.reader, parse_reply)
         except TimeoutError:
@@ -153,6 +148,15 @@ class Tunnel:
                 f"protocol: {exc}"
             ) from None
         return reply
+
+    async def request(self, address: Address, timeout: float = 15) -> ReplyMessage:
+        """Ask the server to connect to ``address``; returns its reply, success or not.
+
+        On success the tunnel now carries the flow: frames follow on
+        ``reader``/``writer`` (see ``transport.relay``).
+        """
+        self.send_request(address)
+        return await self.read_reply(address, timeout)
 
     async def close(self, abort: bool = False) -> None:
         await close_writer(self.writer, abort=abort)

@@ -28,13 +28,9 @@ RETRY_MIN = 0.5
 RETRY_MAX = 15.0
 
 
-class FatalTunnelError(TunnelError):
-    """Retrying cannot help (wrong token or certificate): the user must act."""
-
-
 def is_fatal(exc: TunnelError) -> bool:
-    text = str(exc).lower()
-    return "fingerprint" in text or "token" in text
+    """Retrying cannot help (wrong token or certificate): the user must act."""
+    return getattr(exc, "fatal", False)
 
 
 class TunnelPool:

@@ -112,36 +112,33 @@ class SocksServer:
             writer.write(encode_reply(Reply.COMMAND_NOT_SUPPORTED))
             return
         self.flows_total += 1
-        tunnel = await self._connect(request.address)
-        if isinstance(tunnel, Reply):
+        try:
+            tunnel = await self._take_tunnel()
+        except TunnelError as exc:
+            log.info("flow to %s: no tunnel: %s", request.address, exc)
             self.flows_failed += 1
-            writer.write(encode_reply(tunnel))
+            writer.write(encode_reply(Reply.NETWORK_UNREACHABLE))
             return
-        writer.write(encode_reply(Reply.SUCCEEDED, Address("0.0.0.0", 0)))
+        # Pipelined, as a local proxy must be to cost no extra round trip: the request,
+        # the client's first bytes and the success reply all go out at once. If the server
+        # then refuses, the client's connection is reset instead of getting a reply code.
+        tunnel.send_request(request.address)
         if conn.leftover:
             tunnel.writer.writelines((frame_header(len(conn.leftover)), conn.leftover))
             self.counters.up += len(conn.leftover)
-        await relay((reader, writer), (tunnel.reader, tunnel.writer), self.counters)
+        writer.write(encode_reply(Reply.SUCCEEDED, Address("0.0.0.0", 0)))
+        try:
+            await relay(
+                (reader, writer),
+                (tunnel.reader, tunnel.writer),
+                self.counters,
+                before_tunnel_data=self._check_reply(tunnel, request.address),
+            )
+        except TunnelError as exc:
+            self.flows_failed += 1
+            log.info("flow to %s: %s", request.address, exc)
 
-    async def _connect(self, address: Address):
-        """The tunnel carrying ``address``, or the Reply code to give the client."""
-        for attempt in range(2):
-            try:
-                tunnel = await self._take_tunnel()
-            except TunnelError as exc:
-                log.info("flow to %s: no tunnel: %s", address, exc)
-                return Reply.NETWORK_UNREACHABLE
-            try:
-                reply = await tunnel.request(address)
-            except (TunnelError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                # A pooled connection the server already dropped: nothing was sent
-                # for the client yet, so one retry on a fresh connection is safe.
-                await tunnel.close()
-                log.debug("flow to %s: tunnel failed (attempt %d): %s", address, attempt + 1, exc)
-                continue
-            if reply.code is not Reply.SUCCEEDED:
-                await tunnel.close()
-                log.info("flow to %s refused by the server: %s", address, reply.code.describe())
-                return reply.code
-            return tunnel
-        return Reply.GENERAL_FAILURE
+    async def _check_reply(self, tunnel, address: Address) -> None:
+        reply = await tunnel.read_reply(address)
+        if reply.code is not Reply.SUCCEEDED:
+            raise TunnelError(f"refused by the server: {reply.code.describe()}")
