@@ -62,21 +62,37 @@ class Reference:
         self.server = world.popen(
             "server",
             ["ss-server", "-s", "0.0.0.0", "-p", str(SS_PORT), *common],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.local = world.popen(
             "laptop",
-            ["ss-local", "-s", world.server_v4, "-p", str(SS_PORT), "-b", "127.0.0.1",
-             "-l", str(SS_SOCKS), *common],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "ss-local",
+                "-s",
+                world.server_v4,
+                "-p",
+                str(SS_PORT),
+                "-b",
+                "127.0.0.1",
+                "-l",
+                str(SS_SOCKS),
+                *common,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)
 
 
 def traffic(world: World, *args: str) -> dict:
     done = world.run(
-        "laptop", [sys.executable, "-m", "braid.netbed.traffic", *args],
-        capture_output=True, text=True, check=False, timeout=300,
+        "laptop",
+        [sys.executable, "-m", "braid.netbed.traffic", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if not result.get("ok"):
@@ -118,7 +134,9 @@ def measure_goodput(rtts, size: int, repeat: int) -> dict:
                     after = link_bytes(world)
                     runs[via].append(result["mbit_per_s"])
                     moved = {k: after[k] - before[k] for k in after}
-                    spread[via] = {k: round(v / max(1, sum(moved.values())), 3) for k, v in moved.items()}
+                    spread[via] = {
+                        k: round(v / max(1, sum(moved.values())), 3) for k, v in moved.items()
+                    }
             for via, values in runs.items():
                 goodput = statistics.median(values)
                 out[via] = {
@@ -127,9 +145,7 @@ def measure_goodput(rtts, size: int, repeat: int) -> dict:
                     "runs": values,
                     "share_per_link": spread[via],
                 }
-            out["ttfb_ms"] = {
-                via: measure_ttfb(world, via) for via in ("braid", "reference")
-            }
+            out["ttfb_ms"] = {via: measure_ttfb(world, via) for via in ("braid", "reference")}
         finally:
             stack.stop()
     return out
@@ -141,7 +157,10 @@ def measure_ttfb(world: World, via: str, count: int = 30) -> dict:
         result = download(world, 1024, via)
         samples.append(result["ttfb"] * 1000)
         time.sleep(0.05)  # let the pool refill as it would between a user's clicks
-    return {"median": round(statistics.median(samples), 1), "p90": round(sorted(samples)[int(count * 0.9) - 1], 1)}
+    return {
+        "median": round(statistics.median(samples), 1),
+        "p90": round(sorted(samples)[int(count * 0.9) - 1], 1),
+    }
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -180,14 +199,19 @@ def measure_cpu(size: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=96, help="download size through the tunnels")
+    parser.add_argument(
+        "--size-mib", type=int, default=96, help="download size through the tunnels"
+    )
     parser.add_argument("--cpu-size-mib", type=int, default=512, help="download size for CPU cost")
     parser.add_argument("--repeat", type=int, default=2, help="runs per contender (median)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/aggregate.json"))
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason or shutil.which("ss-server") is None:
-        print(f"cannot run: {reason or 'ss-server missing (Debian: shadowsocks-libev)'}", file=sys.stderr)
+        print(
+            f"cannot run: {reason or 'ss-server missing (Debian: shadowsocks-libev)'}",
+            file=sys.stderr,
+        )
         return 1
     results: dict = {"scenarios": {}}
     for name, rtts in SCENARIOS.items():
@@ -197,20 +221,30 @@ def main() -> int:
     results["cpu"] = measure_cpu(args.cpu_size_mib * MIB)
 
     print()
-    print(f"Links {'/'.join(map(str, RATES))} Mbit/s (sum {sum(RATES)}); one download each, median of {args.repeat}.")
+    print(
+        f"Links {'/'.join(map(str, RATES))} Mbit/s (sum {sum(RATES)}); one download each, median of {args.repeat}."
+    )
     print(f"{'scenario':<30}{'contender':<12}{'goodput':>10}{'efficiency':>12}   share per link")
     for name, row in results["scenarios"].items():
         for via in ("best link", "braid", "reference"):
             r = row[via]
             share = " ".join(f"{k}={v:.2f}" for k, v in r["share_per_link"].items())
-            print(f"{name:<30}{via:<12}{r['goodput_mbit']:>8.1f}Mb{r['efficiency']:>12.3f}   {share}")
+            print(
+                f"{name:<30}{via:<12}{r['goodput_mbit']:>8.1f}Mb{r['efficiency']:>12.3f}   {share}"
+            )
         t = row["ttfb_ms"]
-        print(f"{'':<30}time to first byte, 1 KiB: braid {t['braid']['median']} ms (p90 {t['braid']['p90']}), "
-              f"reference {t['reference']['median']} ms (p90 {t['reference']['p90']})")
+        print(
+            f"{'':<30}time to first byte, 1 KiB: braid {t['braid']['median']} ms (p90 {t['braid']['p90']}), "
+            f"reference {t['reference']['median']} ms (p90 {t['reference']['p90']})"
+        )
     print()
-    print(f"{'CPU per GB relayed (unshaped)':<32}{'laptop s/GB':>12}{'server s/GB':>12}{'goodput':>12}")
+    print(
+        f"{'CPU per GB relayed (unshaped)':<32}{'laptop s/GB':>12}{'server s/GB':>12}{'goodput':>12}"
+    )
     for via, r in results["cpu"].items():
-        print(f"{via:<32}{r['laptop_cpu_s_per_gb']:>12.2f}{r['server_cpu_s_per_gb']:>12.2f}{r['goodput_mbit']:>10.0f}Mb")
+        print(
+            f"{via:<32}{r['laptop_cpu_s_per_gb']:>12.2f}{r['server_cpu_s_per_gb']:>12.2f}{r['goodput_mbit']:>10.0f}Mb"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {args.json}")

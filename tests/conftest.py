@@ -12,9 +12,7 @@ import os
 import pytest
 
 REQUIRE_NETNS = os.environ.get("BRAID_REQUIRE_NETNS") == "1"
-NOT_ROOT_REASON = (
-    "needs root to build network namespaces (run the suite as root: sudo ./dev test)"
-)
+NOT_ROOT_REASON = "needs root to build network namespaces (run the suite as root: sudo ./dev test)"
 
 
 def pytest_configure(config):

@@ -18,7 +18,7 @@ def spawn(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
     asyncio holds only weak references to tasks, so an unreferenced task can
     vanish mid-flight; and an exception nobody awaits would go unseen.
     """
-    task = asyncio.get_running_loop().create_task(coro, name=name)  # noqa: RUF006
+    task = asyncio.get_running_loop().create_task(coro, name=name)
     _tasks.add(task)
     task.add_done_callback(_finished)
     return task

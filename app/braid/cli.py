@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Braid bonds your Ethernet, Wi-Fi and tethered links into one connection.",
     )
     parser.add_argument(
-        "--control", help="the daemon's control socket (default: $BRAID_CONTROL or /run/braid/control.sock)"
+        "--control",
+        help="the daemon's control socket (default: $BRAID_CONTROL or /run/braid/control.sock)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="an interface to use, its kind (ethernet, wifi, cellular, other) and priority "
         "(always, backup, never); repeat for each link, in order of preference",
     )
-    p.add_argument("--cleanup", action="store_true", help="remove leftovers of a crashed run and exit")
+    p.add_argument(
+        "--cleanup", action="store_true", help="remove leftovers of a crashed run and exit"
+    )
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("up", help="connect through the paired server")

@@ -56,7 +56,9 @@ def run_demo(duration: float = 30.0, size_mib: int = 0) -> int:
     best = max(link.rate_mbit or 0 for link in links) * 1e6
     _say("Building the emulated world (network namespaces; your own network is not touched):")
     for link in links:
-        _say(f"  {link.name:<6} {link.kind:<9} {link.rate_mbit:>4g} Mbit/s, {link.rtt_ms:g} ms round trip")
+        _say(
+            f"  {link.name:<6} {link.kind:<9} {link.rate_mbit:>4g} Mbit/s, {link.rtt_ms:g} ms round trip"
+        )
     with World(links) as world:
         stack = BraidStack(world)
         try:
@@ -81,16 +83,32 @@ def _show(world, stack, links, best, duration, size_mib) -> int:
     n = size_mib * (1 << 20) if size_mib else int(duration * 150e6 / 8)
     proc = world.popen(
         "laptop",
-        [sys.executable, "-m", "braid.netbed.traffic", "download", world.target_name,
-         "--bytes", str(n), "--socks", f"{stack.socks[0]}:{stack.socks[1]}",
-         "--progress", "--tick", "0.5", "--timeout", "30"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "braid.netbed.traffic",
+            "download",
+            world.target_name,
+            "--bytes",
+            str(n),
+            "--socks",
+            f"{stack.socks[0]}:{stack.socks[1]}",
+            "--progress",
+            "--tick",
+            "0.5",
+            "--timeout",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     goodput = _Goodput(proc)
     names = [link.name for link in links]
     _say()
     _say(f"Downloading through Braid's SOCKS5 port {stack.socks[0]}:{stack.socks[1]}.")
-    _say(f"{'time':>5}  " + "".join(f"{name:>14}" for name in names) + f"{'total':>14}  vs best link")
+    _say(
+        f"{'time':>5}  " + "".join(f"{name:>14}" for name in names) + f"{'total':>14}  vs best link"
+    )
     cut_at, back_at = duration * 0.4, duration * 0.65
     cut_done = back_done = False
     started = time.monotonic()

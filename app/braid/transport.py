@@ -146,7 +146,7 @@ async def relay(
     ]
     clean = False
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failed = [t for t in done if t.exception() is not None]
         if failed:
             raise failed[0].exception()  # type: ignore[misc]

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from braid.protocol.address import Address, AddressError
+from braid.protocol.address import Address
 from braid.protocol.pairing import Pairing
 from braid.protocol.tunnel import (
     Command,

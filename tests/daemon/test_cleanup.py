@@ -58,8 +58,15 @@ def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
 
         world.run(
             "laptop",
-            [sys.executable, "-m", "braid.cli", "daemon", "--cleanup",
-             "--state-dir", str(braid.daemon_dir)],
+            [
+                sys.executable,
+                "-m",
+                "braid.cli",
+                "daemon",
+                "--cleanup",
+                "--state-dir",
+                str(braid.daemon_dir),
+            ],
             capture_output=True,
         )
         assert routing_snapshot(world) == pristine
@@ -81,8 +88,15 @@ def test_cleanup_leaves_foreign_rules_and_endpoints_alone(world: World) -> None:
     pristine = routing_snapshot(world)
     world.run(
         "laptop",
-        [sys.executable, "-m", "braid.cli", "daemon", "--cleanup",
-         "--state-dir", str(world.workdir / "state")],
+        [
+            sys.executable,
+            "-m",
+            "braid.cli",
+            "daemon",
+            "--cleanup",
+            "--state-dir",
+            str(world.workdir / "state"),
+        ],
         capture_output=True,
     )
     assert routing_snapshot(world) == pristine

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -102,15 +101,35 @@ def test_status_lists_links_and_socks(stack: BraidStack) -> None:
 
 def test_cli_status_json(stack: BraidStack) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "braid.cli", "--control", str(stack.control_path), "status", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "braid.cli",
+            "--control",
+            str(stack.control_path),
+            "status",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert json.loads(done.stdout)["state"] == "connected"
 
 
 def test_download_64mib_uses_every_link_fairly(world: World, stack: BraidStack) -> None:
     before = counters(world)
-    result = traffic(world, "download", world.target_v4, "--bytes", "64M", "--socks", "127.0.0.1:1080", "--timeout", "30")
+    result = traffic(
+        world,
+        "download",
+        world.target_v4,
+        "--bytes",
+        "64M",
+        "--socks",
+        "127.0.0.1:1080",
+        "--timeout",
+        "30",
+    )
     after = counters(world)
     assert result["ok"], result.get("error")
     assert result["bytes"] == 64 * MIB
@@ -122,7 +141,17 @@ def test_download_64mib_uses_every_link_fairly(world: World, stack: BraidStack) 
 
 def test_upload_64mib_uses_every_link_fairly(world: World, stack: BraidStack) -> None:
     before = counters(world)
-    result = traffic(world, "upload", world.target_v4, "--bytes", "64M", "--socks", "127.0.0.1:1080", "--timeout", "30")
+    result = traffic(
+        world,
+        "upload",
+        world.target_v4,
+        "--bytes",
+        "64M",
+        "--socks",
+        "127.0.0.1:1080",
+        "--timeout",
+        "30",
+    )
     after = counters(world)
     assert result["ok"], result.get("error")
     assert result["remote_reported"]["bytes"] == 64 * MIB
@@ -137,7 +166,17 @@ def test_blackholing_the_initial_subflow_link_mid_transfer_loses_nothing(
     cut = threading.Timer(1.5, world.blackhole, args=("eth0",))
     cut.start()
     try:
-        result = traffic(world, "download", world.target_v4, "--bytes", "48M", "--socks", "127.0.0.1:1080", "--timeout", "30")
+        result = traffic(
+            world,
+            "download",
+            world.target_v4,
+            "--bytes",
+            "48M",
+            "--socks",
+            "127.0.0.1:1080",
+            "--timeout",
+            "30",
+        )
     finally:
         cut.cancel()
         world.restore("eth0")
@@ -157,7 +196,17 @@ def test_ipv6_destination_and_names_resolved_at_the_server(
 
 
 def test_the_target_sees_the_server_as_client(world: World, stack: BraidStack) -> None:
-    result = traffic(world, "download", world.target_v4, "--bytes", "64K", "--seed", "whoami", "--socks", "127.0.0.1:1080")
+    result = traffic(
+        world,
+        "download",
+        world.target_v4,
+        "--bytes",
+        "64K",
+        "--seed",
+        "whoami",
+        "--socks",
+        "127.0.0.1:1080",
+    )
     assert result["ok"]
     entry = world.wait_access(lambda e: "seed=whoami" in e.get("path", ""))
     assert entry["client"] in (world.server_v4, world.server_v6), entry
@@ -166,9 +215,22 @@ def test_the_target_sees_the_server_as_client(world: World, stack: BraidStack) -
 def test_curl_through_the_socks_port(world: World, stack: BraidStack) -> None:
     done = world.run(
         "laptop",
-        ["curl", "-sS", "--max-time", "20", "--socks5-hostname", "127.0.0.1:1080",
-         f"http://{world.target_name}/bytes/1000?seed=curl", "-o", "/dev/null", "-w", "%{http_code} %{size_download}"],
-        capture_output=True, text=True, check=False,
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--socks5-hostname",
+            "127.0.0.1:1080",
+            f"http://{world.target_name}/bytes/1000?seed=curl",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.stdout == "200 1000", done.stderr
 
@@ -184,8 +246,20 @@ def test_policy_refusal_resets_the_socks_client(world: World, stack: BraidStack)
 
 def _up(stack: BraidStack, uri: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "braid.cli", "--control", str(stack.control_path), "up", "--pairing", uri],
-        capture_output=True, text=True, check=False, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "braid.cli",
+            "--control",
+            str(stack.control_path),
+            "up",
+            "--pairing",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
 
 
@@ -224,8 +298,12 @@ def test_malformed_pairing_is_explained(stack: BraidStack) -> None:
 
 def test_down_then_up(world: World, stack: BraidStack) -> None:
     assert stack.call("down")["state"] == "disconnected"
-    refused = traffic(world, "download", world.target_v4, "--bytes", "1K", "--socks", "127.0.0.1:1080")
+    refused = traffic(
+        world, "download", world.target_v4, "--bytes", "1K", "--socks", "127.0.0.1:1080"
+    )
     assert not refused["ok"]
     assert stack.call("up")["state"] in ("connected", "degraded")
-    result = traffic(world, "download", world.target_v4, "--bytes", "1M", "--socks", "127.0.0.1:1080")
+    result = traffic(
+        world, "download", world.target_v4, "--bytes", "1M", "--socks", "127.0.0.1:1080"
+    )
     assert result["ok"]

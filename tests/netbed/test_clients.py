@@ -31,8 +31,9 @@ def target() -> Iterator[tuple[int, int]]:
     server = TargetServer("::", 0, AccessLog(None))
     echo = UdpEcho("::", 0)
     echo.start()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+    )
     thread.start()
     yield server.server_address[1], echo.sock.getsockname()[1]
     server.shutdown()
@@ -127,8 +128,9 @@ def test_direct_download(target: tuple[int, int], host: str, n: int) -> None:
 
 def test_upload(target: tuple[int, int]) -> None:
     ticks: list[tuple[int, float]] = []
-    result = traffic.upload("::1", target[0], 5 * CHUNK + 3, "up",
-                            progress=lambda n, t: ticks.append((n, t)))
+    result = traffic.upload(
+        "::1", target[0], 5 * CHUNK + 3, "up", progress=lambda n, t: ticks.append((n, t))
+    )
     assert result.ok, result
     assert result.remote_reported == {"bytes": 5 * CHUNK + 3, "sha256": result.sha256}
     assert ticks and ticks[-1][0] == 5 * CHUNK + 3
@@ -158,8 +160,10 @@ def test_http_errors_and_stalls(target: tuple[int, int]) -> None:
     with pytest.raises(traffic.TransferError, match="connect"):
         traffic.download("127.0.0.1", 1, 10, timeout=1)
     # A listener that never answers: the idle timeout ends the wait, ticks keep coming.
-    with (socket.create_server(("127.0.0.1", 0)) as silent,
-          pytest.raises(traffic.TransferError, match="no progress") as caught):
+    with (
+        socket.create_server(("127.0.0.1", 0)) as silent,
+        pytest.raises(traffic.TransferError, match="no progress") as caught,
+    ):
         traffic.download("127.0.0.1", silent.getsockname()[1], 10, timeout=0.5, tick=0.1)
     assert caught.value.result is not None
     assert len(caught.value.result.ticks) >= 3

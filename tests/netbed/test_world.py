@@ -29,12 +29,20 @@ def namespaces_of(prefix: str) -> list[str]:
     return [name for name in list_netns() if name.startswith(prefix)]
 
 
-def _echo(world: World, link: str, family: int = 4, *, count: int, interval: float = 0.02,
-          timeout: float = 1.0) -> traffic.EchoResult:
+def _echo(
+    world: World,
+    link: str,
+    family: int = 4,
+    *,
+    count: int,
+    interval: float = 0.02,
+    timeout: float = 1.0,
+) -> traffic.EchoResult:
     target = world.target_v4 if family == 4 else world.target_v6
     with world.enter("laptop"):
-        return traffic.echo(target, world.echo_port, count=count, interval=interval,
-                            timeout=timeout, device=link)
+        return traffic.echo(
+            target, world.echo_port, count=count, interval=interval, timeout=timeout, device=link
+        )
 
 
 # --- life cycle ----------------------------------------------------------------------------------
@@ -71,8 +79,9 @@ _OWNER = textwrap.dedent("""
 
 
 def _start_owner() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True,
-                            env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
     assert proc.stdout is not None
     prefix = proc.stdout.readline().strip()
     assert prefix.startswith("brd"), prefix
@@ -114,8 +123,9 @@ def test_laptop_downloads_through_each_link(world: World, link: str, family: int
     source = world.laptop_addr(link, family)
     rx_before, _ = world.counters(link)
     with world.enter("laptop"):
-        result = traffic.download(target, world.http_port, 200_000, f"{link}{family}",
-                                  bind=source, device=link)
+        result = traffic.download(
+            target, world.http_port, 200_000, f"{link}{family}", bind=source, device=link
+        )
     assert result.ok, result
     assert result.local == source
     assert world.counters(link)[0] - rx_before >= 200_000
@@ -127,21 +137,40 @@ def test_source_address_alone_is_dropped_by_the_isp(world: World) -> None:
     """Without policy routing a packet from wlan0's address leaves by eth0 (lowest metric) and
     eth0's ISP drops it: the reverse-path filter the product has to live with."""
     with world.enter("laptop"):
-        result = traffic.echo(world.target_v4, world.echo_port, count=3, interval=0.01,
-                              timeout=0.3, bind=world.laptop_addr("wlan0"))
+        result = traffic.echo(
+            world.target_v4,
+            world.echo_port,
+            count=3,
+            interval=0.01,
+            timeout=0.3,
+            bind=world.laptop_addr("wlan0"),
+        )
     assert result.received == 0
 
 
 def test_cli_clients_in_namespaces(world: World) -> None:
-    out = world.run("laptop", python_argv(
-        "braid.netbed.traffic", "download", world.target_v6, "--bytes", "2M",
-        "--device", "eth0", "--progress", "--tick", "0.05")).stdout
+    out = world.run(
+        "laptop",
+        python_argv(
+            "braid.netbed.traffic",
+            "download",
+            world.target_v6,
+            "--bytes",
+            "2M",
+            "--device",
+            "eth0",
+            "--progress",
+            "--tick",
+            "0.05",
+        ),
+    ).stdout
     *ticks, result = traffic.iter_json_lines(out)
     assert result["ok"] and result["bytes"] == 2 << 20
     assert ticks and all("t" in tick and "bytes" in tick for tick in ticks)
     # The server resolves the target's name through its own hosts file.
-    out = world.run("server", python_argv(
-        "braid.netbed.traffic", "upload", world.target_name, "--bytes", "1M")).stdout
+    out = world.run(
+        "server", python_argv("braid.netbed.traffic", "upload", world.target_name, "--bytes", "1M")
+    ).stdout
     assert json.loads(out)["ok"]
     hosts = world.run("server", ["getent", "ahosts", world.target_name]).stdout
     assert world.target_v4 in hosts and world.target_v6 in hosts
@@ -207,8 +236,9 @@ def test_link_down_and_up(world: World) -> None:
     finally:
         world.link_up("wlan0")
     for family in (4, 6):
-        routes = world.run("laptop", [
-            "ip", f"-{family}", "route", "show", "default", "dev", "wlan0"]).stdout
+        routes = world.run(
+            "laptop", ["ip", f"-{family}", "route", "show", "default", "dev", "wlan0"]
+        ).stdout
         assert "metric 600" in routes
         assert _echo(world, "wlan0", family, count=3, interval=0.02).received == 3
 

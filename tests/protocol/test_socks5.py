@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,7 +36,10 @@ def feed_all(data: bytes, step: int) -> tuple[bytes, object, SocksServerConnecti
     ("wire", "address"),
     [
         (b"\x01\xc6\x13\x00\x01\x00\x50", Address("198.19.0.1", 80)),
-        (b"\x04" + bytes.fromhex("20010db800ff" + "00" * 9 + "01") + b"\x01\xbb", Address("2001:db8:ff::1", 443)),
+        (
+            b"\x04" + bytes.fromhex("20010db800ff" + "00" * 9 + "01") + b"\x01\xbb",
+            Address("2001:db8:ff::1", 443),
+        ),
         (b"\x03\x10files.braid.test\x1f\x90", Address("files.braid.test", 8080)),
     ],
 )
@@ -48,7 +53,7 @@ def test_connect_request_in_any_chunking(step, wire, address):
 
 def test_early_data_is_kept():
     conn = SocksServerConnection()
-    out, request = conn.receive(GREETING + b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50GET /")
+    _out, request = conn.receive(GREETING + b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50GET /")
     assert request.address == Address("127.0.0.1", 80)
     assert conn.leftover == b"GET /"
 
@@ -85,7 +90,5 @@ def test_reply_encoding():
 @given(st.binary(max_size=300))
 def test_garbage_never_crashes(data):
     conn = SocksServerConnection()
-    try:
+    with contextlib.suppress(SocksError):
         conn.receive(data)
-    except SocksError:
-        pass

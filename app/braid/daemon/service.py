@@ -226,9 +226,7 @@ class Daemon:
         await self.pool.start()
         # Wait for the first connection so the caller learns at once about a wrong token.
         deadline = time.monotonic() + UP_WAIT
-        while time.monotonic() < deadline and not (
-            self.pool.connected or self.pool.fatal_error
-        ):
+        while time.monotonic() < deadline and not (self.pool.connected or self.pool.fatal_error):
             await asyncio.sleep(0.05)
         if self.pool.fatal_error:
             message = self.pool.fatal_error

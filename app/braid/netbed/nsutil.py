@@ -30,13 +30,15 @@ class NetbedError(RuntimeError):
     """A command building or changing the test world failed."""
 
 
-def command(argv: Sequence[str], *, check: bool = True, input: str | None = None,
-            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def command(
+    argv: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     """Run a command (logged at debug level); raise :class:`NetbedError` with its stderr."""
     log.debug("$ %s", shlex.join(argv))
     try:
-        result = subprocess.run(list(argv), input=input, capture_output=True, text=True,
-                                timeout=timeout, check=False)
+        result = subprocess.run(
+            list(argv), input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NetbedError(f"{shlex.join(argv)}: {exc}") from exc
     if check and result.returncode != 0:
@@ -79,8 +81,11 @@ def pids_in_netns(name: str) -> list[int]:
     me = os.getpid()
     pids = []
     for entry in Path("/proc").iterdir():
-        if (entry.name.isdigit() and int(entry.name) != me
-                and _netns_inode(entry / "ns" / "net") == wanted):
+        if (
+            entry.name.isdigit()
+            and int(entry.name) != me
+            and _netns_inode(entry / "ns" / "net") == wanted
+        ):
             pids.append(int(entry.name))
     return pids
 

@@ -54,10 +54,16 @@ class BraidStack:
         result = self.world.run(
             "server",
             [
-                sys.executable, "-m", "braid.server.cli", "init",
-                "--state-dir", str(self.server_dir),
-                "--listen", f"[::]:{self.server_port}",
-                "--public-host", self.public_host,
+                sys.executable,
+                "-m",
+                "braid.server.cli",
+                "init",
+                "--state-dir",
+                str(self.server_dir),
+                "--listen",
+                f"[::]:{self.server_port}",
+                "--public-host",
+                self.public_host,
             ],
             capture_output=True,
             text=True,
@@ -78,9 +84,16 @@ class BraidStack:
 
     def start_daemon(self) -> None:
         argv = [
-            sys.executable, "-m", "braid.cli", "--control", str(self.control_path), "daemon",
-            "--state-dir", str(self.daemon_dir),
-            "--socks", f"{self.socks[0]}:{self.socks[1]}",
+            sys.executable,
+            "-m",
+            "braid.cli",
+            "--control",
+            str(self.control_path),
+            "daemon",
+            "--state-dir",
+            str(self.daemon_dir),
+            "--socks",
+            f"{self.socks[0]}:{self.socks[1]}",
         ]
         for link in self.links:
             argv += ["--link", link]
@@ -111,7 +124,9 @@ class BraidStack:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"braid-server exited early:\n{self.server_log.read_text()}")
-            done = self.world.run(role, [sys.executable, "-c", probe], check=False, capture_output=True)
+            done = self.world.run(
+                role, [sys.executable, "-c", probe], check=False, capture_output=True
+            )
             if done.returncode == 0:
                 return
             time.sleep(0.1)

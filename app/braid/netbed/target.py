@@ -217,18 +217,23 @@ def _watch_stdin() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m braid.netbed.target", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m braid.netbed.target",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--host", default="::", help="address to listen on (default: all)")
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--echo-port", type=int, default=7)
     parser.add_argument("--log", type=Path, help="access log file (JSON lines)")
-    parser.add_argument("--stdin-lifeline", action="store_true",
-                        help="exit when standard input is closed")
+    parser.add_argument(
+        "--stdin-lifeline", action="store_true", help="exit when standard input is closed"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="target: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="target: %(message)s"
+    )
     signal.signal(signal.SIGTERM, _exit_on_signal)
 
     stream = args.log.open("a", encoding="utf-8") if args.log else None

@@ -232,8 +232,14 @@ def _host_header(host: str, port: int) -> str:
 class _Meter:
     """Ticks and stall detection shared by download and upload."""
 
-    def __init__(self, result: TransferResult, started: float, tick: float,
-                 idle_timeout: float, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        result: TransferResult,
+        started: float,
+        tick: float,
+        idle_timeout: float,
+        progress: Progress | None,
+    ) -> None:
         self.result, self.started, self.tick = result, started, tick
         self.idle_timeout, self.progress = idle_timeout, progress
         self.next_tick = started + tick
@@ -287,16 +293,26 @@ def _read_head(sock: socket.socket, meter: _Meter) -> tuple[int, dict[str, str],
     return int(match.group(1)), headers, body
 
 
-def _connect(result: TransferResult, host: str, port: int, socks: tuple[str, int] | None,
-             bind: str | None, device: str | None, timeout: float, mptcp: bool,
-             started: float) -> socket.socket:
+def _connect(
+    result: TransferResult,
+    host: str,
+    port: int,
+    socks: tuple[str, int] | None,
+    bind: str | None,
+    device: str | None,
+    timeout: float,
+    mptcp: bool,
+    started: float,
+) -> socket.socket:
     try:
         if socks is None:
-            sock = open_connection(host, port, bind=bind, device=device, timeout=timeout,
-                                   mptcp=mptcp)
+            sock = open_connection(
+                host, port, bind=bind, device=device, timeout=timeout, mptcp=mptcp
+            )
         else:
-            sock = open_connection(socks[0], socks[1], bind=bind, device=device,
-                                   timeout=timeout, mptcp=mptcp)
+            sock = open_connection(
+                socks[0], socks[1], bind=bind, device=device, timeout=timeout, mptcp=mptcp
+            )
             try:
                 socks5_connect(sock, host, port)
             except BaseException:
@@ -342,9 +358,11 @@ def download(
     digest = hashlib.sha256()
     try:
         with sock:
-            request = (f"GET /bytes/{n}?seed={seed} HTTP/1.1\r\n"
-                       f"Host: {_host_header(url_host, port)}\r\n"
-                       "Connection: close\r\n\r\n")
+            request = (
+                f"GET /bytes/{n}?seed={seed} HTTP/1.1\r\n"
+                f"Host: {_host_header(url_host, port)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
             sock.sendall(request.encode())
             sock.settimeout(tick)
             status, headers, body = _read_head(sock, meter)
@@ -406,9 +424,11 @@ def upload(
     digest = hashlib.sha256()
     try:
         with sock:
-            head = (f"POST /upload HTTP/1.1\r\nHost: {_host_header(url_host, port)}\r\n"
-                    "Content-Type: application/octet-stream\r\n"
-                    f"Content-Length: {n}\r\nConnection: close\r\n\r\n")
+            head = (
+                f"POST /upload HTTP/1.1\r\nHost: {_host_header(url_host, port)}\r\n"
+                "Content-Type: application/octet-stream\r\n"
+                f"Content-Length: {n}\r\nConnection: close\r\n\r\n"
+            )
             sock.sendall(head.encode())
             sock.settimeout(tick)
             for block in chunks(n, seed):
@@ -537,8 +557,11 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m braid.netbed.traffic", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m braid.netbed.traffic",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("download", "upload"):
         sub = commands.add_parser(name)
@@ -550,11 +573,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--bind", help="local source address")
         sub.add_argument("--device", help="leave through this interface (SO_BINDTODEVICE)")
         sub.add_argument("--mptcp", action="store_true", help="use an MPTCP socket")
-        sub.add_argument("--timeout", type=float, default=10.0,
-                         help="connect timeout and longest stall (s)")
+        sub.add_argument(
+            "--timeout", type=float, default=10.0, help="connect timeout and longest stall (s)"
+        )
         sub.add_argument("--tick", type=float, default=0.1, help="progress interval (s)")
-        sub.add_argument("--progress", action="store_true",
-                         help='print {"t": wall-clock, "bytes": n} per tick')
+        sub.add_argument(
+            "--progress", action="store_true", help='print {"t": wall-clock, "bytes": n} per tick'
+        )
     sub = commands.add_parser("echo")
     sub.add_argument("host")
     sub.add_argument("--port", type=int, default=7)
@@ -575,8 +600,16 @@ def _emit(obj: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "echo":
-        outcome = echo(args.host, args.port, count=args.count, interval=args.interval,
-                       timeout=args.timeout, size=args.size, bind=args.bind, device=args.device)
+        outcome = echo(
+            args.host,
+            args.port,
+            count=args.count,
+            interval=args.interval,
+            timeout=args.timeout,
+            size=args.size,
+            bind=args.bind,
+            device=args.device,
+        )
         _emit(outcome.to_dict())
         return 0 if outcome.received else 1
 
@@ -585,13 +618,23 @@ def main(argv: list[str] | None = None) -> int:
 
     function = download if args.command == "download" else upload
     try:
-        result = function(args.host, args.port, args.n, args.seed, socks=args.socks,
-                          bind=args.bind, device=args.device, timeout=args.timeout,
-                          tick=args.tick, mptcp=args.mptcp,
-                          progress=tick if args.progress else None)
+        result = function(
+            args.host,
+            args.port,
+            args.n,
+            args.seed,
+            socks=args.socks,
+            bind=args.bind,
+            device=args.device,
+            timeout=args.timeout,
+            tick=args.tick,
+            mptcp=args.mptcp,
+            progress=tick if args.progress else None,
+        )
     except TransferError as exc:
-        result = exc.result or TransferResult(args.command, args.host, args.port, args.n,
-                                              error=str(exc))
+        result = exc.result or TransferResult(
+            args.command, args.host, args.port, args.n, error=str(exc)
+        )
     _emit(result.to_dict())
     return 0 if result.ok else 1
 

@@ -238,13 +238,19 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m braid.netbed.wire", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m braid.netbed.wire",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("a", help="first interface")
     parser.add_argument("b", help="second interface")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay")
-    parser.add_argument("--control-stdin", action="store_true",
-                        help="read commands from stdin; exit at end of input")
+    parser.add_argument(
+        "--control-stdin",
+        action="store_true",
+        help="read commands from stdin; exit at end of input",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="wire: %(message)s")
 

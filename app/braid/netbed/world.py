@@ -139,8 +139,13 @@ class _Helper:
         self._buffer = b""
         with log_path.open("ab") as stderr:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, bufsize=0,
-                env=child_env(), start_new_session=True,  # the terminal's ^C is ours to handle
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                bufsize=0,
+                env=child_env(),
+                start_new_session=True,  # the terminal's ^C is ours to handle
             )
 
     def readline(self, timeout: float) -> str:
@@ -212,8 +217,12 @@ class World:
     http_port = 80
     echo_port = 7
 
-    def __init__(self, links: Sequence[LinkSpec] = DEFAULT_LINKS,
-                 workdir: str | Path | None = None, keep: bool = False) -> None:
+    def __init__(
+        self,
+        links: Sequence[LinkSpec] = DEFAULT_LINKS,
+        workdir: str | Path | None = None,
+        keep: bool = False,
+    ) -> None:
         self.links = [dataclasses.replace(link) for link in links]
         _validate(self.links)
         self.prefix = f"brd{os.getpid()}x{next(_counter)}-"
@@ -236,8 +245,13 @@ class World:
 
     def roles(self) -> list[str]:
         indices = range(1, len(self.links) + 1)
-        return ["laptop", "server", "inet", *(f"isp-{i}" for i in indices),
-                *(f"wire-{i}" for i in indices)]
+        return [
+            "laptop",
+            "server",
+            "inet",
+            *(f"isp-{i}" for i in indices),
+            *(f"wire-{i}" for i in indices),
+        ]
 
     def ns(self, role: str) -> str:
         """Full namespace name of ``role``: laptop, server, inet, isp-<i>, wire-<i>.
@@ -277,8 +291,12 @@ class World:
     def __enter__(self) -> World:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def start(self) -> World:
@@ -297,8 +315,12 @@ class World:
             try:
                 began = time.monotonic()
                 self._build()
-                log.info("world %s ready in %.2f s (workdir %s)", self.prefix,
-                         time.monotonic() - began, self.workdir)
+                log.info(
+                    "world %s ready in %.2f s (workdir %s)",
+                    self.prefix,
+                    time.monotonic() - began,
+                    self.workdir,
+                )
             except BaseException:
                 self.close()
                 raise
@@ -344,8 +366,12 @@ class World:
         self._write_server_etc()
 
         common = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
-        router = ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-                  "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
+        router = [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ]
         # The wires are layer 2 only: without IPv6 their veths send no solicitations of their own.
         wire = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
         for role in self.roles():
@@ -356,14 +382,78 @@ class World:
         laptop, inet, server = self.ns("laptop"), self.ns("inet"), self.ns("server")
         for i, link in enumerate(self.links, 1):
             wire_ns, isp = self.ns(f"wire-{i}"), self.ns(f"isp-{i}")
-            command(["ip", "-n", laptop, "link", "add", "dev", link.name, "type", "veth",
-                     "peer", "name", "lap", "netns", wire_ns])
-            command(["ip", "-n", isp, "link", "add", "dev", "down", "type", "veth",
-                     "peer", "name", "isp", "netns", wire_ns])
-            command(["ip", "-n", isp, "link", "add", "dev", "up", "type", "veth",
-                     "peer", "name", f"isp{i}", "netns", inet])
-        command(["ip", "-n", inet, "link", "add", "dev", "srv", "type", "veth",
-                 "peer", "name", "eth0", "netns", server])
+            command(
+                [
+                    "ip",
+                    "-n",
+                    laptop,
+                    "link",
+                    "add",
+                    "dev",
+                    link.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "lap",
+                    "netns",
+                    wire_ns,
+                ]
+            )
+            command(
+                [
+                    "ip",
+                    "-n",
+                    isp,
+                    "link",
+                    "add",
+                    "dev",
+                    "down",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "isp",
+                    "netns",
+                    wire_ns,
+                ]
+            )
+            command(
+                [
+                    "ip",
+                    "-n",
+                    isp,
+                    "link",
+                    "add",
+                    "dev",
+                    "up",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    f"isp{i}",
+                    "netns",
+                    inet,
+                ]
+            )
+        command(
+            [
+                "ip",
+                "-n",
+                inet,
+                "link",
+                "add",
+                "dev",
+                "srv",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                server,
+            ]
+        )
 
         self._offloads_off("laptop", [link.name for link in self.links])
         self._offloads_off("server", ["eth0"])
@@ -383,17 +473,42 @@ class World:
         for i, link in enumerate(self.links, 1):
             self._wires[i] = _Helper(
                 f"wire-{i}",
-                ["ip", "netns", "exec", self.ns(f"wire-{i}"),
-                 *python_argv("braid.netbed.wire", "lap", "isp",
-                              "--delay-ms", f"{link.rtt_ms / 2:g}", "--control-stdin")],
-                self.workdir / f"wire-{i}.log")
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.ns(f"wire-{i}"),
+                    *python_argv(
+                        "braid.netbed.wire",
+                        "lap",
+                        "isp",
+                        "--delay-ms",
+                        f"{link.rtt_ms / 2:g}",
+                        "--control-stdin",
+                    ),
+                ],
+                self.workdir / f"wire-{i}.log",
+            )
         self._target = _Helper(
             "target",
-            ["ip", "netns", "exec", inet,
-             *python_argv("braid.netbed.target", "--port", str(self.http_port),
-                          "--echo-port", str(self.echo_port),
-                          "--log", str(self.access_log_path), "--stdin-lifeline")],
-            self.workdir / "target.log")
+            [
+                "ip",
+                "netns",
+                "exec",
+                inet,
+                *python_argv(
+                    "braid.netbed.target",
+                    "--port",
+                    str(self.http_port),
+                    "--echo-port",
+                    str(self.echo_port),
+                    "--log",
+                    str(self.access_log_path),
+                    "--stdin-lifeline",
+                ),
+            ],
+            self.workdir / "target.log",
+        )
         for helper in [*self._wires.values(), self._target]:
             helper.wait_ready()
         self._wait_reachable()
@@ -403,8 +518,18 @@ class World:
 
     def _offloads_off(self, role: str, devices: Sequence[str]) -> None:
         for device in devices:
-            command(["ip", "netns", "exec", self.ns(role), "ethtool", "-K", device,
-                     *itertools.chain.from_iterable((f, "off") for f in OFFLOADS_OFF)])
+            command(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.ns(role),
+                    "ethtool",
+                    "-K",
+                    device,
+                    *itertools.chain.from_iterable((f, "off") for f in OFFLOADS_OFF),
+                ]
+            )
 
     def _laptop_link_lines(self, i: int, link: LinkSpec) -> list[str]:
         """What NetworkManager would configure on link i (idempotent: ``replace``)."""
@@ -423,22 +548,27 @@ class World:
             lines += self._laptop_link_lines(i, link)
         ip_batch(self.ns("laptop"), lines)
         for i in range(1, len(self.links) + 1):
-            ip_batch(self.ns(f"wire-{i}"), ["link set dev lo up", "link set dev lap up",
-                                            "link set dev isp up"])
+            ip_batch(
+                self.ns(f"wire-{i}"),
+                ["link set dev lo up", "link set dev lap up", "link set dev isp up"],
+            )
 
     def _configure_isps(self) -> None:
         for i in range(1, len(self.links) + 1):
-            ip_batch(self.ns(f"isp-{i}"), [
-                "link set dev lo up",
-                "link set dev down up",
-                "link set dev up up",
-                f"address add 198.18.{i}.1/24 dev down",
-                f"address add 2001:db8:{i}::1/64 dev down nodad",
-                f"address add 198.18.{10 + i}.2/24 dev up",
-                f"address add 2001:db8:1{i}::2/64 dev up nodad",
-                f"route add default via 198.18.{10 + i}.1 dev up",
-                f"route add ::/0 via 2001:db8:1{i}::1 dev up",
-            ])
+            ip_batch(
+                self.ns(f"isp-{i}"),
+                [
+                    "link set dev lo up",
+                    "link set dev down up",
+                    "link set dev up up",
+                    f"address add 198.18.{i}.1/24 dev down",
+                    f"address add 2001:db8:{i}::1/64 dev down nodad",
+                    f"address add 198.18.{10 + i}.2/24 dev up",
+                    f"address add 2001:db8:1{i}::2/64 dev up nodad",
+                    f"route add default via 198.18.{10 + i}.1 dev up",
+                    f"route add ::/0 via 2001:db8:1{i}::1 dev up",
+                ],
+            )
 
     def _configure_inet_and_server(self) -> None:
         lines = [
@@ -460,14 +590,17 @@ class World:
                 f"route add 2001:db8:{i}::/64 via 2001:db8:1{i}::2 dev isp{i}",
             ]
         ip_batch(self.ns("inet"), lines)
-        ip_batch(self.ns("server"), [
-            "link set dev lo up",
-            "link set dev eth0 up",
-            f"address add {self.server_v4}/24 dev eth0",
-            f"address add {self.server_v6}/64 dev eth0 nodad",
-            "route add default via 198.18.20.1 dev eth0",
-            "route add ::/0 via 2001:db8:20::1 dev eth0",
-        ])
+        ip_batch(
+            self.ns("server"),
+            [
+                "link set dev lo up",
+                "link set dev eth0 up",
+                f"address add {self.server_v4}/24 dev eth0",
+                f"address add {self.server_v6}/64 dev eth0 nodad",
+                "route add default via 198.18.20.1 dev eth0",
+                "route add ::/0 via 2001:db8:20::1 dev eth0",
+            ],
+        )
 
     def _write_server_etc(self) -> None:
         """The server's own /etc/hosts (and a resolv.conf with no working resolver), which
@@ -476,7 +609,8 @@ class World:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "hosts").write_text(
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            f"{self.target_v4}\t{self.target_name}\n{self.target_v6}\t{self.target_name}\n")
+            f"{self.target_v4}\t{self.target_name}\n{self.target_v6}\t{self.target_name}\n"
+        )
         # Bind-mounting needs the target file to exist; skip it on a machine without one.
         if Path("/etc/resolv.conf").exists():
             (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1\n")
@@ -493,8 +627,9 @@ class World:
             for target in (self.target_v4, self.target_v6):
                 while True:
                     with self.enter(role):
-                        result = traffic.echo(target, self.echo_port, count=1, timeout=0.5,
-                                              device=device)
+                        result = traffic.echo(
+                            target, self.echo_port, count=1, timeout=0.5, device=device
+                        )
                     if result.received:
                         break
                     if time.monotonic() > deadline:
@@ -560,8 +695,11 @@ table inet {NFT_TABLE} {{
     def blackhole(self, name: str) -> None:
         """The ISP of link ``name`` silently stops forwarding, both ways; the link stays up."""
         i = self.link_index(name)
-        self._nft(i, f"flush chain inet {NFT_TABLE} blackhole\n"
-                     f"add rule inet {NFT_TABLE} blackhole counter drop\n")
+        self._nft(
+            i,
+            f"flush chain inet {NFT_TABLE} blackhole\n"
+            f"add rule inet {NFT_TABLE} blackhole counter drop\n",
+        )
         log.info("blackholed %s", name)
 
     def restore(self, name: str) -> None:
@@ -597,9 +735,25 @@ table inet {NFT_TABLE} {{
                 raise ValueError("rate must be positive (or None for unshaped)")
             rate_bytes = mbit * 1e6 / 8
             burst = max(TBF_MIN_BURST, int(rate_bytes * TBF_BURST_SECONDS))
-            command(["tc", "-n", isp, "qdisc", "replace", "dev", device, "root", "tbf",
-                     "rate", f"{int(mbit * 1e6)}bit", "burst", str(burst),
-                     "latency", f"{TBF_LATENCY_MS}ms"])
+            command(
+                [
+                    "tc",
+                    "-n",
+                    isp,
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    device,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{int(mbit * 1e6)}bit",
+                    "burst",
+                    str(burst),
+                    "latency",
+                    f"{TBF_LATENCY_MS}ms",
+                ]
+            )
 
     def set_delay(self, name: str, rtt_ms: float) -> None:
         """Change the round-trip time added by link ``name``'s wire (half each way)."""
@@ -624,8 +778,10 @@ table inet {NFT_TABLE} {{
         script = f"flush chain inet {NFT_TABLE} loss\n"
         threshold = round(fraction * 10000)
         if threshold:
-            script += (f"add rule inet {NFT_TABLE} loss "
-                       f"numgen random mod 10000 < {threshold} counter drop\n")
+            script += (
+                f"add rule inet {NFT_TABLE} loss "
+                f"numgen random mod 10000 < {threshold} counter drop\n"
+            )
         self._nft(i, script)
 
     # --- observation ---------------------------------------------------------------------------
@@ -656,11 +812,11 @@ table inet {NFT_TABLE} {{
         except FileNotFoundError:
             return []
         # A line being written right now may be incomplete: only whole lines count.
-        return [json.loads(line) for line in text.splitlines(keepends=True)
-                if line.endswith("\n")]
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
-    def wait_access(self, match: Callable[[dict[str, Any]], bool],
-                    timeout: float = 5.0) -> dict[str, Any]:
+    def wait_access(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+    ) -> dict[str, Any]:
         """The latest access-log entry satisfying ``match``, waiting for it up to ``timeout``.
 
         The target writes an entry after the last byte went out, so a client that has just
@@ -680,10 +836,15 @@ table inet {NFT_TABLE} {{
         return {
             "namespaces": {role: self.ns(role) for role in self.roles()},
             "links": [
-                {**dataclasses.asdict(link), "index": i, "metric": _metric(i),
-                 "v4": self.laptop_addr(link.name, 4), "v6": self.laptop_addr(link.name, 6),
-                 "gateway_v4": self.gateway(link.name, 4),
-                 "gateway_v6": self.gateway(link.name, 6)}
+                {
+                    **dataclasses.asdict(link),
+                    "index": i,
+                    "metric": _metric(i),
+                    "v4": self.laptop_addr(link.name, 4),
+                    "v6": self.laptop_addr(link.name, 6),
+                    "gateway_v4": self.gateway(link.name, 4),
+                    "gateway_v6": self.gateway(link.name, 6),
+                }
                 for i, link in enumerate(self.links, 1)
             ],
             "server": [self.server_v4, self.server_v6],

@@ -61,7 +61,9 @@ def encode_address(address: Address) -> bytes:
     return bytes([atyp]) + ip.packed + struct.pack("!H", address.port)
 
 
-def decode_address(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[Address, int] | None:
+def decode_address(
+    buf: bytes | bytearray | memoryview, offset: int = 0
+) -> tuple[Address, int] | None:
     """Decode one address at ``offset``.
 
     Returns the address and the offset just past it, or None when ``buf``

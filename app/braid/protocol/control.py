@@ -72,7 +72,9 @@ def decode_reply(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
     except ValueError:
-        raise ControlError(ErrorCode.BAD_REQUEST, "the daemon sent something that is not JSON") from None
+        raise ControlError(
+            ErrorCode.BAD_REQUEST, "the daemon sent something that is not JSON"
+        ) from None
     if not isinstance(message, dict) or message.get("v") != PROTOCOL_VERSION:
         raise ControlError(
             ErrorCode.UNSUPPORTED_VERSION,

@@ -107,7 +107,9 @@ class ControlServer:
                 try:
                     line = await reader.readline()
                 except ValueError:  # longer than the limit
-                    writer.write(control.error(None, ErrorCode.BAD_REQUEST, "request line too long"))
+                    writer.write(
+                        control.error(None, ErrorCode.BAD_REQUEST, "request line too long")
+                    )
                     break
                 if not line:
                     break

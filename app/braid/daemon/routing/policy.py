@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyroute2 import IPRoute, MPTCP
+from pyroute2 import MPTCP, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger(__name__)

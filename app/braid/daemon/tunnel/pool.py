@@ -107,7 +107,9 @@ class TunnelPool:
                 self.pairing.host, self.pairing.port, type=socket.SOCK_STREAM
             )
         except OSError as exc:
-            raise TunnelError(f"cannot resolve the server name {self.pairing.host}: {exc}") from None
+            raise TunnelError(
+                f"cannot resolve the server name {self.pairing.host}: {exc}"
+            ) from None
         families: list[int] = []
         for family, *_ in infos:
             if family not in families:
