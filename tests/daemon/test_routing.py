@@ -1,0 +1,101 @@
+"""Per-link routing keyed on the device: two tethered phones on one subnet and gateway."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.netns
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from braid.daemon.routing.policy import LinkRouting, Routing, prefixes_of
+    routing = Routing(Path(sys.argv[1]))
+    routing.raise_limits()
+    for slot, device in enumerate(("usb0", "usb1")):
+        view = routing.view(device)
+        routing.apply(LinkRouting(
+            device=device, ifindex=view.ifindex, slot=slot,
+            addresses4=tuple(a for a, _ in view.addresses4),
+            prefixes4=prefixes_of(view.addresses4), gateway4=view.gateway4))
+    if sys.argv[2] == "remove":
+        routing.remove_all()
+    routing.close()
+    """
+)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to build network namespaces")
+    name = f"brdrt{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        ip = ["ip", "-n", name]
+        subprocess.run([*ip, "link", "set", "dev", "lo", "up"], check=True)
+        for i, device in enumerate(("usb0", "usb1")):
+            subprocess.run(
+                [*ip, "link", "add", device, "type", "veth", "peer", "name", f"phone{i}"],
+                check=True,
+            )
+            subprocess.run([*ip, "link", "set", "dev", device, "up"], check=True)
+            subprocess.run([*ip, "link", "set", "dev", f"phone{i}", "up"], check=True)
+            # Two phones hand out the same subnet and gateway (as Android tethering does).
+            subprocess.run(
+                [*ip, "addr", "add", f"198.18.42.{10 + i}/24", "dev", device], check=True
+            )
+            subprocess.run(
+                [
+                    *ip,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "198.18.42.129",
+                    "dev",
+                    device,
+                    "metric",
+                    str(700 + i),
+                ],
+                check=True,
+            )
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def run(netns: str, *argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_two_links_sharing_a_subnet_get_a_table_rule_and_endpoint_each(netns, tmp_path) -> None:
+    pristine = run(netns, "ip", "rule") + run(netns, "ip", "mptcp", "endpoint")
+    run(netns, sys.executable, "-c", SCRIPT, str(tmp_path), "keep")
+    rules = run(netns, "ip", "rule")
+    assert "from 198.18.42.10 lookup 18400" in rules
+    assert "from 198.18.42.11 lookup 18401" in rules
+    assert "default via 198.18.42.129 dev usb0" in run(
+        netns, "ip", "route", "show", "table", "18400"
+    )
+    assert "default via 198.18.42.129 dev usb1" in run(
+        netns, "ip", "route", "show", "table", "18401"
+    )
+    endpoints = run(netns, "ip", "mptcp", "endpoint")
+    assert "198.18.42.10 id 180 subflow dev usb0" in endpoints
+    assert "198.18.42.11 id 182 subflow dev usb1" in endpoints
+    # The source address picks the device, though both share the subnet.
+    route = run(netns, "ip", "route", "get", "198.19.0.1", "from", "198.18.42.11")
+    assert "dev usb1" in route
+    run(netns, sys.executable, "-c", SCRIPT, str(tmp_path), "remove")
+    assert run(netns, "ip", "rule") + run(netns, "ip", "mptcp", "endpoint") == pristine
+    assert run(netns, "ip", "route", "show", "table", "18400") == ""
