@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -307,3 +308,59 @@ def test_down_then_up(world: World, stack: BraidStack) -> None:
         world, "download", world.target_v4, "--bytes", "1M", "--socks", "127.0.0.1:1080"
     )
     assert result["ok"]
+
+
+def tunnel_sources(world: World) -> set[str]:
+    """Local addresses of the laptop's MPTCP connections to the server (initial subflows)."""
+    out = world.run(
+        "laptop", ["ss", "-HnM", "state", "established"], capture_output=True, text=True
+    )
+    sources = set()
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[-1].endswith(":7443"):
+            sources.add(fields[-2].rsplit(":", 1)[0].strip("[]"))
+    return sources
+
+
+def test_initial_subflow_leaves_from_the_first_link_that_is_up(
+    world: World, stack: BraidStack
+) -> None:
+    assert tunnel_sources(world) == {world.laptop_addr("eth0")}
+    world.link_down("eth0")
+    try:
+        deadline = time.monotonic() + 10
+        while stack.status()["links"][0]["state"] == "up" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        result = traffic(
+            world, "download", world.target_v4, "--bytes", "2M", "--socks", "127.0.0.1:1080"
+        )
+        assert result["ok"], result.get("error")
+        assert stack.status()["state"] == "degraded"
+        assert world.laptop_addr("wlan0") in tunnel_sources(world)
+    finally:
+        world.link_up("eth0")
+    deadline = time.monotonic() + 10
+    while stack.status()["state"] != "connected" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stack.status()["state"] == "connected"
+
+
+def test_ipv6_server_address_gives_ipv6_subflows_on_every_link(
+    world: World, stack: BraidStack
+) -> None:
+    good = stack.pairing_uri
+    assert good is not None
+    v6 = good.replace(f"//{world.server_v4}:", f"//[{world.server_v6}]:")
+    try:
+        assert stack.up(v6)["state"] == "connected"
+        before = counters(world)
+        result = traffic(
+            world, "download", world.target_v4, "--bytes", "24M", "--socks", "127.0.0.1:1080"
+        )
+        after = counters(world)
+        assert result["ok"], result.get("error")
+        assert_fair(shares(before, after, 0))
+        assert tunnel_sources(world) == {world.laptop_addr("eth0", 6)}
+    finally:
+        stack.up(good)
