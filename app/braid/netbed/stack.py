@@ -74,13 +74,14 @@ class BraidStack:
     def start_server(self) -> None:
         if self.pairing_uri is None:
             self.init_server()
+        offset = self.server_log.stat().st_size if self.server_log.exists() else 0
         self.server = self.world.popen(
             "server",
             [sys.executable, "-m", "braid.server.cli", "run", "--state-dir", str(self.server_dir)],
             stdout=open(self.server_log, "ab"),  # noqa: SIM115 - the child owns it
             stderr=subprocess.STDOUT,
         )
-        self._wait_for_port("server", self.world.server_v4, self.server_port, self.server)
+        self._wait_for_server(offset)
 
     def start_daemon(self) -> None:
         argv = [
@@ -114,23 +115,17 @@ class BraidStack:
                 time.sleep(0.1)
         raise TimeoutError(f"braidd did not start:\n{self.daemon_log.read_text()}")
 
-    def _wait_for_port(self, role: str, host: str, port: int, proc: subprocess.Popen) -> None:
-        probe = (
-            "import socket,sys\n"
-            f"s=socket.create_connection(({host!r},{port}),timeout=1)\n"
-            "s.close()\n"
-        )
+    def _wait_for_server(self, offset: int) -> None:
+        """Wait for the server's "listening on" line (a probe connection would log as an attack)."""
+        assert self.server is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if self.server.poll() is not None:
                 raise RuntimeError(f"braid-server exited early:\n{self.server_log.read_text()}")
-            done = self.world.run(
-                role, [sys.executable, "-c", probe], check=False, capture_output=True
-            )
-            if done.returncode == 0:
+            if b"listening on" in self.server_log.read_bytes()[offset:]:
                 return
-            time.sleep(0.1)
-        raise TimeoutError(f"braid-server did not listen on {host}:{port}")
+            time.sleep(0.05)
+        raise TimeoutError(f"braid-server did not start:\n{self.server_log.read_text()}")
 
     # -- control ---------------------------------------------------------------
 
