@@ -30,11 +30,13 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pyroute2 import MPTCP, IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic.mptcp import MPTCP_PM_CMD_SET_FLAGS, mptcp_msg
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ class Routing:
         self._mptcp = MPTCP()
         self._state_dir = state_dir
         self._applied: dict[str, LinkRouting] = {}
+        self._withdrawn: set[str] = set()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -220,11 +223,18 @@ class Routing:
         have = self._applied.get(want.device)
         if have == want:
             return
+        if have is not None and replace(have, backup=want.backup) == want:
+            self.set_backup(want.device, want.backup)  # keeps the open subflows
+            return
+        withdrawn = want.device in self._withdrawn
         if have is not None:
             self.remove(want.device)
         self._install_routes(want)
         self._install_rules(want)
-        self._install_endpoints(want)
+        if withdrawn:
+            self._withdrawn.add(want.device)
+        else:
+            self._install_endpoints(want)
         self._applied[want.device] = want
         log.info(
             "link %s: table %d, addresses %s, gateway %s%s",
@@ -245,6 +255,7 @@ class Routing:
         want = self._applied.pop(device, None)
         if want is None:
             return
+        self._withdrawn.discard(device)
         for family in (socket.AF_INET, socket.AF_INET6):
             self._del_endpoint(want.endpoint_id(family))
         self._flush_rules(lambda prio: prio == want.priority)
@@ -355,13 +366,73 @@ class Routing:
                 )
 
     def set_backup(self, device: str, backup: bool) -> None:
-        """Change the link's backup flag (issue-free path: re-add its endpoints)."""
+        """Flip the link's backup flag in place; open connections learn it through MP_PRIO."""
         want = self._applied.get(device)
         if want is None or want.backup == backup:
             return
-        updated = LinkRouting(**{**want.__dict__, "backup": backup})
-        self._install_endpoints(updated)
-        self._applied[device] = updated
+        flags = FLAG_SUBFLOW | (FLAG_BACKUP if backup else 0)
+        for family, addresses in (
+            (socket.AF_INET, want.addresses4),
+            (socket.AF_INET6, want.addresses6),
+        ):
+            if addresses:
+                self._set_flags(want.endpoint_id(family), family, addresses[0], flags)
+        self._applied[device] = replace(want, backup=backup)
+        log.info("link %s: %s", device, "backup" if backup else "no longer backup")
+
+    def _set_flags(self, endpoint_id: int, family: int, address: str, flags: int) -> None:
+        # pyroute2 0.9.7 has no call for MPTCP_PM_CMD_SET_FLAGS: build the request here.
+        msg = mptcp_msg()
+        msg["cmd"] = MPTCP_PM_CMD_SET_FLAGS
+        msg["version"] = 1
+        key = "MPTCP_PM_ADDR_ATTR_ADDR4" if family == socket.AF_INET else "MPTCP_PM_ADDR_ATTR_ADDR6"
+        msg["attrs"] = [
+            (
+                "MPTCP_PM_ATTR_ADDR",
+                {
+                    "attrs": [
+                        ("MPTCP_PM_ADDR_ATTR_FAMILY", family),
+                        ("MPTCP_PM_ADDR_ATTR_ID", endpoint_id),
+                        (key, address),
+                        ("MPTCP_PM_ADDR_ATTR_FLAGS", flags),
+                    ]
+                },
+                0x8000,  # NLA_F_NESTED
+            )
+        ]
+        self._mptcp._run_sync_cleanup(
+            self._mptcp.asyncore.nlm_request,
+            msg,
+            msg_type=self._mptcp.prid,
+            msg_flags=NLM_F_REQUEST | NLM_F_ACK,
+        )
+
+    def endpoint_present(self, device: str) -> bool:
+        return device in self._applied and device not in self._withdrawn
+
+    def withdraw(self, device: str) -> None:
+        """Take a dead link out of every MPTCP connection at once: delete its endpoints.
+
+        The kernel closes the link's subflows and resends their unacknowledged data on the
+        others; its table and rules stay, so the health probes keep flowing through it.
+        """
+        want = self._applied.get(device)
+        if want is None or device in self._withdrawn:
+            return
+        for family in (socket.AF_INET, socket.AF_INET6):
+            self._del_endpoint(want.endpoint_id(family))
+        self._withdrawn.add(device)
+        log.info("link %s: endpoints withdrawn", device)
+
+    def reinstate(self, device: str) -> None:
+        """The link works again: re-add its endpoints (and the routes a flap flushed)."""
+        want = self._applied.get(device)
+        if want is None or device not in self._withdrawn:
+            return
+        self._withdrawn.discard(device)
+        self._install_routes(want)
+        self._install_endpoints(want)
+        log.info("link %s: endpoints back", device)
 
     def _del_endpoint(self, endpoint_id: int) -> None:
         try:
