@@ -118,6 +118,7 @@ def cmd_daemon(args) -> int:
         control_path=Path(args.control or default_control_path()),
         socks=socks,
         links=links,
+        discover=args.discover,
     )
     return run_daemon(config)
 
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IFACE[:KIND[:PRIORITY]]",
         help="an interface to use, its kind (ethernet, wifi, cellular, other) and priority "
         "(always, backup, never); repeat for each link, in order of preference",
+    )
+    p.add_argument(
+        "--discover",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also use every Ethernet, Wi-Fi and cellular interface found (default: the setting)",
     )
     p.add_argument(
         "--cleanup", action="store_true", help="remove leftovers of a crashed run and exit"

@@ -1,14 +1,19 @@
-"""braidd: owns the links' routing, the tunnel pool, the SOCKS5 port and the control socket."""
+"""braidd: finds and judges the links, owns their routing, the tunnel pool, the SOCKS5 port
+and the control socket."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +24,12 @@ import psutil
 from braid.aio import spawn
 from braid.daemon.control.server import Caller, ControlServer
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
-from braid.daemon.routing.policy import LinkRouting, Routing, prefixes_of
+from braid.daemon.links.store import LinkStore, StoreError
+from braid.daemon.routing.policy import SLOTS, LinkRouting, Routing, prefixes_of
+from braid.daemon.settings import SETTINGS, Settings
 from braid.daemon.tunnel.pool import TunnelPool
 from braid.daemon.tunnel.socks import SocksServer
+from braid.protocol import control
 from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.pairing import Pairing, PairingError, parse_pairing
 from braid.tunnel_client import Tunnel, TunnelError
@@ -30,8 +38,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/braid")
 PAIRING_FILE = "pairing.json"
-MONITOR_INTERVAL = 1.0
+LINK_POLL = 1.0
+SAMPLE_INTERVAL = 1.0
+USAGE_SAVE_INTERVAL = 10.0
 UP_WAIT = 12.0
+SUBSCRIBER_BACKLOG = 1 << 20  # a subscriber this far behind is dropped, not buffered forever
 
 
 @dataclass
@@ -40,7 +51,8 @@ class DaemonConfig:
     control_path: Path = Path("/run/braid/control.sock")
     socks: tuple[str, int] = ("127.0.0.1", 1080)
     links: list[tuple[str, str | None, Priority | None]] = field(default_factory=list)
-    pool_size: int = 4
+    discover: bool | None = None  # None: the stored setting decides
+    sysfs: Path = Path("/sys")
 
 
 class State:
@@ -53,33 +65,41 @@ class State:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.links: list[Link] = []
-        for order, (name, kind, priority) in enumerate(config.links):
-            kind = kind or "other"
-            self.links.append(
-                Link(
-                    name=name,
-                    kind=kind,
-                    priority=priority or default_priority(kind),
-                    order=order,
-                    slot=order,
-                )
-            )
-        # One worker thread: routing changes never interleave, and netlink calls never block the loop.
+        self.links: dict[str, Link] = {}
+        self._named = {name: (kind, prio, i) for i, (name, kind, prio) in enumerate(config.links)}
+        self.store = LinkStore(config.state_dir)
+        self.settings = Settings(config.state_dir)
+        # One worker thread: routing changes never interleave, and netlink never blocks the loop.
         self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._routing: Routing | None = None
         self.pool: TunnelPool | None = None
         self.pairing: Pairing | None = None
+        self.prober = None
         self.socks = SocksServer(config.socks, self._take_tunnel)
         self.control = ControlServer(
             config.control_path,
-            {"status": self._cmd_status, "up": self._cmd_up, "down": self._cmd_down},
-            changes={"up", "down"},
+            {
+                "status": self._cmd_status,
+                "subscribe": self._cmd_subscribe,
+                "up": self._cmd_up,
+                "down": self._cmd_down,
+                "links": self._cmd_links,
+                "set-link": self._cmd_set_link,
+                "set-order": self._cmd_set_order,
+                "get-settings": self._cmd_get_settings,
+                "set-settings": self._cmd_set_settings,
+            },
+            changes={"up", "down", "set-link", "set-order", "set-settings"},
         )
         self._stopping = asyncio.Event()
-        self._monitor_task: asyncio.Task | None = None
+        self._links_changed = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
         self._counters: dict[str, tuple[float, int, int]] = {}
+        self._subscribers: set[asyncio.StreamWriter] = set()
+        self.events: collections.deque[dict] = collections.deque(maxlen=50)
         self.connected_since: float | None = None
+        self._best: str | None = None
+        self._discovered_kinds: dict[str, tuple[str, bool | None]] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -88,6 +108,8 @@ class Daemon:
 
     async def run(self) -> None:
         self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.store.load()
+        self.settings.load()
         self._routing = await self._in_netlink(Routing, self.config.state_dir)
         # A previous run that crashed may have left tables, rules or endpoints behind.
         await self._in_netlink(self._routing.cleanup)
@@ -96,11 +118,15 @@ class Daemon:
             await self.socks.start()
             await self.control.start()
             await self._refresh_links()
-            self._monitor_task = spawn(self._monitor(), name="link-monitor")
+            self._watch_netlink()
+            self._tasks = [
+                spawn(self._link_loop(), name="links"),
+                spawn(self._sample_loop(), name="samples"),
+            ]
             log.info(
                 "braidd ready: links %s",
-                ", ".join(f"{link.name} ({link.kind}, {link.priority})" for link in self.links)
-                or "none",
+                ", ".join(f"{link.name} ({link.kind}, {link.priority})" for link in self._ordered())
+                or "none yet",
             )
             await self._stopping.wait()
         finally:
@@ -111,11 +137,16 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("stopping: removing routes, rules and endpoints")
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._down()
+        for writer in list(self._subscribers):
+            writer.close()
         await self.control.stop()
         await self.socks.stop()
+        with contextlib.suppress(OSError):
+            self.store.save_usage()
         if self._routing is not None:
             await self._in_netlink(self._routing.remove_all)
             await self._in_netlink(self._routing.close)
@@ -123,57 +154,295 @@ class Daemon:
 
     # -- links ----------------------------------------------------------------
 
-    async def _monitor(self) -> None:
+    def _watch_netlink(self) -> None:
+        """Wake the link loop on every link, address or route change the kernel announces."""
+        loop = asyncio.get_running_loop()
+
+        def watch() -> None:
+            from pyroute2 import IPRoute
+
+            groups = 0x1 | 0x10 | 0x40 | 0x100 | 0x400  # LINK, IPV4_IFADDR/ROUTE, IPV6_IFADDR/ROUTE
+            try:
+                with IPRoute() as ipr:
+                    ipr.bind(groups=groups)
+                    while not self._stopping.is_set():
+                        if ipr.get():
+                            loop.call_soon_threadsafe(self._links_changed.set)
+            except Exception as exc:  # polling still covers us
+                if not self._stopping.is_set():
+                    log.warning("netlink events unavailable (%s); polling links every second", exc)
+
+        threading.Thread(target=watch, name="netlink-events", daemon=True).start()
+
+    async def _link_loop(self) -> None:
         while True:
-            await asyncio.sleep(MONITOR_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._links_changed.wait(), LINK_POLL)
+            self._links_changed.clear()
             try:
                 await self._refresh_links()
             except Exception:
                 log.exception("refreshing links failed")
 
+    def _discover(self) -> None:
+        """Add the interfaces that are links (Ethernet, Wi-Fi, cellular); drop vanished ones."""
+        discover = self.config.discover
+        if discover is None:
+            discover = self.settings["discover_links"]
+        found: dict[str, tuple[str, bool | None]] = {}
+        if discover:
+            try:
+                from braid.daemon.links.classify import classify_all
+
+                for c in classify_all(self.config.sysfs):
+                    if c.is_link:
+                        found[c.name] = (c.kind, c.metered)
+            except Exception as exc:
+                if not self._classify_failed:
+                    log.warning("cannot classify interfaces: %s", exc)
+                self._classify_failed = True
+        self._discovered_kinds = found
+        for name in list(self._named) + sorted(found):
+            if name not in self.links:
+                self._add_link(name)
+        for name in list(self.links):
+            if name not in self._named and name not in found:
+                link = self.links.pop(name)
+                self._event("link-removed", link, f"{name} is gone")
+
+    def _add_link(self, name: str) -> None:
+        used = {link.slot for link in self.links.values()}
+        slot = next(s for s in range(SLOTS) if s not in used)
+        named = self._named.get(name)
+        kind = (named[0] if named else None) or self._discovered_kinds.get(name, ("other", None))[0]
+        link = Link(name=name, kind=kind, priority=Priority.ALWAYS, order=0, slot=slot)
+        link.configured = named is not None
+        self.links[name] = link
+        self._apply_choice(link)
+        if not link.configured:
+            self._event("link-found", link, f"found {name} ({link.kind})")
+
+    def _apply_choice(self, link: Link) -> None:
+        """Stored choices win over --link defaults, which win over discovery's guesses."""
+        choice = self.store.choice(link.name)
+        named = self._named.get(link.name)
+        link.kind = choice.kind or (named[0] if named and named[0] else link.kind)
+        link.priority = (
+            choice.priority
+            or (named[1] if named and named[1] else None)
+            or default_priority(link.kind)
+        )
+        if choice.order is not None:
+            link.order = choice.order
+        elif named is not None:
+            link.order = named[2]
+        else:
+            link.order = 100 + link.slot
+        guessed = self._discovered_kinds.get(link.name, (None, None))[1]
+        if choice.metered is not None:
+            link.metered = choice.metered
+        elif guessed is not None:
+            link.metered = guessed
+        else:
+            link.metered = link.kind == "cellular"
+        link.cap = choice.cap.to_json() if choice.cap else None
+
+    def _ordered(self) -> list[Link]:
+        return sorted(self.links.values(), key=lambda link: (link.order, link.name))
+
     async def _refresh_links(self) -> None:
         assert self._routing is not None
-        before = [(link.state, tuple(link.addresses)) for link in self.links]
-        for link in self.links:
-            view = await self._in_netlink(self._routing.view, link.name)
-            if view is None:
-                link.state = LinkState.MISSING
-                link.addresses = []
-            elif not (view.up and view.carrier):
-                link.state = LinkState.DOWN
-                link.addresses = []
-            elif not (view.addresses4 or view.addresses6):
-                link.state = LinkState.NO_ADDRESS
-                link.addresses = []
+        self._discover()
+        for link in self._ordered():
+            await self._refresh_link(link)
+        self._update_best()
+
+    async def _refresh_link(self, link: Link) -> None:
+        assert self._routing is not None
+        before = link.state
+        view = await self._in_netlink(self._routing.view, link.name)
+        if view is None:
+            link.state, link.addresses = LinkState.MISSING, []
+        elif not (view.up and view.carrier):
+            link.state, link.addresses = LinkState.DOWN, []
+        elif not (view.addresses4 or view.addresses6):
+            link.state, link.addresses = LinkState.NO_ADDRESS, []
+        else:
+            link.state = LinkState.UP
+            link.addresses = [a for a, _ in view.addresses4 + view.addresses6]
+            # Keep the last gateway seen: a flap flushes the default route before it returns.
+            link.gateway4 = view.gateway4 or link.gateway4
+            link.gateway6 = view.gateway6 or link.gateway6
+        if before is not link.state:
+            if link.state is LinkState.UP:
+                self._event("link-up", link, f"{link.name} is up")
+            elif before is LinkState.UP:
+                self._event("link-down", link, f"{link.name} is {link.state}")
+        self._update_cap(link)
+        link.effective = link.priority
+        if link.capped and link.cap:
+            link.effective = Priority(link.cap["then"])
+        if link.state is LinkState.UP and link.effective is not Priority.NEVER and view is not None:
+            want = LinkRouting(
+                device=link.name,
+                ifindex=view.ifindex,
+                slot=link.slot,
+                addresses4=tuple(a for a, _ in view.addresses4),
+                addresses6=tuple(a for a, _ in view.addresses6),
+                prefixes4=prefixes_of(view.addresses4),
+                prefixes6=prefixes_of(view.addresses6),
+                gateway4=link.gateway4,
+                gateway6=link.gateway6,
+                backup=link.effective is Priority.BACKUP,
+            )
+            await self._in_netlink(self._routing.apply, want)
+            if link.alive is False:
+                await self._in_netlink(self._routing.withdraw, link.name)
             else:
-                link.state = LinkState.UP
-                link.addresses = [a for a, _ in view.addresses4 + view.addresses6]
-            if link.state is LinkState.UP and link.priority is not Priority.NEVER:
-                assert view is not None
-                want = LinkRouting(
-                    device=link.name,
-                    ifindex=view.ifindex,
-                    slot=link.slot,
-                    addresses4=tuple(a for a, _ in view.addresses4),
-                    addresses6=tuple(a for a, _ in view.addresses6),
-                    prefixes4=prefixes_of(view.addresses4),
-                    prefixes6=prefixes_of(view.addresses6),
-                    gateway4=view.gateway4,
-                    gateway6=view.gateway6,
-                    backup=link.priority is Priority.BACKUP,
+                await self._in_netlink(self._routing.reinstate, link.name)
+            link.carrying = link.alive is not False
+            self._probe(link)
+        else:
+            await self._in_netlink(self._routing.remove, link.name)
+            link.carrying = False
+            if self.prober is not None:
+                self.prober.remove_link(link.name)
+                link.alive = None
+                link.health = {}
+
+    def _update_best(self) -> None:
+        best = self.best_link()
+        name = best.name if best else None
+        if name != self._best:
+            if self._best is not None and self.pool is not None:
+                self._event(
+                    "failover",
+                    best,
+                    f"new connections now start on {name}" if name else "no link can carry traffic",
+                    previous=self._best,
                 )
-                await self._in_netlink(self._routing.apply, want)
-            else:
-                await self._in_netlink(self._routing.remove, link.name)
-        self._sample_counters()
-        after = [(link.state, tuple(link.addresses)) for link in self.links]
-        if before != after and self.pool is not None:
-            self.pool.refresh()
+            self._best = name
+            if self.pool is not None:
+                self.pool.refresh()
+
+    def best_link(self, family: int | None = None) -> Link | None:
+        """The link new connections start on: ``always`` before ``backup``, then the order."""
+        for wanted in (Priority.ALWAYS, Priority.BACKUP):
+            for link in self._ordered():
+                if link.effective is not wanted or not link.usable:
+                    continue
+                if family is None or any(
+                    (":" in a) == (family == socket.AF_INET6) for a in link.addresses
+                ):
+                    return link
+        return None
+
+    def best_source(self, family: int) -> str | None:
+        link = self.best_link(family)
+        if link is None:
+            return None
+        return next(a for a in link.addresses if (":" in a) == (family == socket.AF_INET6))
+
+    # -- health -----------------------------------------------------------------
+
+    def _probe(self, link: Link) -> None:
+        if self.prober is None or self._probe_family is None:
+            return
+        source = next(
+            (a for a in link.addresses if (":" in a) == (self._probe_family == socket.AF_INET6)),
+            None,
+        )
+        if source is None:
+            self.prober.remove_link(link.name)
+        else:
+            self.prober.set_link(link.name, link.name, source)
+
+    def _on_health(self, name: str, alive: bool) -> None:
+        link = self.links.get(name)
+        if link is None or link.alive == alive:
+            return
+        was = link.alive
+        link.alive = alive
+        if not alive:
+            self._event(
+                "link-lost", link, f"{name} stopped answering: taken out of all connections"
+            )
+        elif was is False:
+            self._event("link-back", link, f"{name} answers again: carrying traffic")
+        spawn(self._act_on_health(link), name=f"health-{name}")
+
+    async def _act_on_health(self, link: Link) -> None:
+        assert self._routing is not None
+        if link.alive is False:
+            await self._in_netlink(self._routing.withdraw, link.name)
+            link.carrying = False
+        elif link.state is LinkState.UP and link.effective is not Priority.NEVER:
+            await self._in_netlink(self._routing.reinstate, link.name)
+            link.carrying = True
+        self._update_best()
+
+    async def _start_prober(self, pairing: Pairing) -> None:
+        try:
+            from braid.daemon.links.health import Prober
+        except ImportError as exc:
+            log.warning("health probes unavailable: %s", exc)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(pairing.host, pairing.port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("health probes off: cannot resolve %s: %s", pairing.host, exc)
+            return
+        family, _, _, _, sockaddr = infos[0]
+        key = bytes.fromhex(hashlib.sha256(pairing.token.encode()).hexdigest())
+        self._probe_family = family
+        self.prober = Prober(
+            key,
+            (sockaddr[0], sockaddr[1]),
+            on_change=self._on_health,
+            interval=self.settings["probe_interval_ms"] / 1000,
+        )
+        await self.prober.start()
+        for link in self._ordered():
+            if link.state is LinkState.UP and link.effective is not Priority.NEVER:
+                self._probe(link)
+
+    async def _stop_prober(self) -> None:
+        prober, self.prober = self.prober, None
+        self._probe_family = None
+        if prober is not None:
+            await prober.stop()
+        for link in self.links.values():
+            if link.alive is False and self._routing is not None:
+                await self._in_netlink(self._routing.reinstate, link.name)
+            link.alive = None
+            link.health = {}
+
+    _probe_family: int | None = None
+    _classify_failed = False
+
+    # -- counters, usage and caps ---------------------------------------------
+
+    async def _sample_loop(self) -> None:
+        last_save = time.monotonic()
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            try:
+                self._sample_counters()
+                if time.monotonic() - last_save > USAGE_SAVE_INTERVAL:
+                    self.store.save_usage()
+                    last_save = time.monotonic()
+                self._publish({"event": "sample", **self.status(brief=True)})
+            except Exception:
+                log.exception("sampling failed")
 
     def _sample_counters(self) -> None:
         now = time.monotonic()
         counters = psutil.net_io_counters(pernic=True)
-        for link in self.links:
+        for link in self.links.values():
+            if self.prober is not None:
+                with contextlib.suppress(KeyError):
+                    link.health = self.prober.health(link.name).to_json()
             io = counters.get(link.name)
             if io is None:
                 link.rx_bps = link.tx_bps = 0.0
@@ -181,24 +450,57 @@ class Daemon:
             last = self._counters.get(link.name)
             if last is not None and now > last[0]:
                 elapsed = now - last[0]
-                link.rx_bps = max(0, io.bytes_recv - last[1]) * 8 / elapsed
-                link.tx_bps = max(0, io.bytes_sent - last[2]) * 8 / elapsed
+                rx = max(0, io.bytes_recv - last[1])
+                tx = max(0, io.bytes_sent - last[2])
+                link.rx_bps = rx * 8 / elapsed
+                link.tx_bps = tx * 8 / elapsed
+                self.store.count(link.name, rx + tx)
+                if self._update_cap(link):
+                    self._links_changed.set()
             link.rx_bytes, link.tx_bytes = io.bytes_recv, io.bytes_sent
             self._counters[link.name] = (now, io.bytes_recv, io.bytes_sent)
 
-    def best_source(self, family: int) -> str | None:
-        """The address the initial subflow leaves from: the first working link in order.
+    def _update_cap(self, link: Link) -> bool:
+        """Refresh the link's usage; True when it just reached or left its cap."""
+        link.used_bytes = self.store.used(link.name)
+        capped = bool(link.cap) and link.used_bytes >= link.cap["limit_bytes"]
+        if capped == link.capped:
+            return False
+        link.capped = capped
+        if capped:
+            self._event(
+                "cap-reached",
+                link,
+                f"{link.name} reached its data cap ({link.used_bytes / 1e6:.0f} MB): "
+                f"now {link.cap['then']}",
+            )
+            self.store.save_usage()
+        return True
 
-        ``always`` links come before ``backup`` ones; ``never`` links are not used.
-        """
-        for wanted in (Priority.ALWAYS, Priority.BACKUP):
-            for link in sorted(self.links, key=lambda item: item.order):
-                if link.priority is not wanted or link.state is not LinkState.UP:
-                    continue
-                for address in link.addresses:
-                    if (":" in address) == (family == socket.AF_INET6):
-                        return address
-        return None
+    # -- events ---------------------------------------------------------------
+
+    def _event(self, kind: str, link: Link | None, message: str, **extra: Any) -> None:
+        event = {
+            "event": kind,
+            "t": time.time(),
+            "link": link.name if link else None,
+            "message": message,
+            **extra,
+        }
+        self.events.append(event)
+        log.info("%s", message)
+        self._publish(event)
+
+    def _publish(self, message: dict) -> None:
+        if not self._subscribers:
+            return
+        line = control.encode(message)
+        for writer in list(self._subscribers):
+            if writer.is_closing() or writer.transport.get_write_buffer_size() > SUBSCRIBER_BACKLOG:
+                self._subscribers.discard(writer)
+                writer.close()
+                continue
+            writer.write(line)
 
     # -- connection -----------------------------------------------------------
 
@@ -208,11 +510,13 @@ class Daemon:
         return await self.pool.take()
 
     def _pool_changed(self) -> None:
-        if self.pool is not None and self.pool.connected and self.connected_since is None:
+        pool = self.pool
+        if pool is not None and pool.connected and self.connected_since is None:
             self.connected_since = time.time()
-            log.info("connected to %s", self.pool.pairing.server)
-        elif self.pool is not None and not self.pool.connected:
+            self._event("connected", None, f"connected to {pool.pairing.server}")
+        elif pool is not None and not pool.connected and self.connected_since is not None:
             self.connected_since = None
+            self._event("server-unreachable", None, f"lost the server: {pool.last_error}")
 
     async def up(self, pairing: Pairing) -> dict[str, Any]:
         if self.pool is not None and self.pool.pairing == pairing and self.pool.connected:
@@ -221,9 +525,10 @@ class Daemon:
         self.pairing = pairing
         self._save_pairing(pairing)
         self.pool = TunnelPool(
-            pairing, self.best_source, self.config.pool_size, on_change=self._pool_changed
+            pairing, self.best_source, self.settings["pool_size"], on_change=self._pool_changed
         )
         await self.pool.start()
+        await self._start_prober(pairing)
         # Wait for the first connection so the caller learns at once about a wrong token.
         deadline = time.monotonic() + UP_WAIT
         while time.monotonic() < deadline and not (self.pool.connected or self.pool.fatal_error):
@@ -237,9 +542,10 @@ class Daemon:
     async def _down(self) -> None:
         pool, self.pool = self.pool, None
         self.connected_since = None
+        await self._stop_prober()
         if pool is not None:
             await pool.stop()
-            log.info("disconnected")
+            self._event("disconnected", None, "disconnected")
 
     # -- state ----------------------------------------------------------------
 
@@ -248,21 +554,23 @@ class Daemon:
             return State.DISCONNECTED
         if not self.pool.connected:
             return State.CONNECTING
-        usable = [link for link in self.links if link.priority is not Priority.NEVER]
-        if any(link.state is not LinkState.UP for link in usable):
+        wanted = [link for link in self.links.values() if link.priority is not Priority.NEVER]
+        if any(link.state is not LinkState.UP or link.alive is False for link in wanted):
             return State.DEGRADED
         return State.CONNECTED
 
-    def status(self) -> dict[str, Any]:
+    def status(self, brief: bool = False) -> dict[str, Any]:
         pool = self.pool
-        return {
+        out = {
             "state": self.state(),
+            "t": time.time(),
             "server": pool.pairing.server if pool else None,
             "fingerprint": pool.pairing.fingerprint if pool else None,
             "error": pool.last_error if pool else None,
             "connected_since": self.connected_since,
             "socks": self.socks.address,
-            "links": [link.to_json() for link in sorted(self.links, key=lambda i: i.order)],
+            "best_link": self._best,
+            "links": [link.to_json() for link in self._ordered()],
             "tunnel": {
                 "pool_ready": pool.ready_count if pool else 0,
                 "flows_active": self.socks.active_flows,
@@ -270,8 +578,14 @@ class Daemon:
                 "flows_failed": self.socks.flows_failed,
                 "bytes_up": self.socks.counters.up,
                 "bytes_down": self.socks.counters.down,
+                "rx_bps": sum(link.rx_bps for link in self.links.values() if link.carrying),
+                "tx_bps": sum(link.tx_bps for link in self.links.values() if link.carrying),
             },
         }
+        if not brief:
+            out["events"] = list(self.events)[-20:]
+            out["problems"] = self.store.problems + self.settings.problems
+        return out
 
     # -- pairing storage ------------------------------------------------------
 
@@ -298,6 +612,13 @@ class Daemon:
     async def _cmd_status(self, caller: Caller, request: dict) -> dict:
         return self.status()
 
+    async def _cmd_subscribe(self, caller: Caller, request: dict) -> dict:
+        self._subscribers.add(request["_writer"])
+        return {"interval": SAMPLE_INTERVAL, "status": self.status()}
+
+    async def _cmd_links(self, caller: Caller, request: dict) -> list:
+        return [link.to_json() for link in self._ordered()]
+
     async def _cmd_up(self, caller: Caller, request: dict) -> dict:
         uri = request.get("pairing")
         if uri is not None and not isinstance(uri, str):
@@ -323,11 +644,67 @@ class Daemon:
         await self._down()
         return self.status()
 
+    async def _cmd_set_link(self, caller: Caller, request: dict) -> dict:
+        name = request.get("link")
+        if not isinstance(name, str) or name not in self.links:
+            known = ", ".join(self.links) or "none"
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, f"no link {name!r} (links: {known})")
+        changes = {
+            k: request[k] for k in ("kind", "priority", "order", "metered", "cap") if k in request
+        }
+        if not changes:
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                "nothing to change: give priority, order, metered or cap",
+            )
+        choice = self.store.choice(name)
+        before = choice.to_json()
+        try:
+            choice.update(changes)
+        except StoreError as exc:
+            choice.update(before)
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        self.store.save_choices()
+        link = self.links[name]
+        self._apply_choice(link)
+        log.info("link %s changed by %s: %s", name, caller.describe(), changes)
+        await self._refresh_links()
+        return link.to_json()
+
+    async def _cmd_set_order(self, caller: Caller, request: dict) -> list:
+        names = request.get("links")
+        if not isinstance(names, list) or sorted(names) != sorted(self.links):
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"links must list every link exactly once: {', '.join(sorted(self.links))}",
+            )
+        for order, name in enumerate(names):
+            self.store.choice(name).order = order
+            self._apply_choice(self.links[name])
+        self.store.save_choices()
+        await self._refresh_links()
+        return [link.to_json() for link in self._ordered()]
+
+    async def _cmd_get_settings(self, caller: Caller, request: dict) -> dict:
+        return {
+            "values": dict(self.settings.values),
+            "schema": [s.describe() for s in SETTINGS],
+        }
+
+    async def _cmd_set_settings(self, caller: Caller, request: dict) -> dict:
+        changes = request.get("settings")
+        if not isinstance(changes, dict):
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "settings must be an object")
+        try:
+            self.settings.update(changes)
+        except ValueError as exc:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        self._links_changed.set()
+        return dict(self.settings.values)
+
 
 def run_daemon(config: DaemonConfig) -> int:
     """Run in the foreground until SIGTERM or SIGINT; returns the exit code."""
-    import signal
-
     daemon = Daemon(config)
 
     async def main() -> None:

@@ -56,17 +56,47 @@ class Link:
     tx_bytes: int = 0
     rx_bps: float = 0.0
     tx_bps: float = 0.0
+    configured: bool = False  # named with --link: kept even while unplugged
+    metered: bool = False
+    cap: dict | None = None
+    used_bytes: int = 0
+    capped: bool = False  # the cap is reached: ``effective`` is the cap's priority
+    effective: Priority | None = None
+    alive: bool | None = None  # the health probes' verdict; None without probes
+    health: dict = field(default_factory=dict)
+    carrying: bool = False  # its MPTCP endpoint is in place
+    gateway4: str | None = None
+    gateway6: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Up, allowed to carry traffic, and not known to be dead."""
+        return (
+            self.state is LinkState.UP
+            and self.effective is not Priority.NEVER
+            and self.alive is not False
+        )
 
     def to_json(self) -> dict:
         return {
             "name": self.name,
             "kind": self.kind,
             "priority": str(self.priority),
+            "effective_priority": str(self.effective or self.priority),
             "order": self.order,
             "state": str(self.state),
+            "alive": self.alive,
+            "carrying": self.carrying,
             "addresses": list(self.addresses),
             "rx_bps": round(self.rx_bps),
             "tx_bps": round(self.tx_bps),
             "rx_bytes": self.rx_bytes,
             "tx_bytes": self.tx_bytes,
+            "metered": self.metered,
+            "cap": self.cap,
+            "used_bytes": self.used_bytes,
+            "capped": self.capped,
+            "rtt_ms": self.health.get("rtt_ms"),
+            "jitter_ms": self.health.get("jitter_ms"),
+            "loss": self.health.get("loss"),
         }

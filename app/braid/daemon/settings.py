@@ -1,0 +1,152 @@
+"""The daemon's general settings, declared once as data.
+
+Each setting has a type, a default, a label and help text; the control API
+validates against this list and the tray builds its pages from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    type: type
+    default: Any
+    label: str
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any) -> Any:
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.key} must be true or false")
+            return value
+        if self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{self.key} must be a whole number")
+        elif self.type is str:
+            if not isinstance(value, str):
+                raise ValueError(f"{self.key} must be a string")
+            if self.choices and value not in self.choices:
+                raise ValueError(f"{self.key} must be one of {', '.join(self.choices)}")
+        elif self.type is list and (
+            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError(f"{self.key} must be a list of strings")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{self.key} must be at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{self.key} must be at most {self.maximum:g}")
+        return value
+
+    def describe(self) -> dict:
+        out = {
+            "key": self.key,
+            "type": self.type.__name__,
+            "default": self.default,
+            "label": self.label,
+            "help": self.help,
+        }
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        if self.choices:
+            out["choices"] = list(self.choices)
+        return out
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "discover_links",
+        bool,
+        True,
+        "Use every link found",
+        "Bond every Ethernet, Wi-Fi and cellular interface the daemon finds, besides those named with --link.",
+    ),
+    Setting(
+        "probe_interval_ms",
+        int,
+        200,
+        "Health probe interval (ms)",
+        "How often each link asks the server for an echo. A link that stops answering is taken out of all connections within a second.",
+        minimum=50,
+        maximum=2000,
+    ),
+    Setting(
+        "pool_size",
+        int,
+        4,
+        "Warm connections",
+        "Tunnel connections kept ready so a new connection costs no handshake.",
+        minimum=0,
+        maximum=32,
+    ),
+    Setting(
+        "mode",
+        str,
+        "proxy",
+        "Traffic mode",
+        "proxy: only applications set to use the SOCKS5 proxy go through Braid. system: all traffic (not available yet).",
+        choices=("proxy",),
+    ),
+)
+BY_KEY = {s.key: s for s in SETTINGS}
+
+
+class Settings:
+    """Current values, persisted in the state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / SETTINGS_FILE
+        self.values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
+        self.problems: list[str] = []
+
+    def load(self) -> Settings:
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+                raise ValueError(f"unknown format version {data.get('version')!r}")
+            for key, value in (data.get("settings") or {}).items():
+                if key in BY_KEY:
+                    self.values[key] = BY_KEY[key].check(value)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            message = f"{self.path} could not be read ({exc}); kept as {aside.name}, defaults used"
+            log.error("%s", message)
+            self.problems.append(message)
+        return self
+
+    def update(self, changes: dict[str, Any]) -> None:
+        checked = {}
+        for key, value in changes.items():
+            if key not in BY_KEY:
+                raise ValueError(f"unknown setting {key!r}")
+            checked[key] = BY_KEY[key].check(value)
+        self.values.update(checked)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"version": FORMAT_VERSION, "settings": self.values}, indent=2))
+        os.replace(tmp, self.path)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
