@@ -48,15 +48,128 @@ def render_status(status: dict) -> str:
     links = status.get("links") or []
     if links:
         lines.append("")
-        lines.append(f"{'LINK':<10}{'KIND':<10}{'PRIORITY':<10}{'STATE':<12}{'DOWN':>14}{'UP':>14}")
-        for link in links:
-            lines.append(
-                f"{link['name']:<10}{link['kind']:<10}{link['priority']:<10}{link['state']:<12}"
-                f"{format_rate(link['rx_bps']):>14}{format_rate(link['tx_bps']):>14}"
-            )
+        lines.append(render_links(links))
     else:
-        lines.append("no links configured")
+        lines.append("no links found (name them with: braid daemon --link IFACE:KIND)")
+    for event in (status.get("events") or [])[-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(event["t"]))
+        lines.append(f"  [{when}] {event['message']}")
+    for problem in status.get("problems") or []:
+        lines.append(f"  ! {problem}")
     return "\n".join(lines)
+
+
+def parse_size(text: str) -> int:
+    """10G, 500M, 2GB, 1500000 → bytes (decimal units, as carriers bill)."""
+    text = text.strip().upper().removesuffix("B")
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10G, 500M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a size must be positive")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def render_links(links: list[dict]) -> str:
+    lines = [
+        f"{'LINK':<10}{'KIND':<10}{'PRIORITY':<10}{'STATE':<12}{'HEALTH':<8}"
+        f"{'RTT':>8}{'LOSS':>7}{'DOWN':>14}{'UP':>14}  DATA"
+    ]
+    for link in links:
+        priority = link["priority"]
+        if link.get("effective_priority", priority) != priority:
+            priority = f"{link['effective_priority']}*"
+        health = {True: "ok", False: "dead", None: "-"}[link.get("alive")]
+        rtt = f"{link['rtt_ms']:.0f}ms" if link.get("rtt_ms") is not None else "-"
+        loss = f"{link['loss'] * 100:.0f}%" if link.get("loss") is not None else "-"
+        data = format_bytes(link.get("used_bytes", 0))
+        if link.get("cap"):
+            data += f" of {format_bytes(link['cap']['limit_bytes'])}/{link['cap']['period']}"
+        lines.append(
+            f"{link['name']:<10}{link['kind']:<10}{priority:<10}{link['state']:<12}{health:<8}"
+            f"{rtt:>8}{loss:>7}{format_rate(link['rx_bps']):>14}{format_rate(link['tx_bps']):>14}  {data}"
+        )
+    if any(link.get("capped") for link in links):
+        lines.append("* over its data cap")
+    return "\n".join(lines)
+
+
+def cmd_links(args) -> int:
+    if args.action == "set" and not args.iface:
+        print(
+            "braid links set: name the link, e.g. braid links set usb0 --priority backup",
+            file=sys.stderr,
+        )
+        return 2
+    with _client(args) as client:
+        if args.action == "set":
+            changes = {}
+            if args.priority:
+                changes["priority"] = args.priority
+            if args.order is not None:
+                changes["order"] = args.order
+            if args.metered is not None:
+                changes["metered"] = args.metered
+            if args.kind:
+                changes["kind"] = args.kind
+            if args.no_cap:
+                changes["cap"] = None
+            elif args.cap is not None:
+                changes["cap"] = {
+                    "limit_bytes": args.cap,
+                    "period": args.period,
+                    "reset_day": args.reset_day,
+                    "then": args.then,
+                }
+            client.call("set-link", link=args.iface, **changes)
+        links = client.call("links")
+    if args.json:
+        print(json.dumps(links, indent=2))
+    else:
+        print(render_links(links))
+    return 0
+
+
+def cmd_watch(args) -> int:
+    """Live samples from the daemon, one block a second, until Ctrl-C."""
+    with _client(args) as client:
+        client.call("subscribe")
+        shown = 0
+        for message in client.stream():
+            if message.get("event") == "sample":
+                if args.json:
+                    print(json.dumps(message), flush=True)
+                    continue
+                if sys.stdout.isatty():
+                    print("\033[H\033[J", end="")
+                tunnel = message["tunnel"]
+                print(
+                    f"Braid {message['state']} — server {message.get('server') or '-'} — "
+                    f"total {format_rate(tunnel['rx_bps'])} down, {format_rate(tunnel['tx_bps'])} up"
+                )
+                print(render_links(message["links"]), flush=True)
+                shown += 1
+                if args.count and shown >= args.count:
+                    return 0
+            elif not args.json:
+                print(
+                    f"[{time.strftime('%H:%M:%S', time.localtime(message.get('t', 0)))}] "
+                    f"{message.get('message', message.get('event'))}",
+                    flush=True,
+                )
+            else:
+                print(json.dumps(message), flush=True)
+    return 0
 
 
 def _client(args) -> ControlClient:
@@ -174,6 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the connection and its links")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("links", help="list the links, or change one (links set IFACE ...)")
+    p.add_argument("action", nargs="?", choices=["list", "set"], default="list")
+    p.add_argument("iface", nargs="?", help="the link to change (with set)")
+    p.add_argument("--priority", choices=["always", "backup", "never"])
+    p.add_argument("--order", type=int, help="position in the order of preference (0 first)")
+    p.add_argument("--metered", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--kind", choices=["ethernet", "wifi", "cellular", "other"])
+    p.add_argument("--cap", type=parse_size, help="data cap, e.g. 10G (per --period)")
+    p.add_argument("--period", choices=["day", "month"], default="month")
+    p.add_argument("--reset-day", type=int, default=1, help="day of the month the cap resets")
+    p.add_argument(
+        "--then",
+        choices=["backup", "never"],
+        default="never",
+        help="what the link becomes at the cap",
+    )
+    p.add_argument("--no-cap", action="store_true", help="remove the data cap")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_links)
+
+    p = sub.add_parser("watch", help="live per-link samples and events")
+    p.add_argument("--json", action="store_true", help="print the raw JSON messages")
+    p.add_argument("--count", type=int, default=0, help="stop after this many samples")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("demo", help="run Braid on emulated links in network namespaces (root)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic to show")

@@ -54,6 +54,15 @@ class ControlClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def stream(self):
+        """Messages the daemon pushes (after ``subscribe``), until it closes the connection."""
+        self._sock.settimeout(None)
+        while True:
+            line = self._file.readline(control.MAX_LINE * 16)
+            if not line:
+                raise DaemonUnavailable("the Braid daemon closed the connection")
+            yield control.decode_reply(line)
+
     def call(self, cmd: str, **args: Any) -> Any:
         """Send one request and return its result; raises ControlError on an error reply."""
         request_id = next(self._ids)
