@@ -30,6 +30,7 @@ from braid.protocol.tunnel import (
     parse_request,
 )
 from braid.server.policy import judge, normalise
+from braid.server.probe import start_probe_responder
 from braid.server.state import ServerConfig, StateDir, StateError, format_hostport, token_matches
 from braid.server.system import OwnAddresses
 from braid.transport import (
@@ -237,6 +238,13 @@ class BraidServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig)
         loop.add_signal_handler(signal.SIGUSR1, self._log_stats)
+        # Health probes: UDP on the listener's own address and port.
+        probes = await start_probe_responder(
+            self.config.listen_host,
+            self.listener.getsockname()[1],
+            self.token.get,
+            WarningLimiter().warn,
+        )
         accept = spawn(self._accept_loop(), "accept")
         ticker = spawn(self._stats_loop(), "stats")
         stopping = spawn(self._stop.wait(), "stop")
@@ -249,6 +257,8 @@ class BraidServer:
                 loop.remove_signal_handler(sig)
             await cancel_all([accept, ticker, stopping])
             self.listener.close()
+            if probes is not None:
+                probes.close()
             await cancel_all(list(self._conns))
             self._log_stats()
 
