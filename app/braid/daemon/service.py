@@ -42,6 +42,7 @@ LINK_POLL = 1.0
 SAMPLE_INTERVAL = 1.0
 USAGE_SAVE_INTERVAL = 10.0
 UP_WAIT = 12.0
+NM_REFRESH = 30.0  # NetworkManager's view changes rarely; netlink tells us about links
 SUBSCRIBER_BACKLOG = 1 << 20  # a subscriber this far behind is dropped, not buffered forever
 
 
@@ -184,7 +185,23 @@ class Daemon:
             except Exception:
                 log.exception("refreshing links failed")
 
-    def _discover(self) -> None:
+    def _classify(self) -> dict[str, tuple[str, bool | None]]:
+        """The interfaces that are links, from sysfs and NetworkManager (runs on a thread)."""
+        from braid.daemon.links.classify import classify_all
+        from braid.daemon.links.networkmanager import merge, read_devices
+
+        now = time.monotonic()
+        if now - self._nm_read_at > NM_REFRESH:
+            self._nm_devices = read_devices() or {}
+            self._nm_read_at = now
+        found = {}
+        for c in classify_all(self.config.sysfs):
+            c = merge(c, self._nm_devices.get(c.name))
+            if c.is_link:
+                found[c.name] = (c.kind, c.metered)
+        return found
+
+    async def _discover(self) -> None:
         """Add the interfaces that are links (Ethernet, Wi-Fi, cellular); drop vanished ones."""
         discover = self.config.discover
         if discover is None:
@@ -192,11 +209,7 @@ class Daemon:
         found: dict[str, tuple[str, bool | None]] = {}
         if discover:
             try:
-                from braid.daemon.links.classify import classify_all
-
-                for c in classify_all(self.config.sysfs):
-                    if c.is_link:
-                        found[c.name] = (c.kind, c.metered)
+                found = await asyncio.get_running_loop().run_in_executor(None, self._classify)
             except Exception as exc:
                 if not self._classify_failed:
                     log.warning("cannot classify interfaces: %s", exc)
@@ -209,6 +222,9 @@ class Daemon:
             if name not in self._named and name not in found:
                 link = self.links.pop(name)
                 self._event("link-removed", link, f"{name} is gone")
+                await self._in_netlink(self._routing.remove, name)
+                if self.prober is not None:
+                    self.prober.remove_link(name)
 
     def _add_link(self, name: str) -> None:
         used = {link.slot for link in self.links.values()}
@@ -252,7 +268,7 @@ class Daemon:
 
     async def _refresh_links(self) -> None:
         assert self._routing is not None
-        self._discover()
+        await self._discover()
         for link in self._ordered():
             await self._refresh_link(link)
         self._update_best()
@@ -419,6 +435,8 @@ class Daemon:
             link.health = {}
 
     _probe_family: int | None = None
+    _nm_read_at = -1e9
+    _nm_devices: dict = {}
     _classify_failed = False
 
     # -- counters, usage and caps ---------------------------------------------
