@@ -23,20 +23,16 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
 
-from braid.netbed import LinkSpec, World, unavailable_reason
+from braid.netbed import World, unavailable_reason
 from braid.netbed.stack import BraidStack
+from common import Reference, download, links_for
 
-SS_PORT = 8388
-SS_SOCKS = 1090
-SS_METHOD = "chacha20-ietf-poly1305"
-SS_KEY = "benchmark-only-key"
 RATES = (50, 30, 20)
 SCENARIOS = {
     "equal delays (20/20/20 ms)": (20, 20, 20),
@@ -45,79 +41,12 @@ SCENARIOS = {
 MIB = 1 << 20
 
 
-def links_for(rtts, rates=RATES) -> list[LinkSpec]:
-    names = (("eth0", "ethernet"), ("wlan0", "wifi"), ("usb0", "cellular"))
-    return [
-        LinkSpec(name, kind, rate, rtt)
-        for (name, kind), rate, rtt in zip(names, rates, rtts, strict=True)
-    ]
-
-
-class Reference:
-    """shadowsocks-libev with --mptcp, as OverTheBox and OpenMPTCProuter deploy it."""
-
-    def __init__(self, world: World) -> None:
-        self.world = world
-        common = ["-k", SS_KEY, "-m", SS_METHOD, "--mptcp", "--no-delay"]
-        self.server = world.popen(
-            "server",
-            ["ss-server", "-s", "0.0.0.0", "-p", str(SS_PORT), *common],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.local = world.popen(
-            "laptop",
-            [
-                "ss-local",
-                "-s",
-                world.server_v4,
-                "-p",
-                str(SS_PORT),
-                "-b",
-                "127.0.0.1",
-                "-l",
-                str(SS_SOCKS),
-                *common,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1.0)
-
-
-def traffic(world: World, *args: str) -> dict:
-    done = world.run(
-        "laptop",
-        [sys.executable, "-m", "braid.netbed.traffic", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    if not result.get("ok"):
-        raise RuntimeError(f"transfer failed: {result.get('error')}")
-    return result
-
-
-def download(world: World, n: int, via: str) -> dict:
-    args = ["download", world.target_v4, "--bytes", str(n), "--timeout", "30"]
-    if via == "best link":
-        best = world.links[0].name
-        args += ["--device", best, "--bind", world.laptop_addr(best)]
-    elif via == "braid":
-        args += ["--socks", "127.0.0.1:1080"]
-    else:
-        args += ["--socks", f"127.0.0.1:{SS_SOCKS}"]
-    return traffic(world, *args)
-
-
 def link_bytes(world: World) -> dict[str, int]:
     return {link.name: world.counters(link.name)[0] for link in world.links}
 
 
 def measure_goodput(rtts, size: int, repeat: int) -> dict:
-    links = links_for(rtts)
+    links = links_for(rtts, RATES)
     total = sum(RATES)
     out: dict = {"rtts_ms": list(rtts), "rates_mbit": list(RATES)}
     with World(links) as world:

@@ -1,0 +1,83 @@
+"""Shared by the benchmarks: the reference stack and the traffic client in a test world."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from braid.netbed import LinkSpec, World
+
+SS_PORT = 8388
+SS_SOCKS = 1090
+SS_METHOD = "chacha20-ietf-poly1305"
+SS_KEY = "benchmark-only-key"
+MIB = 1 << 20
+
+
+def links_for(rtts, rates) -> list[LinkSpec]:
+    names = (("eth0", "ethernet"), ("wlan0", "wifi"), ("usb0", "cellular"))
+    return [
+        LinkSpec(name, kind, rate, rtt)
+        for (name, kind), rate, rtt in zip(names, rates, rtts, strict=True)
+    ]
+
+
+class Reference:
+    """shadowsocks-libev with --mptcp, as OverTheBox and OpenMPTCProuter deploy it."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        common = ["-k", SS_KEY, "-m", SS_METHOD, "--mptcp", "--no-delay"]
+        self.server = world.popen(
+            "server",
+            ["ss-server", "-s", "0.0.0.0", "-p", str(SS_PORT), *common],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.local = world.popen(
+            "laptop",
+            [
+                "ss-local",
+                "-s",
+                world.server_v4,
+                "-p",
+                str(SS_PORT),
+                "-b",
+                "127.0.0.1",
+                "-l",
+                str(SS_SOCKS),
+                *common,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)
+
+
+def traffic(world: World, *args: str) -> dict:
+    done = world.run(
+        "laptop",
+        [sys.executable, "-m", "braid.netbed.traffic", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result.get("ok"):
+        raise RuntimeError(f"transfer failed: {result.get('error')}")
+    return result
+
+
+def download(world: World, n: int, via: str) -> dict:
+    args = ["download", world.target_v4, "--bytes", str(n), "--timeout", "30"]
+    if via == "best link":
+        best = world.links[0].name
+        args += ["--device", best, "--bind", world.laptop_addr(best)]
+    elif via == "braid":
+        args += ["--socks", "127.0.0.1:1080"]
+    else:
+        args += ["--socks", f"127.0.0.1:{SS_SOCKS}"]
+    return traffic(world, *args)
