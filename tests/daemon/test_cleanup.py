@@ -32,6 +32,7 @@ def routing_snapshot(world: World) -> str:
         ["ip", "-6", "route", "show", "table", "all"],
         ["ip", "mptcp", "endpoint"],
         ["ip", "mptcp", "limits"],
+        ["nft", "list", "ruleset"],
     ):
         out.append(world.run("laptop", argv, capture_output=True, text=True).stdout)
     return "\n".join(out)
