@@ -71,6 +71,16 @@ def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
             capture_output=True,
         )
         assert routing_snapshot(world) == pristine
+
+        # Killed again, then simply started again: the new run cleans up the old one's state.
+        braid.start_daemon()
+        braid.up()
+        braid.daemon.kill()
+        braid.daemon.wait()
+        braid.start_daemon()
+        braid.up()
+        assert braid.stop_daemon() == 0
+        assert routing_snapshot(world) == pristine
     except BaseException:
         print(braid.logs())
         raise
