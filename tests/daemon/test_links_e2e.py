@@ -423,3 +423,14 @@ def test_settings_round_trip_and_validation(stack: BraidStack) -> None:
     with pytest.raises(Exception, match="at least"):
         stack.call("set-settings", settings={"probe_interval_ms": 1})
     stack.call("set-settings", settings={"pool_size": 4})
+
+
+def test_braid_links_and_watch_in_the_terminal(stack: BraidStack) -> None:
+    base = [sys.executable, "-m", "braid.cli", "--control", str(stack.control_path)]
+    links = subprocess.run([*base, "links"], capture_output=True, text=True, check=True)
+    assert all(name in links.stdout for name in ("eth0", "wlan0", "usb0"))
+    watch = subprocess.run(
+        [*base, "watch", "--count", "2"], capture_output=True, text=True, check=True, timeout=20
+    )
+    assert watch.stdout.count("Braid ") == 2
+    assert "usb0" in watch.stdout

@@ -1,0 +1,93 @@
+"""Link choices and data usage on disk: periods, validation, and unreadable files kept aside."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+
+import pytest
+
+from braid.daemon.links.model import Priority
+from braid.daemon.links.store import Cap, LinkChoice, LinkStore, StoreError
+from braid.daemon.settings import Settings
+
+
+def ts(year: int, month: int, day: int) -> float:
+    return time.mktime(dt.date(year, month, day).timetuple()) + 3600
+
+
+@pytest.mark.parametrize(
+    ("reset_day", "when", "period"),
+    [
+        (1, (2026, 11, 26), "2026-11-01"),
+        (15, (2026, 11, 14), "2026-10-15"),
+        (15, (2026, 11, 15), "2026-11-15"),
+        (28, (2026, 1, 3), "2025-12-28"),
+    ],
+)
+def test_monthly_period_starts_on_the_reset_day(reset_day, when, period) -> None:
+    assert Cap(10, "month", reset_day).period_key(ts(*when)) == period
+
+
+def test_daily_period_is_the_date() -> None:
+    assert Cap(10, "day").period_key(ts(2026, 11, 26)) == "2026-11-26"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"limit_bytes": 0},
+        {"limit_bytes": 5, "period": "week"},
+        {"limit_bytes": 5, "reset_day": 31},
+        {"limit_bytes": 5, "then": "always"},
+        {"period": "day"},
+        "10G",
+    ],
+)
+def test_invalid_caps_are_refused_with_a_reason(bad) -> None:
+    with pytest.raises(StoreError):
+        Cap.from_json(bad)
+
+
+def test_choice_validation() -> None:
+    choice = LinkChoice()
+    choice.update({"priority": "backup", "order": 2, "metered": True})
+    assert choice.priority is Priority.BACKUP
+    for bad in ({"priority": "sometimes"}, {"order": -1}, {"metered": "yes"}, {"kind": "modem"}):
+        with pytest.raises(StoreError):
+            choice.update(bad)
+
+
+def test_usage_is_kept_and_resets_with_the_period(tmp_path) -> None:
+    store = LinkStore(tmp_path).load()
+    store.choice("usb0").cap = Cap(1000, "day")
+    store.count("usb0", 600, now=ts(2026, 11, 26))
+    store.count("usb0", 300, now=ts(2026, 11, 26))
+    store.save_usage()
+    store.save_choices()
+    again = LinkStore(tmp_path).load()
+    assert again.usage["usb0"].bytes == 900
+    assert again.choice("usb0").cap == Cap(1000, "day")
+    assert again.count("usb0", 50, now=ts(2026, 11, 27)) == 50  # a new day
+
+
+def test_unreadable_files_are_kept_aside_and_reported(tmp_path) -> None:
+    (tmp_path / "links.json").write_text("{ not json")
+    (tmp_path / "usage.json").write_text(json.dumps({"version": 99, "usage": {}}))
+    store = LinkStore(tmp_path).load()
+    assert len(store.problems) == 2
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.startswith("links.json.unreadable-") for name in kept)
+    assert any(name.startswith("usage.json.unreadable-") for name in kept)
+    assert "links.json" not in kept
+
+
+def test_settings_validate_and_persist(tmp_path) -> None:
+    settings = Settings(tmp_path).load()
+    assert settings["probe_interval_ms"] == 200
+    settings.update({"probe_interval_ms": 300})
+    assert Settings(tmp_path).load()["probe_interval_ms"] == 300
+    for bad in ({"probe_interval_ms": 10}, {"pool_size": "4"}, {"mode": "turbo"}, {"nope": 1}):
+        with pytest.raises(ValueError):
+            settings.update(bad)
