@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
 
 from braid.netbed import LinkSpec, World
+from braid.netbed.stack import run_traffic
 
 SS_PORT = 8388
 SS_SOCKS = 1090
@@ -57,15 +56,7 @@ class Reference:
 
 
 def traffic(world: World, *args: str) -> dict:
-    done = world.run(
-        "laptop",
-        [sys.executable, "-m", "braid.netbed.traffic", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_traffic(world, *args, timeout=300)
     if not result.get("ok"):
         raise RuntimeError(f"transfer failed: {result.get('error')}")
     return result

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import BraidStack
+from braid.netbed.stack import BraidStack, run_traffic
 
 pytestmark = pytest.mark.netns
 
@@ -80,15 +80,7 @@ def link(stack: BraidStack, name: str) -> dict:
 
 
 def traffic(world: World, *args: str, timeout: float = 120) -> dict:
-    done = world.run(
-        "laptop",
-        [sys.executable, "-m", "braid.netbed.traffic", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_traffic(world, *args, timeout=timeout)
 
 
 def download(world: World, size: str) -> dict:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import BraidStack
+from braid.netbed.stack import BraidStack, run_traffic
 
 pytestmark = pytest.mark.netns
 
@@ -58,17 +58,7 @@ def healthy_links(world: World) -> Iterator[None]:
 
 
 def traffic(world: World, *args: str, timeout: float = 120) -> dict:
-    """Run the traffic client in the laptop namespace; returns its JSON result."""
-    done = world.run(
-        "laptop",
-        [sys.executable, "-m", "braid.netbed.traffic", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-    )
-    assert done.stdout.strip(), f"traffic client printed nothing: {done.stderr}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_traffic(world, *args, timeout=timeout)
 
 
 def counters(world: World) -> dict[str, tuple[int, int]]:

@@ -7,6 +7,7 @@ programs as separate processes, exactly as a user would.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import subprocess
@@ -20,6 +21,21 @@ log = logging.getLogger(__name__)
 
 SERVER_PORT = 7443
 SOCKS_PORT = 1080
+
+
+def run_traffic(world, *args: str, timeout: float = 120) -> dict:
+    """Run the traffic client (braid.netbed.traffic) in the laptop namespace; its JSON result."""
+    done = world.run(
+        "laptop",
+        [sys.executable, "-m", "braid.netbed.traffic", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+    if not done.stdout.strip():
+        raise RuntimeError(f"the traffic client printed nothing: {done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class BraidStack:
