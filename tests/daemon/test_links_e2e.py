@@ -133,6 +133,10 @@ def test_every_link_is_probed(stack: BraidStack) -> None:
     assert all(x["alive"] is True for x in links)
     assert 25 <= by_name["usb0"]["rtt_ms"] <= 80, by_name["usb0"]
     assert by_name["eth0"]["rtt_ms"] < by_name["usb0"]["rtt_ms"]
+    # Every warm pool connection has one subflow per link.
+    assert wait_for(lambda: all(x["subflows"] >= 2 for x in stack.call("links")), 5), stack.call(
+        "links"
+    )
 
 
 def test_blackholed_link_is_out_within_1s_and_back_within_3s(

@@ -27,6 +27,7 @@ from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkStore, StoreError
 from braid.daemon.routing.policy import SLOTS, LinkRouting, Routing, prefixes_of
 from braid.daemon.settings import SETTINGS, Settings
+from braid.daemon.stats.subflows import count_subflows
 from braid.daemon.tunnel.pool import TunnelPool
 from braid.daemon.tunnel.socks import SocksServer
 from braid.protocol import control
@@ -457,7 +458,9 @@ class Daemon:
     def _sample_counters(self) -> None:
         now = time.monotonic()
         counters = psutil.net_io_counters(pernic=True)
+        subflows = count_subflows(self.pool.pairing.port) if self.pool is not None else {}
         for link in self.links.values():
+            link.subflows = sum(subflows.get(address, 0) for address in link.addresses)
             if self.prober is not None:
                 with contextlib.suppress(KeyError):
                     link.health = self.prober.health(link.name).to_json()

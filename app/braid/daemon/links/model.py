@@ -65,6 +65,7 @@ class Link:
     alive: bool | None = None  # the health probes' verdict; None without probes
     health: dict = field(default_factory=dict)
     carrying: bool = False  # its MPTCP endpoint is in place
+    subflows: int = 0  # TCP subflows to the server leaving from its addresses
     gateway4: str | None = None
     gateway6: str | None = None
 
@@ -87,6 +88,7 @@ class Link:
             "state": str(self.state),
             "alive": self.alive,
             "carrying": self.carrying,
+            "subflows": self.subflows,
             "addresses": list(self.addresses),
             "rx_bps": round(self.rx_bps),
             "tx_bps": round(self.tx_bps),
