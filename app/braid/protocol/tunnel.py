@@ -12,6 +12,13 @@ messages; no socket is touched here. One tunnel connection carries one flow:
     FRAME* (u16 length, data)        <->    FRAME*
     FRAME of length 0 = end of stream in that direction (TLS cannot half-close)
 
+Commands: CONNECT carries a TCP byte stream to the address. UDP carries
+datagrams to and from the address, one datagram per frame (the session ends
+with the end-of-stream frame or when idle). DNS carries DNS messages, one per
+frame, that the server answers through its own resolver; the address is
+ignored (send 0.0.0.0:53). Replies come back in any order; the client matches
+them by the DNS message id.
+
 A server that does not accept the HELLO closes the connection without a
 byte, so an unauthenticated peer learns nothing about it.
 """
@@ -37,6 +44,8 @@ class ProtocolError(ValueError):
 
 class Command(enum.IntEnum):
     CONNECT = 1
+    UDP = 3
+    DNS = 4
 
 
 class Reply(enum.IntEnum):
