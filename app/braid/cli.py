@@ -190,8 +190,11 @@ def cmd_up(args) -> int:
     pairing = args.pairing
     if pairing is None and not sys.stdin.isatty() and args.pairing_stdin:
         pairing = sys.stdin.readline().strip()
+    request = {"pairing": pairing} if pairing else {}
+    if args.mode:
+        request["mode"] = args.mode
     with _client(args) as client:
-        status = client.call("up", **({"pairing": pairing} if pairing else {}))
+        status = client.call("up", **request)
     print(render_status(status))
     return 0
 
@@ -279,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="connect through the paired server")
     p.add_argument("--pairing", help="the braid://… URI printed by braid-server init")
     p.add_argument("--pairing-stdin", action="store_true", help="read the pairing URI from stdin")
+    p.add_argument(
+        "--mode",
+        choices=["proxy", "system"],
+        help="proxy: only the SOCKS5 port; system: all traffic (kept as the setting)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="disconnect")

@@ -25,12 +25,21 @@ from braid.aio import spawn
 from braid.daemon.control.server import Caller, ControlServer
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkStore, StoreError
+from braid.daemon.routing import capture
 from braid.daemon.routing.policy import SLOTS, LinkRouting, Routing, prefixes_of
 from braid.daemon.settings import SETTINGS, Settings
 from braid.daemon.stats.subflows import count_subflows
 from braid.daemon.tunnel.pool import TunnelPool
 from braid.daemon.tunnel.socks import SocksServer
+from braid.daemon.tunnel.transparent import (
+    DnsRelay,
+    SocksUdp,
+    TransparentTcp,
+    TransparentUdp,
+    serve_dns_over_tcp,
+)
 from braid.protocol import control
+from braid.protocol.address import Address
 from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.pairing import Pairing, PairingError, parse_pairing
 from braid.tunnel_client import Tunnel, TunnelError
@@ -78,6 +87,12 @@ class Daemon:
         self.pairing: Pairing | None = None
         self.prober = None
         self.socks = SocksServer(config.socks, self._take_tunnel)
+        self.socks.udp_associate = SocksUdp(self._take_tunnel, config.socks[0]).associate
+        self.dns = DnsRelay(self._take_tunnel)
+        self.transparent_tcp = TransparentTcp(0, self._carry_transparent, self.socks.track)
+        self.transparent_udp = TransparentUdp(0, self._take_tunnel, self.dns)
+        self.capture_active = False
+        self._server_addresses: list[str] = []
         self.control = ControlServer(
             config.control_path,
             {
@@ -115,9 +130,12 @@ class Daemon:
         self._routing = await self._in_netlink(Routing, self.config.state_dir)
         # A previous run that crashed may have left tables, rules or endpoints behind.
         await self._in_netlink(self._routing.cleanup)
+        await self._in_netlink(_remove_capture_table)
         await self._in_netlink(self._routing.raise_limits)
         try:
             await self.socks.start()
+            await self.transparent_tcp.start()
+            await self.transparent_udp.start()
             await self.control.start()
             await self._refresh_links()
             self._watch_netlink()
@@ -143,6 +161,10 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._down()
+        await self._set_capture(False)
+        await self.transparent_tcp.stop()
+        await self.transparent_udp.stop()
+        await self.dns.close()
         for writer in list(self._subscribers):
             writer.close()
         await self.control.stop()
@@ -273,6 +295,7 @@ class Daemon:
         for link in self._ordered():
             await self._refresh_link(link)
         self._update_best()
+        await self._update_capture()
 
     async def _refresh_link(self, link: Link) -> None:
         assert self._routing is not None
@@ -287,6 +310,7 @@ class Daemon:
         else:
             link.state = LinkState.UP
             link.addresses = [a for a, _ in view.addresses4 + view.addresses6]
+            link.subnets = list(prefixes_of(view.addresses4) + prefixes_of(view.addresses6))
             # Keep the last gateway seen: a flap flushes the default route before it returns.
             link.gateway4 = view.gateway4 or link.gateway4
             link.gateway6 = view.gateway6 or link.gateway6
@@ -531,6 +555,7 @@ class Daemon:
         return await self.pool.take()
 
     def _pool_changed(self) -> None:
+        self._links_changed.set()  # re-decide capture (fallback to direct, or block)
         pool = self.pool
         if pool is not None and pool.connected and self.connected_since is None:
             self.connected_since = time.time()
@@ -541,9 +566,17 @@ class Daemon:
 
     async def up(self, pairing: Pairing) -> dict[str, Any]:
         if self.pool is not None and self.pool.pairing == pairing and self.pool.connected:
+            await self._update_capture()
             return self.status()
         await self._down()
         self.pairing = pairing
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(pairing.host, pairing.port)
+            self._server_addresses = sorted({info[4][0] for info in infos})
+        except OSError as exc:
+            raise ControlError(
+                ErrorCode.FAILED, f"cannot resolve the server name {pairing.host}: {exc}"
+            ) from None
         self._save_pairing(pairing)
         self.pool = TunnelPool(
             pairing, self.best_source, self.settings["pool_size"], on_change=self._pool_changed
@@ -558,15 +591,72 @@ class Daemon:
             message = self.pool.fatal_error
             await self._down()
             raise ControlError(ErrorCode.FAILED, message)
+        await self._update_capture()
         return self.status()
 
     async def _down(self) -> None:
         pool, self.pool = self.pool, None
         self.connected_since = None
+        await self._set_capture(False)
         await self._stop_prober()
         if pool is not None:
             await pool.stop()
             self._event("disconnected", None, "disconnected")
+
+    # -- system-wide mode -------------------------------------------------------
+
+    async def _carry_transparent(self, reader, writer, address: Address) -> None:
+        if address.port == 53:
+            await serve_dns_over_tcp(reader, writer, self.dns)
+        else:
+            await self.socks.carry(reader, writer, address)
+
+    def capture_in_force(self) -> str:
+        """What happens to traffic that is not sent to the SOCKS5 port."""
+        if self.settings["mode"] != "system" or self.pool is None:
+            return "off"
+        if self.pool.connected:
+            return "tunnel"
+        return "blocked" if self.settings["when_server_unreachable"] == "block" else "direct"
+
+    async def _update_capture(self) -> None:
+        assert self._routing is not None
+        want = self.capture_in_force() in ("tunnel", "blocked")
+        await self._set_capture(want)
+
+    async def _set_capture(self, want: bool) -> None:
+        if self._routing is None:
+            return
+        if not want:
+            if self.capture_active:
+                await self._in_netlink(_remove_capture_table)
+                await self._in_netlink(self._routing.remove_capture_routing)
+                self.capture_active = False
+                self._event("capture-off", None, "system-wide capture off")
+            return
+        plan = capture.CapturePlan(
+            tcp_port=self.transparent_tcp.port,
+            udp_port=self.transparent_udp.port,
+            server_addresses=self._server_addresses,
+            link_subnets=sorted({net for link in self.links.values() for net in link.subnets}),
+            bypass=capture.parse_bypass(self.settings["bypass"]),
+            reject_quic=self.settings["prefer_tcp_for_web"],
+        )
+        if plan == self._capture_plan and self.capture_active:
+            return
+        try:
+            await self._in_netlink(self._routing.install_capture_routing, capture.UDP_MARK)
+            await self._in_netlink(capture.install, plan)
+        except (capture.CaptureError, OSError) as exc:
+            log.error("system-wide capture failed: %s", exc)
+            self._event("capture-failed", None, f"system-wide mode could not start: {exc}")
+            return
+        self._capture_plan = plan
+        if not self.capture_active:
+            self.capture_active = True
+            self._event("capture-on", None, "system-wide capture on: all traffic through Braid")
+
+    _capture_plan: capture.CapturePlan | None = None
 
     # -- state ----------------------------------------------------------------
 
@@ -591,6 +681,16 @@ class Daemon:
             "connected_since": self.connected_since,
             "socks": self.socks.address,
             "best_link": self._best,
+            "mode": self.settings["mode"],
+            "capture": {
+                "active": self.capture_active,
+                "in_force": self.capture_in_force(),
+                "when_server_unreachable": self.settings["when_server_unreachable"],
+                "prefer_tcp_for_web": self.settings["prefer_tcp_for_web"],
+                "udp_sessions": self.transparent_udp.sessions.count,
+                "dns_queries": self.dns.queries,
+                "dns_failures": self.dns.failures,
+            },
             "links": [link.to_json() for link in self._ordered()],
             "tunnel": {
                 "pool_ready": pool.ready_count if pool else 0,
@@ -657,6 +757,12 @@ class Daemon:
                     "Braid is not paired with a server yet: run  braid up --pairing 'braid://…'  "
                     "with the URI that braid-server init printed",
                 )
+        mode = request.get("mode")
+        if mode is not None:
+            try:
+                self.settings.update({"mode": mode})
+            except ValueError as exc:
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
         log.info("up requested by %s (server %s)", caller.describe(), pairing.server)
         return await self.up(pairing)
 
@@ -717,10 +823,12 @@ class Daemon:
         if not isinstance(changes, dict):
             raise ControlError(ErrorCode.INVALID_ARGUMENT, "settings must be an object")
         try:
+            if "bypass" in changes and isinstance(changes["bypass"], list):
+                capture.parse_bypass(changes["bypass"])
             self.settings.update(changes)
         except ValueError as exc:
             raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        self._links_changed.set()
+        await self._update_capture()
         return dict(self.settings.values)
 
 
@@ -739,10 +847,19 @@ def run_daemon(config: DaemonConfig) -> int:
     return 0
 
 
+def _remove_capture_table() -> None:
+    try:
+        capture.remove()
+    except capture.CaptureError as exc:
+        log.debug("no nftables table to remove: %s", exc)
+
+
 def cleanup(state_dir: Path) -> None:
-    """Remove what a crashed run left: Braid's tables, rules and endpoints, and restore limits."""
+    """Remove what a crashed run left: Braid's tables, rules, endpoints and nftables table,
+    and restore the MPTCP limits."""
     routing = Routing(state_dir)
     try:
         routing.cleanup()
     finally:
         routing.close()
+    _remove_capture_table()

@@ -103,8 +103,32 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "proxy",
         "Traffic mode",
-        "proxy: only applications set to use the SOCKS5 proxy go through Braid. system: all traffic (not available yet).",
-        choices=("proxy",),
+        "proxy: only applications set to use the SOCKS5 proxy go through Braid. "
+        "system: all of the laptop's TCP and UDP (DNS included) goes through Braid.",
+        choices=("proxy", "system"),
+    ),
+    Setting(
+        "prefer_tcp_for_web",
+        bool,
+        True,
+        "Prefer TCP for the web",
+        "Refuse QUIC (UDP port 443) so browsers use TCP, which Multipath TCP spreads over all links.",
+    ),
+    Setting(
+        "when_server_unreachable",
+        str,
+        "direct",
+        "When the server is unreachable",
+        "direct: traffic goes straight out of the best link until the server answers again. "
+        "block: nothing leaves the laptop outside the tunnel.",
+        choices=("direct", "block"),
+    ),
+    Setting(
+        "bypass",
+        list,
+        [],
+        "Go direct to",
+        "Addresses or networks (e.g. 192.0.2.10, 2001:db8::/48) reached without Braid in system-wide mode.",
     ),
 )
 BY_KEY = {s.key: s for s in SETTINGS}

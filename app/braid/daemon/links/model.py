@@ -52,6 +52,7 @@ class Link:
     slot: int
     state: LinkState = LinkState.MISSING
     addresses: list[str] = field(default_factory=list)
+    subnets: list[str] = field(default_factory=list)  # reached directly in system-wide mode
     rx_bytes: int = 0
     tx_bytes: int = 0
     rx_bps: float = 0.0

@@ -45,6 +45,9 @@ SLOTS = 32
 RULE_PRIORITY_BASE = 18400
 ENDPOINT_ID_BASE = 180  # ids 180..243, two per slot (IPv4, IPv6)
 RTPROT_BRAID = 98  # marks the routes and rules Braid adds
+# System-wide mode: captured UDP is marked, then routed to loopback for TPROXY by this table.
+CAPTURE_TABLE = TABLE_BASE + SLOTS  # 18432
+CAPTURE_PRIORITY = RULE_PRIORITY_BASE + SLOTS
 
 FLAG_SIGNAL = 1
 FLAG_SUBFLOW = 2
@@ -63,11 +66,11 @@ def table_for(slot: int) -> int:
 
 
 def owns_table(table: int) -> bool:
-    return TABLE_BASE <= table < TABLE_BASE + SLOTS
+    return TABLE_BASE <= table <= CAPTURE_TABLE
 
 
 def owns_priority(priority: int) -> bool:
-    return RULE_PRIORITY_BASE <= priority < RULE_PRIORITY_BASE + SLOTS
+    return RULE_PRIORITY_BASE <= priority <= CAPTURE_PRIORITY
 
 
 def owns_endpoint(endpoint_id: int) -> bool:
@@ -283,6 +286,7 @@ class Routing:
         self._flush_rules(owns_priority)
         for slot in range(SLOTS):
             self._flush_table(table_for(slot))
+        self._flush_table(CAPTURE_TABLE)
         self.restore_limits()
         self._applied.clear()
 
@@ -364,6 +368,42 @@ class Routing:
                     want.device,
                     addresses[0],
                 )
+
+    def install_capture_routing(self, mark: int) -> None:
+        """``ip rule fwmark MARK lookup 18432`` with a local default route to loopback.
+
+        Captured UDP is marked on output; this sends it back in through lo, where the
+        nftables TPROXY rule hands it to braidd's transparent socket.
+        """
+        lo = self._ipr.link_lookup(ifname="lo")[0]
+        for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+            self._ipr.route(
+                "replace",
+                family=family,
+                dst=dst,
+                type="local",
+                oif=lo,
+                table=CAPTURE_TABLE,
+                proto=RTPROT_BRAID,
+                scope=254 if family == socket.AF_INET else 0,  # host scope, as ip(8) sets it
+            )
+            try:
+                self._ipr.rule(
+                    "add",
+                    family=family,
+                    fwmark=mark,
+                    fwmask=0xFFFFFFFF,
+                    table=CAPTURE_TABLE,
+                    priority=CAPTURE_PRIORITY,
+                    protocol=RTPROT_BRAID,
+                )
+            except NetlinkError as exc:
+                if exc.code != ERRNO_EXISTS:
+                    raise
+
+    def remove_capture_routing(self) -> None:
+        self._flush_rules(lambda prio: prio == CAPTURE_PRIORITY)
+        self._flush_table(CAPTURE_TABLE)
 
     def set_backup(self, device: str, backup: bool) -> None:
         """Flip the link's backup flag in place; open connections learn it through MP_PRIO."""

@@ -48,6 +48,8 @@ class SocksServer:
         self.counters = RelayCounters()
         self.flows_total = 0
         self.flows_failed = 0
+        # Set by the daemon: serves a SOCKS5 UDP ASSOCIATE on the control connection.
+        self.udp_associate = None
 
     @property
     def address(self) -> str:
@@ -57,6 +59,11 @@ class SocksServer:
     @property
     def active_flows(self) -> int:
         return len(self._flows)
+
+    def track(self, task: asyncio.Task) -> None:
+        """Count a flow accepted elsewhere (the transparent listener) as active."""
+        self._flows.add(task)
+        task.add_done_callback(self._flows.discard)
 
     async def start(self) -> None:
         host, port = self.listen
@@ -108,35 +115,53 @@ class SocksServer:
             if exc.reply:
                 writer.write(exc.reply)
             return
+        if request.command is SocksCommand.UDP_ASSOCIATE and self.udp_associate is not None:
+            await self.udp_associate(reader, writer, request.address)
+            return
         if request.command is not SocksCommand.CONNECT:
             writer.write(encode_reply(Reply.COMMAND_NOT_SUPPORTED))
             return
+        await self.carry(reader, writer, request.address, conn.leftover, socks_reply=True)
+
+    async def carry(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: Address,
+        early: bytes = b"",
+        socks_reply: bool = False,
+    ) -> None:
+        """Carry one TCP flow to ``address`` over its own tunnel connection."""
         self.flows_total += 1
         try:
             tunnel = await self._take_tunnel()
         except TunnelError as exc:
-            log.info("flow to %s: no tunnel: %s", request.address, exc)
+            log.info("flow to %s: no tunnel: %s", address, exc)
             self.flows_failed += 1
-            writer.write(encode_reply(Reply.NETWORK_UNREACHABLE))
+            if socks_reply:
+                writer.write(encode_reply(Reply.NETWORK_UNREACHABLE))
+            else:
+                writer.transport.abort()
             return
         # Pipelined, as a local proxy must be to cost no extra round trip: the request,
         # the client's first bytes and the success reply all go out at once. If the server
         # then refuses, the client's connection is reset instead of getting a reply code.
-        tunnel.send_request(request.address)
-        if conn.leftover:
-            tunnel.writer.writelines((frame_header(len(conn.leftover)), conn.leftover))
-            self.counters.up += len(conn.leftover)
-        writer.write(encode_reply(Reply.SUCCEEDED, Address("0.0.0.0", 0)))
+        tunnel.send_request(address)
+        if early:
+            tunnel.writer.writelines((frame_header(len(early)), early))
+            self.counters.up += len(early)
+        if socks_reply:
+            writer.write(encode_reply(Reply.SUCCEEDED, Address("0.0.0.0", 0)))
         try:
             await relay(
                 (reader, writer),
                 (tunnel.reader, tunnel.writer),
                 self.counters,
-                before_tunnel_data=self._check_reply(tunnel, request.address),
+                before_tunnel_data=self._check_reply(tunnel, address),
             )
         except TunnelError as exc:
             self.flows_failed += 1
-            log.info("flow to %s: %s", request.address, exc)
+            log.info("flow to %s: %s", address, exc)
 
     async def _check_reply(self, tunnel, address: Address) -> None:
         reply = await tunnel.read_reply(address)
