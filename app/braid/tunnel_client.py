@@ -9,6 +9,7 @@ Every failure is a ``TunnelError`` whose message is written for the user.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -23,15 +24,19 @@ from typing import TypeVar
 from braid.protocol.address import Address
 from braid.protocol.pairing import Pairing
 from braid.protocol.tunnel import (
+    EOF_FRAME,
     Command,
+    FrameDecoder,
     ProtocolError,
     ReplyMessage,
     encode_hello,
     encode_request,
+    frame_header,
     parse_auth_reply,
     parse_reply,
 )
 from braid.transport import (
+    READ_SIZE,
     MptcpUnavailable,
     client_tls_context,
     close_writer,
@@ -99,6 +104,8 @@ class Tunnel:
         self.created = time.monotonic()
         self.local: tuple = writer.get_extra_info("sockname")
         self._requested = False
+        self._frames = FrameDecoder()  # for the datagram helpers only
+        self._datagrams: collections.deque[bytes] = collections.deque()
 
     @property
     def mptcp(self) -> bool:
@@ -116,12 +123,14 @@ class Tunnel:
             and self.reader.exception() is None
         )
 
-    def send_request(self, address: Address) -> None:
+    def send_request(self, address: Address, command: Command = Command.CONNECT) -> None:
         """Queue the REQUEST without waiting: flow data may follow it at once (pipelining)."""
+        if not isinstance(command, Command):  # e.g. a timeout passed where it used to go
+            raise TypeError(f"command must be a Command, not {command!r}")
         if self._requested:
             raise RuntimeError("a tunnel carries a single request")
         self._requested = True
-        self.writer.write(encode_request(Command.CONNECT, address))
+        self.writer.write(encode_request(command, address))
 
     async def read_reply(self, address: Address, timeout: float = 15) -> ReplyMessage:
         """Wait for the server's REPLY to the request for ``address``."""
@@ -149,14 +158,50 @@ class Tunnel:
             ) from None
         return reply
 
-    async def request(self, address: Address, timeout: float = 15) -> ReplyMessage:
-        """Ask the server to connect to ``address``; returns its reply, success or not.
+    async def request(
+        self, address: Address, command: Command = Command.CONNECT, timeout: float = 15
+    ) -> ReplyMessage:
+        """Ask the server for a flow to ``address``; returns its reply, success or not.
 
         On success the tunnel now carries the flow: frames follow on
-        ``reader``/``writer`` (see ``transport.relay``).
+        ``reader``/``writer`` (see ``transport.relay``), or for UDP and DNS
+        one datagram per frame (``send_datagram``, ``receive_datagram``).
         """
-        self.send_request(address)
+        self.send_request(address, command)
         return await self.read_reply(address, timeout)
+
+    async def send_datagram(self, data: bytes) -> None:
+        """One datagram (up to 65535 bytes) as one frame, for a UDP or DNS flow.
+
+        An empty datagram is dropped: a frame of length 0 would end the stream.
+        """
+        if not data:
+            return
+        self.writer.writelines((frame_header(len(data)), data))
+        await self.writer.drain()
+
+    async def end_datagrams(self) -> None:
+        """Send the end-of-stream frame: the server then ends the session."""
+        self.writer.write(EOF_FRAME)
+        await self.writer.drain()
+
+    async def receive_datagram(self) -> bytes | None:
+        """The next datagram from the server; None once it ended the stream.
+
+        Raises TunnelError if the tunnel breaks without that end.
+        """
+        while not self._datagrams:
+            if self._frames.eof:
+                return None
+            try:
+                data = await self.reader.read(READ_SIZE)
+                if not data:
+                    raise ConnectionResetError("closed without ending the stream")
+                self._datagrams.extend(self._frames.feed(data))
+            except (OSError, ProtocolError) as exc:  # ssl.SSLError is an OSError
+                await self.close(abort=True)
+                raise TunnelError(f"the tunnel to {self.server} broke{_because(exc)}") from None
+        return self._datagrams.popleft()
 
     async def close(self, abort: bool = False) -> None:
         await close_writer(self.writer, abort=abort)

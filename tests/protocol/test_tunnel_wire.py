@@ -91,6 +91,41 @@ def test_request_and_reply_round_trip(address: Address) -> None:
         assert parse_reply(reply[:n]) is None
 
 
+@pytest.mark.parametrize(
+    ("command", "address"),
+    [
+        (Command.UDP, Address("198.18.0.1", 53)),
+        (Command.UDP, Address("2001:db8::1", 443)),
+        (Command.UDP, Address("a.example", 4500)),
+        (Command.DNS, Address("0.0.0.0", 53)),
+    ],
+)
+def test_datagram_commands_round_trip(command: Command, address: Address) -> None:
+    wire = encode_request(command, address)
+    assert wire[0] == command.value
+    assert parse_request(wire + frame_header(3) + b"abc") == (Request(command, address), len(wire))
+    for n in range(len(wire)):
+        assert parse_request(wire[:n]) is None
+
+
+def test_command_values_are_fixed() -> None:
+    """The values are on the wire: 2 (SOCKS's BIND) stays unused, 3 and 4 never move."""
+    assert [int(c) for c in Command] == [1, 3, 4]
+    with pytest.raises(ProtocolError, match="unknown command 2"):
+        parse_request(b"\x02\x01\x01\x02\x03\x04\x00\x50")
+
+
+def test_datagrams_are_one_frame_each() -> None:
+    """UDP and DNS carry one datagram per frame: boundaries survive any split."""
+    datagrams = [bytes([i]) * (i * 37 % 1400 + 1) for i in range(20)]
+    wire = b"".join(frame_header(len(d)) + d for d in datagrams) + EOF_FRAME
+    decoder = FrameDecoder()
+    out: list[bytes] = []
+    for i in range(0, len(wire), 100):
+        out += decoder.feed(wire[i : i + 100])
+    assert out == datagrams and decoder.eof
+
+
 def test_failure_reply_has_a_zero_address() -> None:
     wire = encode_reply(Reply.NOT_ALLOWED)
     assert parse_reply(wire) == (

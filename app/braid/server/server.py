@@ -2,7 +2,9 @@
 
 One connection carries one flow: TLS handshake, HELLO with the token, AUTH_OK,
 then (after up to ``timeouts.idle`` in the client's warm pool) one REQUEST,
-its REPLY, and the framed relay until both directions have ended.
+its REPLY, and the framed relay until both directions have ended. The flow
+is a TCP stream (CONNECT), datagrams to one destination (UDP, see udp.py) or
+DNS messages answered by the server's resolver (DNS, see dns.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -25,14 +28,17 @@ from braid.protocol.tunnel import (
     Command,
     ProtocolError,
     Reply,
+    Request,
     encode_reply,
     parse_hello,
     parse_request,
 )
+from braid.server.dns import Resolver, serve_dns
 from braid.server.policy import judge, normalise
 from braid.server.probe import start_probe_responder
 from braid.server.state import ServerConfig, StateDir, StateError, format_hostport, token_matches
 from braid.server.system import OwnAddresses
+from braid.server.udp import DatagramCounters, DatagramPipe, relay_udp
 from braid.transport import (
     MptcpUnavailable,
     RelayCounters,
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL = 60.0
 WARNING_INTERVAL = 10.0
+UDP_IDLE = 120.0  # default of timeouts.udp_idle: UDP and DNS sessions without a datagram
 
 
 class ListenError(Exception):
@@ -91,8 +98,10 @@ class Stats:
     requests: int = 0
     refused: int = 0  # by the policy
     unreachable: int = 0  # the destination could not be reached
-    bytes_up: int = 0  # client -> destination
+    bytes_up: int = 0  # client -> destination, datagrams included
     bytes_down: int = 0
+    datagrams_up: int = 0  # UDP datagrams and DNS messages
+    datagrams_down: int = 0
     active: int = 0
 
     def snapshot(self) -> tuple[int, ...]:
@@ -103,8 +112,39 @@ class Stats:
             f"{self.active} open, {self.connections} accepted, "
             f"{self.auth_failures} failed authentication, {self.requests} requests "
             f"({self.refused} refused, {self.unreachable} unreachable), "
-            f"{self.bytes_up} bytes up, {self.bytes_down} bytes down"
+            f"{self.bytes_up} bytes up, {self.bytes_down} bytes down, "
+            f"{self.datagrams_up} datagrams up, {self.datagrams_down} datagrams down"
         )
+
+    def add_datagrams(self, counters: DatagramCounters) -> None:
+        self.bytes_up += counters.bytes_up
+        self.bytes_down += counters.bytes_down
+        self.datagrams_up += counters.datagrams_up
+        self.datagrams_down += counters.datagrams_down
+
+
+def udp_idle_timeout(config: ServerConfig, state: StateDir | None) -> float:
+    """``timeouts.udp_idle`` in seconds: from the configuration, else from server.json, else 120.
+
+    ServerConfig's Timeouts does not carry this setting (yet), and it ignores
+    keys it does not know, so server.json is read for it here; files without
+    it keep loading. Raises StateError on a bad value, like any bad setting.
+    """
+    value = getattr(config.timeouts, "udp_idle", None)
+    if value is None and state is not None:
+        try:
+            data = json.loads(state.config_path.read_text())
+            value = data.get("timeouts", {}).get("udp_idle")
+        except (OSError, ValueError, AttributeError):
+            value = None  # StateDir.load has already reported a broken file
+    if value is None:
+        return UDP_IDLE
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        where = state.config_path if state is not None else "the configuration"
+        raise StateError(
+            f"{where} is invalid: timeouts.udp_idle must be a positive number of seconds"
+        )
+    return float(value)
 
 
 class WarningLimiter:
@@ -224,6 +264,8 @@ class BraidServer:
         self.policy = config.policy()
         self.token = TokenHash(config, state)
         self.own = own_addresses or OwnAddresses()
+        self.udp_idle = udp_idle_timeout(config, state)
+        self.resolver = Resolver()
         self.stats = Stats()
         self.warnings = WarningLimiter()
         self._conns: set[asyncio.Task] = set()
@@ -399,16 +441,27 @@ class BraidServer:
             return
 
         self.stats.requests += 1
+        if request.command == Command.CONNECT:
+            await self._serve_connect(request, reader, writer, label)
+        elif request.command == Command.UDP:
+            await self._serve_udp(request, reader, writer, label)
+        elif request.command == Command.DNS:
+            await self._serve_dns(reader, writer, label)
+        else:
+            log.info("%s: unsupported command %s", label, request.command.name)
+            await self._reply(writer, Reply.COMMAND_NOT_SUPPORTED)
+
+    async def _serve_connect(
+        self,
+        request: Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        label: str,
+    ) -> None:
         dest = request.address
         outcome = await self._connect(dest)
         if outcome.sock is None:
-            if outcome.code == Reply.NOT_ALLOWED:
-                self.stats.refused += 1
-                log.info("%s: refused %s: %s", label, dest, outcome.detail)
-            else:
-                self.stats.unreachable += 1
-                log.debug("%s: cannot reach %s: %s", label, dest, outcome.detail)
-            await self._reply(writer, outcome.code)
+            await self._refuse(writer, label, dest, outcome)
             return
 
         target = outcome.sock
@@ -430,6 +483,67 @@ class BraidServer:
             self.stats.bytes_down += counters.down
             log.debug("%s: %s done, %d bytes up, %d down", label, dest, counters.up, counters.down)
 
+    async def _serve_udp(
+        self,
+        request: Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        label: str,
+    ) -> None:
+        dest = request.address
+        outcome = await self._open_udp(dest)
+        if outcome.sock is None:
+            await self._refuse(writer, label, dest, outcome)
+            return
+        target = outcome.sock
+        counters = DatagramCounters()
+        try:
+            host, port = target.getpeername()[:2]
+            log.debug("%s: UDP to %s (%s)", label, dest, format_hostport(host, port))
+            writer.write(encode_reply(Reply.SUCCEEDED, Address(str(normalise(host)), port)))
+            pipe = DatagramPipe(reader, writer, self.udp_idle, counters)
+            reason = await relay_udp(pipe, target)
+            log.debug("%s: UDP to %s ended (%s)", label, dest, reason)
+        finally:
+            target.close()
+            self.stats.add_datagrams(counters)
+            log.debug(
+                "%s: UDP to %s done, %d datagrams up, %d down",
+                label,
+                dest,
+                counters.datagrams_up,
+                counters.datagrams_down,
+            )
+
+    async def _serve_dns(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str
+    ) -> None:
+        counters = DatagramCounters()
+        writer.write(encode_reply(Reply.SUCCEEDED))
+        try:
+            pipe = DatagramPipe(reader, writer, self.udp_idle, counters)
+            reason = await serve_dns(pipe, self.resolver)
+            log.debug("%s: DNS session ended (%s)", label, reason)
+        finally:
+            self.stats.add_datagrams(counters)
+            log.debug(
+                "%s: DNS done, %d messages from the client, %d answers",
+                label,
+                counters.datagrams_up,
+                counters.datagrams_down,
+            )
+
+    async def _refuse(
+        self, writer: asyncio.StreamWriter, label: str, dest: Address, outcome: Outcome
+    ) -> None:
+        if outcome.code == Reply.NOT_ALLOWED:
+            self.stats.refused += 1
+            log.info("%s: refused %s: %s", label, dest, outcome.detail)
+        else:
+            self.stats.unreachable += 1
+            log.debug("%s: cannot reach %s: %s", label, dest, outcome.detail)
+        await self._reply(writer, outcome.code)
+
     async def _reply(self, writer: asyncio.StreamWriter, code: Reply) -> None:
         """Send a failure REPLY and close the tunnel cleanly, so the client reads it."""
         writer.write(encode_reply(code))
@@ -438,10 +552,8 @@ class BraidServer:
 
     # --- destinations -----------------------------------------------------------------
 
-    async def _connect(self, dest: Address) -> Outcome:
-        """Resolve, check every address against the policy, connect to the first that answers."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.timeouts.connect
+    async def _allowed(self, dest: Address, deadline: float) -> list[tuple[int, tuple]] | Outcome:
+        """Resolve ``dest`` and keep the addresses the policy allows; else why none is."""
         try:
             async with asyncio.timeout_at(deadline):
                 candidates = await self._resolve(dest)
@@ -460,6 +572,15 @@ class BraidServer:
                 refusals.append(f"{sockaddr[0]} ({why})")
         if not allowed:
             return Outcome(Reply.NOT_ALLOWED, "; ".join(refusals) or "no address")
+        return allowed
+
+    async def _connect(self, dest: Address) -> Outcome:
+        """Resolve, check every address against the policy, connect to the first that answers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeouts.connect
+        allowed = await self._allowed(dest, deadline)
+        if isinstance(allowed, Outcome):
+            return allowed
         failures: list[tuple[Reply, str]] = []
         for index, (family, sockaddr) in enumerate(allowed):
             # Each address gets an equal share of the time left, so one that
@@ -470,6 +591,33 @@ class BraidServer:
             except TimeoutError:
                 failures.append((Reply.TIMED_OUT, f"{sockaddr[0]}: timed out"))
             except OSError as exc:
+                code = _ERRNO_REPLY.get(exc.errno or 0, Reply.GENERAL_FAILURE)
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                failures.append((code, f"{sockaddr[0]}: {reason}"))
+            else:
+                return Outcome(Reply.SUCCEEDED, "", sock)
+        code = min((c for c, _ in failures), key=_REPLY_RANK.index)
+        return Outcome(code, "; ".join(d for _, d in failures))
+
+    async def _open_udp(self, dest: Address) -> Outcome:
+        """A UDP socket connected to the first address of ``dest`` the policy allows.
+
+        Connecting a UDP socket sends nothing; it fixes the peer, so the
+        kernel only hands us datagrams from it, and fails at once when there
+        is no route.
+        """
+        loop = asyncio.get_running_loop()
+        allowed = await self._allowed(dest, loop.time() + self.config.timeouts.connect)
+        if isinstance(allowed, Outcome):
+            return allowed
+        failures: list[tuple[Reply, str]] = []
+        for family, sockaddr in allowed:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
                 code = _ERRNO_REPLY.get(exc.errno or 0, Reply.GENERAL_FAILURE)
                 reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
                 failures.append((code, f"{sockaddr[0]}: {reason}"))
@@ -507,4 +655,11 @@ class BraidServer:
         return sock
 
 
-__all__ = ["BraidServer", "ListenError", "Stats", "WarningLimiter", "open_listener"]
+__all__ = [
+    "BraidServer",
+    "ListenError",
+    "Stats",
+    "WarningLimiter",
+    "open_listener",
+    "udp_idle_timeout",
+]
