@@ -58,7 +58,12 @@ def test_init_writes_the_state_and_prints_the_uri_last(tmp_path: Path, capsys) -
     assert config["token_sha256"] == hashlib.sha256(pairing.token.encode()).hexdigest()
     assert pairing.token not in (state / "server.json").read_text()
     assert config["policy"] == {"allow": [], "deny": []}
-    assert config["timeouts"] == {"handshake": 10.0, "idle": 300.0, "connect": 10.0}
+    assert config["timeouts"] == {
+        "handshake": 10.0,
+        "idle": 300.0,
+        "connect": 10.0,
+        "udp_idle": 120.0,
+    }
 
     cert = x509.load_pem_x509_certificate((state / "cert.pem").read_bytes())
     assert fingerprint(cert.public_bytes(Encoding.DER)) == pairing.fingerprint

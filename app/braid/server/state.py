@@ -117,6 +117,7 @@ class Timeouts:
     handshake: float = 10.0  # TCP accept to HELLO read, TLS included
     idle: float = 300.0  # AUTH_OK sent to REQUEST read: the client's warm pool
     connect: float = 10.0  # name resolution and connecting to the destination
+    udp_idle: float = 120.0  # a UDP or DNS session with no datagram either way ends
 
 
 @dataclass
@@ -147,6 +148,7 @@ class ServerConfig:
                 "handshake": self.timeouts.handshake,
                 "idle": self.timeouts.idle,
                 "connect": self.timeouts.connect,
+                "udp_idle": self.timeouts.udp_idle,
             },
         }
 
@@ -177,7 +179,7 @@ class ServerConfig:
         if not isinstance(raw_timeouts, dict):
             raise ValueError("timeouts must be an object")
         timeouts = Timeouts()
-        for name in ("handshake", "idle", "connect"):
+        for name in ("handshake", "idle", "connect", "udp_idle"):
             if name in raw_timeouts:
                 value = raw_timeouts[name]
                 if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
