@@ -47,7 +47,9 @@ ENDPOINT_ID_BASE = 180  # ids 180..243, two per slot (IPv4, IPv6)
 RTPROT_BRAID = 98  # marks the routes and rules Braid adds
 # System-wide mode: captured UDP is marked, then routed to loopback for TPROXY by this table.
 CAPTURE_TABLE = TABLE_BASE + SLOTS  # 18432
-CAPTURE_PRIORITY = RULE_PRIORITY_BASE + SLOTS
+# Before the per-link "from <address>" rules, or a captured datagram with a source address
+# already chosen would leave by its link instead of looping back to braidd.
+CAPTURE_PRIORITY = RULE_PRIORITY_BASE - 1
 
 FLAG_SIGNAL = 1
 FLAG_SUBFLOW = 2
@@ -70,7 +72,7 @@ def owns_table(table: int) -> bool:
 
 
 def owns_priority(priority: int) -> bool:
-    return RULE_PRIORITY_BASE <= priority <= CAPTURE_PRIORITY
+    return CAPTURE_PRIORITY <= priority < RULE_PRIORITY_BASE + SLOTS
 
 
 def owns_endpoint(endpoint_id: int) -> bool:
