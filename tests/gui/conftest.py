@@ -26,6 +26,8 @@ keyring = pytest.importorskip("keyring")
 from fake_braidd import FakeBraidd  # noqa: E402
 from keyring.backend import KeyringBackend  # noqa: E402
 
+import braid.gui  # noqa: E402, F401 - first: it shields Python 3.11 from PySide6 6.12's refcount bug
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # A waitSignal/waitUntil that times out must fail the test, never pass quietly.
@@ -139,3 +141,21 @@ def ask(qtbot):
         return replies[request]
 
     return ask
+
+
+@pytest.fixture
+def session(qtbot, daemon: FakeBraidd):
+    """A Session on a DaemonClient connected to the fake daemon, as the tray builds it."""
+    from braid.gui.client import DaemonClient
+    from braid.gui.preferences import Preferences
+    from braid.gui.session import Session
+    from braid.gui.tokens import TokenStore
+
+    daemon_client = DaemonClient(str(daemon.path), retry_delays=(0.05, 0.1, 0.2))
+    tray_session = Session(daemon_client, Preferences(), TokenStore())
+    with qtbot.waitSignal(daemon_client.status, timeout=5000):
+        daemon_client.start()
+    qtbot.waitUntil(lambda: daemon.subscribers == 1, timeout=3000)
+    yield tray_session
+    with contextlib.suppress(RuntimeError):
+        daemon_client.stop()

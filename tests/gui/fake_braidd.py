@@ -84,6 +84,8 @@ class FakeBraidd:
         pairs = links or [("eth0", "ethernet"), ("wlan0", "wifi"), ("usb0", "cellular")]
         self.links = [make_link(name, kind, i) for i, (name, kind) in enumerate(pairs)]
         self.state = "disconnected"
+        # The pairing it keeps from an earlier "up" (None: never paired); reported while up.
+        self.saved: tuple[str, str] | None = ("198.18.20.2:7443", "3f" * 32)
         self.server: str | None = None
         self.fingerprint: str | None = None
         self.connected_since: float | None = None
@@ -276,13 +278,14 @@ class FakeBraidd:
             except PairingError as exc:
                 raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
             server, fingerprint = pairing.server, pairing.fingerprint
-        elif self.server is None:
+        elif self.saved is None:
             raise ControlError(ErrorCode.INVALID_ARGUMENT, "Braid is not paired with a server yet")
         else:
-            server, fingerprint = self.server, self.fingerprint
+            server, fingerprint = self.saved
         if self.up_error:
             raise ControlError(ErrorCode.FAILED, self.up_error)
         with self._lock:
+            self.saved = (server, fingerprint)
             self.state, self.server, self.fingerprint = "connected", server, fingerprint
             self.connected_since = time.time()
             status = self.status()
@@ -292,6 +295,7 @@ class FakeBraidd:
     def _cmd_down(self, conn: socket.socket, request: dict) -> dict:
         with self._lock:
             self.state, self.connected_since = "disconnected", None
+            self.server = self.fingerprint = None
             status = self.status()
         self.push_event("disconnected", None, "disconnected")
         return status

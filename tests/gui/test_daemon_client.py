@@ -64,7 +64,7 @@ def test_forbidden_says_how_to_join_the_group(qtbot, daemon, client) -> None:
 def test_reconnects_after_a_daemon_restart(qtbot, daemon: FakeBraidd, client) -> None:
     with qtbot.waitSignal(client.disconnected, timeout=3000) as lost:
         daemon.stop()
-    assert "stopped" in lost.args[0]
+    assert "stopped" in lost.args[0] and "systemctl" in lost.args[0]
     assert not client.is_connected
     with qtbot.waitSignal(client.status, timeout=5000):
         daemon.start()

@@ -117,15 +117,14 @@ class DaemonClient(QObject):
         if socket_error == errors.PeerClosedError:
             return  # the disconnected signal tells the rest
         if socket_error == errors.ServerNotFoundError:
-            reason = (
-                f"The Braid daemon is not running (no control socket at {self.path}): {START_HINT}"
-            )
+            reason = f"Braid's daemon is not running ({START_HINT})"
         elif socket_error == errors.ConnectionRefusedError:
-            reason = f"The Braid daemon is not answering on {self.path}: {START_HINT}"
+            reason = f"Braid's daemon is not answering ({START_HINT})"
         elif socket_error == errors.SocketAccessError:
-            reason = f"Not allowed to open {self.path}: {GROUP_HINT}"
+            reason = f"Not allowed to reach Braid's daemon: {GROUP_HINT}"
         else:
-            reason = f"Lost the Braid daemon ({self._socket.errorString()}): {START_HINT}"
+            reason = f"Lost Braid's daemon: {self._socket.errorString()} ({START_HINT})"
+        log.debug("control socket %s: %s", self.path, self._socket.errorString())
         if self.is_connected:
             self._lost(reason)
         else:
@@ -164,7 +163,10 @@ class DaemonClient(QObject):
 
     def _check_alive(self) -> None:
         if self.is_connected and time.monotonic() - self._last_message > self._stall_after:
-            reason = f"The Braid daemon stopped answering (nothing for {self._stall_after:.0f} s); reconnecting…"
+            reason = (
+                f"Braid's daemon stopped answering (nothing for {self._stall_after:.0f} s); "
+                "reconnecting (if it stays silent: sudo systemctl restart braidd)"
+            )
             self._lost(reason)
             self._socket.abort()
 
@@ -198,7 +200,7 @@ class DaemonClient(QObject):
     def _send(self, cmd: str, **args: Any) -> int:
         request_id = next(self._ids)
         if not self.is_connected:
-            reason = self.last_reason or f"The Braid daemon is not connected: {START_HINT}"
+            reason = self.last_reason or f"Braid's daemon is not connected ({START_HINT})"
             # Answer later, as a real reply would come: callers connect to reply after sending.
             QTimer.singleShot(0, lambda: self._answer_failed(request_id, DISCONNECTED, reason))
             return request_id
@@ -223,7 +225,7 @@ class DaemonClient(QObject):
             if line.strip():
                 self._handle(line)
         if self._socket.bytesAvailable() > MAX_BUFFER:
-            self._lost("The Braid daemon sent a line too long to be a message; reconnecting…")
+            self._lost("Braid's daemon sent a line too long to be a message; reconnecting")
             self._socket.abort()
 
     def _handle(self, line: bytes) -> None:

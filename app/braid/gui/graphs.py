@@ -209,7 +209,7 @@ class RateGraphs(QWidget):
                 curve = plot.curve(name, self.colours.colour(name), 1.8)
                 curve.setData(self.x, self.history.series(name, direction) / 1e6)
             total = plot.curve(TOTAL, text, 2.2, fill=True)
-            total.setData(self.x, np.nan_to_num(self.history.series(TOTAL, direction)) / 1e6)
+            total.setData(self.x, self.history.series(TOTAL, direction) / 1e6)
             for name in list(plot.curves):
                 if name != TOTAL and name not in self.history.names():
                     plot.removeItem(plot.curves.pop(name))

@@ -199,6 +199,20 @@ class IconSet:
             self._kinds[key] = make_icon(kind_painter(key[0], colour), (16, 22, 32))
         return self._kinds[key]
 
+    def dot(self, colour: QColor | str) -> QIcon:
+        """A small filled circle: a link's health in the table."""
+        colour = QColor(colour)
+        key = ("dot", colour.name())
+        if key not in self._kinds:
+
+            def paint(painter: QPainter) -> None:
+                painter.setPen(Qt.PenStyle.NoPen)
+                painter.setBrush(colour)
+                painter.drawEllipse(QPointF(32, 32), 17, 17)
+
+            self._kinds[key] = make_icon(paint, (16, 22, 32))
+        return self._kinds[key]
+
     def app(self) -> QIcon:
         if self._app is None:
             self._app = make_icon(app_painter, APP_SIZES)

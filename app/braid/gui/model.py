@@ -171,7 +171,7 @@ class LinkTableModel(QAbstractTableModel):
                     str(row.get("kind", "other")), self.colours.colour(str(row["name"]))
                 )
             if key == "state":
-                return QColor(self._state_colour(row))
+                return self.icons.dot(self._state_colour(row))
             return None
         if role == Qt.ItemDataRole.CheckStateRole and key == "metered":
             return Qt.CheckState.Checked if row.get("metered") else Qt.CheckState.Unchecked
@@ -429,3 +429,27 @@ class LinkTableModel(QAbstractTableModel):
             return False
         destination = target if offset < 0 else target + 1
         return self.moveRows(QModelIndex(), row, 1, QModelIndex(), destination)
+
+
+def link_changes(
+    before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> tuple[list[tuple[str, dict[str, Any]]], list[str] | None]:
+    """What the user changed in the table: set-link arguments per link, and the new order.
+
+    Only fields that differ are sent, so accepting an untouched dialog sends nothing.
+    """
+    old = {str(link.get("name")): link for link in before}
+    changes = []
+    for link in after:
+        name = str(link.get("name"))
+        if name not in old:
+            continue
+        diff = {
+            key: link.get(key)
+            for key in ("priority", "metered", "cap")
+            if link.get(key) != old[name].get(key)
+        }
+        if diff:
+            changes.append((name, diff))
+    order = [str(link.get("name")) for link in after]
+    return changes, (order if order != [str(link.get("name")) for link in before] else None)

@@ -1,0 +1,243 @@
+"""``braid tray`` (also ``braid-tray``): the tray icon, the dashboard and the settings dialog.
+
+    braid tray [--control PATH] [--show dashboard|settings] [--dump FILE]
+
+One tray per user: a second start asks the first to show its dashboard (or what
+--show says) and exits. Without a system tray the dashboard opens instead, and closing
+it quits. --dump asks the running tray to write its state as JSON (tests, bug reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QSettings, QSocketNotifier, QTimer
+from PySide6.QtWidgets import QApplication, QSystemTrayIcon
+
+from braid.client import default_control_path
+from braid.gui.client import DaemonClient
+from braid.gui.colours import LinkColours
+from braid.gui.dashboard import Dashboard
+from braid.gui.icons import IconSet
+from braid.gui.instance import SingleInstance, forward
+from braid.gui.preferences import Preferences, config_dir
+from braid.gui.session import Session
+from braid.gui.settings import SettingsDialog
+from braid.gui.tokens import TokenStore
+from braid.gui.tray import Tray
+
+log = logging.getLogger("braid.tray")
+
+TRAY_POLL_MS = 2000  # how often to look for a tray host that was not there at start
+
+
+class TrayApp(QObject):
+    """Builds and wires everything; the one place that knows all the parts."""
+
+    def __init__(self, control_path: str, app: QApplication) -> None:
+        super().__init__()
+        self.app = app
+        self.icons = IconSet()
+        self.preferences = Preferences()
+        self.tokens = TokenStore()
+        colour_store = QSettings(str(config_dir() / "colours.conf"), QSettings.Format.IniFormat)
+        self.client = DaemonClient(control_path, self)
+        self.session = Session(
+            self.client, self.preferences, self.tokens, LinkColours(colour_store)
+        )
+        self.tray = Tray(self.session, self.icons, self)
+        self.tray.dashboard_requested.connect(self.toggle_dashboard)
+        self.tray.settings_requested.connect(self.show_settings)
+        self.tray.quit_requested.connect(self.quit)
+        self.dashboard: Dashboard | None = None
+        self.settings: SettingsDialog | None = None
+        self.has_tray = False
+        self._tray_poll = QTimer(self)
+        self._tray_poll.setInterval(TRAY_POLL_MS)
+        self._tray_poll.timeout.connect(self._look_for_tray)
+
+    def start(self) -> None:
+        self.client.start()
+        self.has_tray = QSystemTrayIcon.isSystemTrayAvailable()
+        log.info("system tray available: %s", str(self.has_tray).lower())
+        if self.has_tray:
+            self.tray.show()
+        else:
+            log.info("no system tray: showing the dashboard instead (closing it quits)")
+            self.show_dashboard()
+            self._tray_poll.start()
+
+    def _look_for_tray(self) -> None:
+        """A panel that starts after us (a login race) still gets its icon."""
+        if QSystemTrayIcon.isSystemTrayAvailable():
+            self._tray_poll.stop()
+            self.has_tray = True
+            self.tray.show()
+            log.info("system tray available: true (it appeared)")
+
+    # -- windows ------------------------------------------------------------------------
+
+    def ensure_dashboard(self) -> Dashboard:
+        if self.dashboard is None:
+            self.dashboard = Dashboard(self.session, self.icons)
+            self.dashboard.settings_requested.connect(self.show_settings)
+            self.dashboard.closed.connect(self._dashboard_closed)
+        return self.dashboard
+
+    def show_dashboard(self) -> None:
+        self.ensure_dashboard().present()
+
+    def toggle_dashboard(self) -> None:
+        self.ensure_dashboard().toggle_visible()
+
+    def _dashboard_closed(self) -> None:
+        if not self.has_tray:
+            self.quit()  # with no tray there would be no way back to it
+
+    def show_settings(self) -> None:
+        if self.settings is not None and self.settings.isVisible():
+            self.settings.raise_()
+            self.settings.activateWindow()
+            return
+        self.settings = SettingsDialog(self.session, self.icons, self.tokens)
+        self.settings.applied.connect(self.tray.refresh)
+        self.settings.finished.connect(self._settings_closed)
+        self.settings.show()
+        self.settings.raise_()
+        self.settings.activateWindow()
+
+    def _settings_closed(self) -> None:
+        if self.settings is not None:
+            self.settings.deleteLater()
+            self.settings = None
+
+    # -- requests from a second start --------------------------------------------------
+
+    def handle(self, message: str) -> None:
+        verb, _, argument = message.partition(" ")
+        if verb == "show" and argument == "settings":
+            self.show_settings()
+        elif verb == "show":
+            self.show_dashboard()
+        elif verb == "dump" and argument:
+            self.dump(Path(argument))
+        else:
+            log.warning("ignoring an unknown request from another start: %r", message)
+
+    def state(self) -> dict[str, Any]:
+        """What the tray shows, as data: for tests, benchmarks and bug reports."""
+        dashboard = self.dashboard
+        return {
+            "pid": os.getpid(),
+            "tray_available": QSystemTrayIcon.isSystemTrayAvailable(),
+            "tray_visible": self.tray.icon.isVisible(),
+            "icon_state": self.tray.shown_state,
+            "tooltip": self.tray.icon.toolTip(),
+            "daemon_connected": self.client.is_connected,
+            "state": str(self.session.state),
+            "problem": self.session.problem,
+            "links": [link.get("name") for link in self.session.links],
+            "history": self.session.history.summary(),
+            "samples": self.session.history.count,
+            "dashboard_visible": bool(dashboard and dashboard.isVisible()),
+            "curves": dashboard.graphs.drawn_peaks() if dashboard else {},
+            "settings_visible": bool(self.settings and self.settings.isVisible()),
+            "menu": [action.text() for action in self.tray.menu.actions() if action.text()],
+        }
+
+    def dump(self, path: Path) -> None:
+        self.tray.rebuild_menu()
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        os.replace(tmp, path)
+
+    def quit(self) -> None:
+        self.client.stop()
+        self.tray.icon.hide()
+        self.app.quit()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="braid tray", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--control",
+        default=default_control_path(),
+        help="the daemon's control socket (default: $BRAID_CONTROL or /run/braid/control.sock)",
+    )
+    parser.add_argument(
+        "--show",
+        choices=("dashboard", "settings"),
+        help="open this window at start (or in the tray already running)",
+    )
+    parser.add_argument("--dump", metavar="FILE", help="ask the running tray to write its state")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s braid-tray: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "braid-tray"])
+    app.setApplicationName("Braid")
+    app.setDesktopFileName("braid-tray")
+    app.setQuitOnLastWindowClosed(False)  # closing the dashboard leaves the tray running
+
+    message = (
+        f"dump {Path(args.dump).resolve()}" if args.dump else f"show {args.show or 'dashboard'}"
+    )
+    if forward(message):
+        log.info("Braid's tray is already running: asked it to %s", message)
+        return 0
+    if args.dump:
+        print("braid tray: no tray is running", file=sys.stderr)
+        return 1
+
+    instance = SingleInstance()
+    instance.listen()
+    tray = TrayApp(args.control, app)
+    app.setWindowIcon(tray.icons.app())
+    instance.message.connect(tray.handle)
+    tray.start()
+    if args.show == "settings":
+        tray.show_settings()
+    elif args.show == "dashboard":
+        tray.show_dashboard()
+
+    wakeup = _quit_on_signals(tray)
+    code = app.exec()
+    instance.close()
+    del wakeup
+    return code
+
+
+def _quit_on_signals(tray: TrayApp) -> tuple[socket.socket, socket.socket, QSocketNotifier]:
+    """Ctrl-C and SIGTERM end the tray cleanly.
+
+    Python runs signal handlers only between bytecodes, never while Qt's loop waits; the
+    wakeup fd makes the loop wake (instead of polling with a timer, which costs CPU).
+    """
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno())
+    notifier = QSocketNotifier(reader.fileno(), QSocketNotifier.Type.Read, tray)
+    notifier.activated.connect(lambda *_: reader.recv(64))
+    signal.signal(signal.SIGINT, lambda *_: tray.quit())
+    signal.signal(signal.SIGTERM, lambda *_: tray.quit())
+    return reader, writer, notifier
+
+
+if __name__ == "__main__":
+    sys.exit(main())

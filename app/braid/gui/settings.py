@@ -1,0 +1,651 @@
+"""The settings dialog: the server, the links, the traffic, the tray itself.
+
+Nothing is sent or saved until OK: Cancel leaves the daemon and the files as they were.
+The Traffic, Advanced and General pages are generated from the declarations in
+braid.gui.preferences (and the daemon's own schema); Server and Links are made by hand
+because they do more than hold values.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QModelIndex, QPersistentModelIndex, Qt, Signal
+from PySide6.QtGui import QFont, QFontDatabase, QPalette
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPlainTextEdit,
+    QPushButton,
+    QRadioButton,
+    QScrollArea,
+    QSpinBox,
+    QStackedWidget,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from braid.gui import autostart
+from braid.gui.icons import IconSet
+from braid.gui.model import (
+    CHOICES_ROLE,
+    SETTINGS_COLUMNS,
+    LinkTableModel,
+    link_changes,
+)
+from braid.gui.preferences import DAEMON, LOCAL_SETTINGS, SavedPairing, SettingSpec, daemon_specs
+from braid.gui.session import Session
+from braid.gui.tokens import TokenStore
+from braid.protocol.pairing import Pairing, PairingError, parse_pairing
+
+log = logging.getLogger(__name__)
+
+ERROR_COLOUR = "#c01c28"
+OK_COLOUR = "#26a269"
+
+
+def _muted(label: QLabel) -> QLabel:
+    palette = label.palette()
+    palette.setColor(
+        QPalette.ColorRole.WindowText, palette.color(QPalette.ColorRole.PlaceholderText)
+    )
+    label.setPalette(palette)
+    label.setWordWrap(True)
+    return label
+
+
+def _intro(text: str) -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setTextFormat(Qt.TextFormat.RichText)
+    return label
+
+
+def _page_title(text: str) -> QLabel:
+    label = QLabel(text)
+    font = label.font()
+    font.setPointSizeF(font.pointSizeF() * 1.25)
+    font.setWeight(QFont.Weight.DemiBold)
+    label.setFont(font)
+    return label
+
+
+def group_fingerprint(fp: str) -> str:
+    """64 hex digits in blocks of four, two lines: easier to compare with the server's."""
+    blocks = [fp[i : i + 4] for i in range(0, len(fp), 4)]
+    return " ".join(blocks[:8]) + "\n" + " ".join(blocks[8:])
+
+
+# -- pages generated from declarations ----------------------------------------------
+
+
+class SettingsForm(QWidget):
+    """A form built from SettingSpecs: a check box, a number, choices, a list or a text each."""
+
+    def __init__(
+        self, specs: list[SettingSpec], values: dict[str, Any], parent: QWidget | None = None
+    ) -> None:
+        super().__init__(parent)
+        self.specs = {spec.key: spec for spec in specs}
+        self._read: dict[str, Any] = {}
+        self.widgets: dict[str, QWidget] = {}
+        layout = QFormLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setHorizontalSpacing(18)
+        layout.setVerticalSpacing(14)
+        layout.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        layout.setLabelAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        for spec in specs:
+            value = values.get(spec.key, spec.default)
+            field, read = self._field(spec, value)
+            self._read[spec.key] = read
+            self.widgets[spec.key] = field
+            box = QWidget()
+            column = QVBoxLayout(box)
+            column.setContentsMargins(0, 0, 0, 0)
+            column.setSpacing(3)
+            column.addWidget(field)
+            help_text = spec.help
+            if not spec.supported:
+                field.setEnabled(False)
+                help_text += " (The running daemon does not offer this setting yet.)"
+            if help_text:
+                column.addWidget(_muted(QLabel(help_text)))
+            label = "" if spec.type is bool else spec.label
+            layout.addRow(label, box)
+
+    def _field(self, spec: SettingSpec, value: Any) -> tuple[QWidget, Any]:
+        if spec.type is bool:
+            box = QCheckBox(spec.label)
+            box.setChecked(bool(value))
+            return box, box.isChecked
+        if spec.type in (int, float):
+            spin: QSpinBox | QDoubleSpinBox = QSpinBox() if spec.type is int else QDoubleSpinBox()
+            spin.setRange(
+                spec.minimum if spec.minimum is not None else -(2**31),
+                spec.maximum if spec.maximum is not None else 2**31 - 1,
+            )
+            spin.setValue(value if value is not None else 0)
+            spin.setMaximumWidth(140)
+            return spin, spin.value
+        if spec.type is list:
+            edit = QPlainTextEdit("\n".join(str(v) for v in value or []))
+            edit.setFixedHeight(84)
+            edit.setPlaceholderText("one per line")
+            return edit, lambda: [
+                line.strip() for line in edit.toPlainText().splitlines() if line.strip()
+            ]
+        if spec.choices and len(spec.choices) <= 3:
+            holder = QWidget()
+            rows = QVBoxLayout(holder)
+            rows.setContentsMargins(0, 0, 0, 0)
+            rows.setSpacing(4)
+            group = QButtonGroup(holder)
+            buttons: dict[str, QRadioButton] = {}
+            for choice, text in spec.choices:
+                why = spec.unavailable.get(choice) or (
+                    spec.not_yet.get(choice) if not spec.supported else None
+                )
+                button = QRadioButton(f"{text} ({why})" if why else text)
+                button.setEnabled(why is None)
+                group.addButton(button)
+                rows.addWidget(button)
+                buttons[choice] = button
+            buttons.get(value, next(iter(buttons.values()))).setChecked(True)
+            return holder, lambda: next(
+                (choice for choice, button in buttons.items() if button.isChecked()), value
+            )
+        if spec.choices:
+            combo = QComboBox()
+            for choice, text in spec.choices:
+                combo.addItem(text, choice)
+            combo.setCurrentIndex(max(0, combo.findData(value)))
+            return combo, combo.currentData
+        edit = QLineEdit("" if value is None else str(value))
+        return edit, edit.text
+
+    def values(self) -> dict[str, Any]:
+        return {key: read() for key, read in self._read.items() if self.specs[key].supported}
+
+    def set_value(self, key: str, value: Any) -> None:
+        """Set a field as the user would (for the tests and for defaults)."""
+        widget = self.widgets[key]
+        if isinstance(widget, QCheckBox):
+            widget.setChecked(bool(value))
+        elif isinstance(widget, QSpinBox | QDoubleSpinBox):
+            widget.setValue(value)
+        elif isinstance(widget, QPlainTextEdit):
+            widget.setPlainText("\n".join(value))
+        elif isinstance(widget, QComboBox):
+            widget.setCurrentIndex(widget.findData(value))
+        elif isinstance(widget, QLineEdit):
+            widget.setText(str(value))
+        else:
+            for button in widget.findChildren(QRadioButton):
+                label = dict(self.specs[key].choices).get(value, "")
+                if button.text().startswith(label):
+                    button.setChecked(True)
+
+
+# -- the links page's editors ----------------------------------------------------------
+
+
+class ChoiceDelegate(QStyledItemDelegate):
+    """A combo box for the columns whose model offers choices (priority, period, at cap)."""
+
+    def createEditor(
+        self, parent: QWidget, option: QStyleOptionViewItem, index: QModelIndex
+    ) -> QWidget:
+        choices = index.data(CHOICES_ROLE)
+        if choices:
+            combo = QComboBox(parent)
+            for value, label in choices:
+                combo.addItem(label, value)
+            combo.activated.connect(lambda _=0, c=combo: self.commitData.emit(c))
+            return combo
+        if index.data(Qt.ItemDataRole.EditRole).__class__ is int:
+            spin = QSpinBox(parent)
+            spin.setRange(1, 28)
+            return spin
+        return super().createEditor(parent, option, index)
+
+    def setEditorData(self, editor: QWidget, index: QModelIndex | QPersistentModelIndex) -> None:
+        if isinstance(editor, QComboBox):
+            editor.setCurrentIndex(max(0, editor.findData(index.data(Qt.ItemDataRole.EditRole))))
+        else:
+            super().setEditorData(editor, index)
+
+    def setModelData(self, editor: QWidget, model, index) -> None:
+        if isinstance(editor, QComboBox):
+            model.setData(index, editor.currentData(), Qt.ItemDataRole.EditRole)
+        else:
+            super().setModelData(editor, model, index)
+
+
+class LinksPage(QWidget):
+    """Every link: order by dragging (or the buttons), priority, metered, cap."""
+
+    def __init__(self, session: Session, icons: IconSet, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.original = session.links
+        self.model = LinkTableModel(
+            session.colours, icons, SETTINGS_COLUMNS, editable=True, parent=self
+        )
+        self.model.set_links(self.original)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(10)
+        layout.addWidget(_page_title("Links"))
+        layout.addWidget(
+            _intro(
+                "Drag a link up or down to set the order new connections try them in. "
+                "<b>Always</b> carries traffic, <b>Backup</b> only when no Always link works, "
+                "<b>Never</b> leaves the link alone. A data cap turns a link into Backup or "
+                "Never once it is used up."
+            )
+        )
+        self.table = QTableView()
+        self.table.setModel(self.model)
+        self.table.setItemDelegate(ChoiceDelegate(self.table))
+        self.table.verticalHeader().hide()
+        self.table.setShowGrid(False)
+        self.table.setAlternatingRowColors(True)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setDragDropMode(QAbstractItemView.DragDropMode.InternalMove)
+        self.table.setDragDropOverwriteMode(False)
+        self.table.setDefaultDropAction(Qt.DropAction.MoveAction)
+        self.table.setDropIndicatorShown(True)
+        self.table.setEditTriggers(
+            QAbstractItemView.EditTrigger.DoubleClicked
+            | QAbstractItemView.EditTrigger.SelectedClicked
+            | QAbstractItemView.EditTrigger.EditKeyPressed
+        )
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        header.setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+        self.table.verticalHeader().setDefaultSectionSize(34)
+        layout.addWidget(self.table, 1)
+
+        buttons = QHBoxLayout()
+        self.up_button = QPushButton("Move up")
+        self.down_button = QPushButton("Move down")
+        self.up_button.clicked.connect(lambda: self._move(-1))
+        self.down_button.clicked.connect(lambda: self._move(+1))
+        buttons.addWidget(self.up_button)
+        buttons.addWidget(self.down_button)
+        buttons.addStretch(1)
+        self.message = QLabel()
+        self.message.setStyleSheet(f"color: {ERROR_COLOUR}")
+        buttons.addWidget(self.message)
+        layout.addLayout(buttons)
+        if not self.original:
+            self.message.setText("No links yet: is the daemon running?")
+        self.model.invalid.connect(self.message.setText)
+        self.model.rowsMoved.connect(self._open_editors)
+        self.model.modelReset.connect(self._open_editors)
+        self._open_editors()
+
+    def _open_editors(self, *_: object) -> None:
+        """Priority as a visible drop-down on every row: the one choice everybody makes."""
+        column = self.model.column_of("priority")
+        for row in range(self.model.rowCount()):
+            index = self.model.index(row, column)
+            if self.table.isPersistentEditorOpen(index):
+                self.table.closePersistentEditor(index)
+            self.table.openPersistentEditor(index)
+
+    def _move(self, offset: int) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        if not rows:
+            return
+        row = rows[0].row()
+        if self.model.move(row, offset):
+            self.table.selectRow(row + offset)
+
+    def changes(self) -> tuple[list[tuple[str, dict[str, Any]]], list[str] | None]:
+        return link_changes(self.original, self.model.links())
+
+
+# -- the server page ---------------------------------------------------------------------
+
+
+class ServerPage(QWidget):
+    """Pairing: paste or open the URI, see what it says, test it."""
+
+    def __init__(self, session: Session, tokens: TokenStore, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.session = session
+        self.tokens = tokens
+        self.pairing: Pairing | None = None
+        self._test_request: int | None = None
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(10)
+        layout.addWidget(_page_title("Server"))
+        layout.addWidget(
+            _intro(
+                "Paste the pairing URI that <code>braid-server init</code> printed on your "
+                "server, or open a file that holds it."
+            )
+        )
+        row = QHBoxLayout()
+        self.uri = QPlainTextEdit()
+        self.uri.setPlaceholderText("braid://your.server.example:7443?fp=…&token=…")
+        self.uri.setFixedHeight(64)
+        self.uri.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+        self.uri.textChanged.connect(self._validate)
+        row.addWidget(self.uri, 1)
+        self.open_button = QPushButton("Open file…")
+        self.open_button.clicked.connect(self.open_file)
+        row.addWidget(self.open_button, 0, Qt.AlignmentFlag.AlignTop)
+        layout.addLayout(row)
+        self.verdict = QLabel()
+        self.verdict.setWordWrap(True)
+        layout.addWidget(self.verdict)
+
+        form = QFormLayout()
+        form.setHorizontalSpacing(18)
+        form.setVerticalSpacing(8)
+        self.server_label = QLabel("–")
+        self.fingerprint_label = QLabel("–")
+        self.fingerprint_label.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+        self.token_label = _muted(QLabel("–"))
+        for label in (self.server_label, self.fingerprint_label):
+            label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        form.addRow("Server", self.server_label)
+        form.addRow("Certificate", self.fingerprint_label)
+        form.addRow("Token", self.token_label)
+        layout.addLayout(form)
+
+        test_row = QHBoxLayout()
+        self.test_button = QPushButton("Test connection")
+        self.test_button.clicked.connect(self.test_connection)
+        test_row.addWidget(self.test_button)
+        self.test_result = QLabel()
+        self.test_result.setWordWrap(True)
+        self.test_result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        test_row.addWidget(self.test_result, 1)
+        layout.addLayout(test_row)
+        layout.addStretch(1)
+        session.client.reply.connect(self._on_reply)
+        self._show_current()
+
+    def _show_current(self) -> None:
+        saved = self.session.preferences.pairing()
+        status = self.session.status
+        if saved is not None:
+            self.server_label.setText(saved.server)
+            self.fingerprint_label.setText(group_fingerprint(saved.fingerprint))
+            where = "in your keyring" if self.tokens.backend_name() else "in a private file"
+            self.token_label.setText(f"saved {where}")
+        elif status.get("server"):
+            self.server_label.setText(f"{status['server']} (paired through the daemon)")
+            if status.get("fingerprint"):
+                self.fingerprint_label.setText(group_fingerprint(str(status["fingerprint"])))
+            self.token_label.setText("kept by the daemon")
+        else:
+            self.server_label.setText("not paired yet")
+        self.test_button.setEnabled(bool(saved or status.get("server")))
+
+    def _validate(self) -> None:
+        text = self.uri.toPlainText().strip()
+        self.pairing = None
+        if not text:
+            self.verdict.clear()
+            self._show_current()
+            return
+        try:
+            self.pairing = parse_pairing(text)
+        except PairingError as exc:
+            self.verdict.setText(f"<span style='color:{ERROR_COLOUR}'>✗ {exc}</span>")
+            self.test_button.setEnabled(False)
+            return
+        backend = self.tokens.backend_name()
+        self.verdict.setText(
+            f"<span style='color:{OK_COLOUR}'>✓ A valid pairing: OK saves it.</span>"
+        )
+        self.server_label.setText(self.pairing.server)
+        self.fingerprint_label.setText(group_fingerprint(self.pairing.fingerprint))
+        self.token_label.setText(
+            f"will be saved in your keyring ({backend})"
+            if backend
+            else "no keyring is available: it will be saved in a file only you can read"
+        )
+        self.test_button.setEnabled(True)
+
+    @property
+    def invalid(self) -> bool:
+        """Text was entered that is not a pairing: OK must not pretend it was saved."""
+        return bool(self.uri.toPlainText().strip()) and self.pairing is None
+
+    def open_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open a pairing", str(Path.home()), "Pairing (*.txt *.uri);;All files (*)"
+        )
+        if not path:
+            return
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError as exc:
+            self.verdict.setText(f"<span style='color:{ERROR_COLOUR}'>✗ {exc.strerror}</span>")
+            return
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        uri = next((line for line in lines if line.startswith("braid://")), text.strip())
+        self.uri.setPlainText(uri)
+
+    def test_connection(self) -> None:
+        uri = self.pairing.uri() if self.pairing else None
+        self.test_button.setEnabled(False)
+        self.test_result.setText("Connecting…")
+        self._test_request = self.session.connect_tunnel(uri)
+
+    def _on_reply(self, request_id: int, ok: bool, result: object) -> None:
+        if request_id != self._test_request:
+            return
+        self._test_request = None
+        self.test_button.setEnabled(True)
+        if ok:
+            state = result.get("state") if isinstance(result, dict) else None
+            server = result.get("server") if isinstance(result, dict) else None
+            text = f"✓ Connected to {server}" if state in ("connected", "degraded") else "✓ Up"
+            self.test_result.setText(f"<span style='color:{OK_COLOUR}'>{text}</span>")
+        else:
+            message = result.get("message") if isinstance(result, dict) else str(result)
+            self.test_result.setText(f"<span style='color:{ERROR_COLOUR}'>✗ {message}</span>")
+
+    def save(self) -> str | None:
+        """Keep a newly entered pairing: token to the keyring, the rest to the preferences."""
+        if self.pairing is None:
+            return None
+        where = self.tokens.save(self.pairing.server, self.pairing.token)
+        self.session.preferences.set_pairing(
+            SavedPairing(self.pairing.host, self.pairing.port, self.pairing.fingerprint)
+        )
+        return where
+
+
+# -- the dialog --------------------------------------------------------------------------
+
+
+class SettingsDialog(QDialog):
+    """Pages on the left, OK applies everything at once, Cancel nothing."""
+
+    applied = Signal()  # after OK: the tray redraws with the new preferences
+
+    PAGES = ("Server", "Links", "Traffic", "General", "Advanced")
+
+    def __init__(
+        self, session: Session, icons: IconSet, tokens: TokenStore, parent: QWidget | None = None
+    ) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.setWindowTitle("Braid settings")
+        self.setWindowIcon(icons.app())
+        self.resize(860, 580)
+        self.setMinimumSize(720, 480)
+        self._settings_request: int | None = None
+        self.daemon_values: dict[str, Any] = {}
+        self.daemon_forms: dict[str, SettingsForm] = {}
+
+        self.sidebar = QListWidget()
+        self.sidebar.setFixedWidth(150)
+        self.sidebar.setSpacing(2)
+        self.sidebar.setFrameShape(QListWidget.Shape.NoFrame)
+        self.sidebar.setStyleSheet("QListWidget::item { padding: 7px 10px; }")
+        self.stack = QStackedWidget()
+        self.sidebar.currentRowChanged.connect(self.stack.setCurrentIndex)
+
+        self.server_page = ServerPage(session, tokens)
+        self.links_page = LinksPage(session, icons)
+        local_values = session.preferences.values()
+        local_values["start_at_login"] = autostart.is_enabled()
+        self.general_form = SettingsForm(list(LOCAL_SETTINGS), local_values)
+        self._traffic_holder = self._placeholder("Traffic", "Asking the daemon for its settings…")
+        self._advanced_holder = self._placeholder("Advanced", "Asking the daemon…")
+        pages = {
+            "Server": self.server_page,
+            "Links": self.links_page,
+            "Traffic": self._traffic_holder,
+            "General": self._generated("General", self.general_form),
+            "Advanced": self._advanced_holder,
+        }
+        for name in self.PAGES:
+            self.sidebar.addItem(name)
+            self.stack.addWidget(self._scrolled(pages[name]))
+
+        buttons = QDialogButtonBox(
+            QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
+        )
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        self.buttons = buttons
+
+        body = QHBoxLayout()
+        body.setSpacing(18)
+        body.addWidget(self.sidebar)
+        body.addWidget(self.stack, 1)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(14, 14, 14, 12)
+        outer.setSpacing(12)
+        outer.addLayout(body, 1)
+        outer.addWidget(buttons)
+        self.sidebar.setCurrentRow(0)
+
+        session.client.reply.connect(self._on_reply)
+        self._settings_request = session.client.get_settings()
+
+    # -- pages ----------------------------------------------------------------------
+
+    def _placeholder(self, title: str, text: str) -> QWidget:
+        page = QWidget()
+        layout = QVBoxLayout(page)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(_page_title(title))
+        page.note = _muted(QLabel(text))  # type: ignore[attr-defined]
+        layout.addWidget(page.note)  # type: ignore[attr-defined]
+        layout.addStretch(1)
+        return page
+
+    def _generated(self, title: str, form: SettingsForm, note: str = "") -> QWidget:
+        page = QWidget()
+        layout = QVBoxLayout(page)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(12)
+        layout.addWidget(_page_title(title))
+        if note:
+            layout.addWidget(_muted(QLabel(note)))
+        layout.addWidget(form)
+        layout.addStretch(1)
+        return page
+
+    def _scrolled(self, page: QWidget) -> QScrollArea:
+        area = QScrollArea()
+        area.setWidget(page)
+        area.setWidgetResizable(True)
+        area.setFrameShape(QScrollArea.Shape.NoFrame)
+        return area
+
+    def _replace_page(self, name: str, page: QWidget) -> None:
+        index = self.PAGES.index(name)
+        old = self.stack.widget(index)
+        self.stack.insertWidget(index, self._scrolled(page))
+        self.stack.removeWidget(old)
+        old.deleteLater()
+        self.stack.setCurrentIndex(self.sidebar.currentRow())
+
+    def select_page(self, name: str) -> None:
+        self.sidebar.setCurrentRow(self.PAGES.index(name))
+
+    def _on_reply(self, request_id: int, ok: bool, result: object) -> None:
+        if request_id != self._settings_request:
+            return
+        self._settings_request = None
+        if not ok or not isinstance(result, dict):
+            message = result.get("message") if isinstance(result, dict) else str(result)
+            schema: list[dict[str, Any]] = []
+            note = f"The daemon's settings could not be read: {message}"
+        else:
+            schema = list(result.get("schema") or [])
+            self.daemon_values = dict(result.get("values") or {})
+            note = ""
+        specs = daemon_specs(schema)
+        for page, title, intro in (
+            ("Traffic", "Traffic", "What goes through Braid, and how."),
+            ("Advanced", "Advanced", "The daemon's other settings. The defaults suit most people."),
+        ):
+            mine = [spec for spec in specs if spec.page == page]
+            form = SettingsForm(mine, self.daemon_values)
+            self.daemon_forms[page] = form
+            self._replace_page(page, self._generated(title, form, note or intro))
+
+    # -- applying ---------------------------------------------------------------------
+
+    def daemon_changes(self) -> dict[str, Any]:
+        changes: dict[str, Any] = {}
+        for form in self.daemon_forms.values():
+            for key, value in form.values().items():
+                if form.specs[key].scope == DAEMON and value != self.daemon_values.get(key):
+                    changes[key] = value
+        return changes
+
+    def accept(self) -> None:
+        if self.server_page.invalid:
+            self.select_page("Server")
+            self.server_page.uri.setFocus()
+            return  # the page says what is wrong; nothing is applied
+        client = self.session.client
+        self.server_page.save()
+        changes, order = self.links_page.changes()
+        if order is not None:
+            client.set_order(order)
+        for name, diff in changes:
+            client.set_link(name, **diff)
+        daemon = self.daemon_changes()
+        if daemon:
+            client.set_settings(daemon)
+        preferences = self.session.preferences
+        for key, value in self.general_form.values().items():
+            if key == "start_at_login":
+                autostart.set_enabled(bool(value))
+            preferences.set_value(key, value)
+        self.applied.emit()
+        super().accept()
