@@ -49,6 +49,7 @@ class SingleInstance(QObject):
         self.server = QLocalServer(self)
         self.server.setSocketOptions(QLocalServer.SocketOption.UserAccessOption)
         self.server.newConnection.connect(self._accept)
+        self._peers: set[QLocalSocket] = set()  # kept until they hang up
 
     def listen(self) -> bool:
         if self.server.listen(self.name):
@@ -63,10 +64,20 @@ class SingleInstance(QObject):
     def _accept(self) -> None:
         while self.server.hasPendingConnections():
             sock = self.server.nextPendingConnection()
-            sock.readyRead.connect(lambda s=sock: self._read(s))
-            sock.disconnected.connect(sock.deleteLater)
+            self._peers.add(sock)
+            sock.readyRead.connect(self._read)
+            sock.disconnected.connect(self._forget)
 
-    def _read(self, sock: QLocalSocket) -> None:
+    def _forget(self) -> None:
+        sock = self.sender()
+        if isinstance(sock, QLocalSocket) and sock in self._peers:
+            self._peers.discard(sock)
+            sock.deleteLater()
+
+    def _read(self) -> None:
+        sock = self.sender()
+        if not isinstance(sock, QLocalSocket):
+            return
         while sock.canReadLine():
             line = bytes(sock.readLine().data()).decode(errors="replace").strip()
             if line:
@@ -75,4 +86,6 @@ class SingleInstance(QObject):
                 sock.flush()
 
     def close(self) -> None:
+        for sock in list(self._peers):
+            sock.abort()
         self.server.close()

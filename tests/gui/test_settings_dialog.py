@@ -1,0 +1,188 @@
+"""The settings dialog: what OK sends, what Cancel does not, pairing, keyring, autostart."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import keyring
+import pytest
+from PySide6.QtCore import QModelIndex, Qt
+from PySide6.QtWidgets import QFileDialog, QRadioButton
+
+from braid.gui import autostart
+from braid.gui.icons import IconSet
+from braid.gui.session import Session
+from braid.gui.settings import SettingsDialog
+from braid.gui.tokens import TokenStore
+
+FP = "3f5c" * 16
+TOKEN = "Zx9-pairing-token_0123456789"
+URI = f"braid://vps.example.net:7443?fp={FP}&token={TOKEN}"
+
+
+@pytest.fixture
+def dialog(qtbot, session: Session) -> SettingsDialog:
+    window = SettingsDialog(session, IconSet(), session.tokens)
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: "Traffic" in window.daemon_forms, timeout=3000)
+    return window
+
+
+def test_reorder_and_priority_send_exactly_those_changes(qtbot, daemon, dialog) -> None:
+    model = dialog.links_page.model
+    data = model.mimeData([model.index(2, 0)])  # drag usb0 to the top
+    assert model.dropMimeData(data, Qt.DropAction.MoveAction, 0, 0, QModelIndex())
+    assert model.setData(model.index(1, model.column_of("priority")), "backup")  # eth0
+    assert model.setData(model.index(0, model.column_of("cap")), "20 GB")  # usb0
+    assert daemon.changes() == []  # nothing leaves before OK
+
+    dialog.buttons.button(dialog.buttons.StandardButton.Ok).click()
+    qtbot.waitUntil(lambda: len(daemon.changes()) == 3, timeout=3000)
+    sent = [{k: v for k, v in r.items() if k != "id"} for r in daemon.changes()]
+    assert sent[0] == {"cmd": "set-order", "links": ["usb0", "eth0", "wlan0"]}
+    assert {"cmd": "set-link", "link": "eth0", "priority": "backup"} in sent
+    cap = next(r for r in sent if r.get("link") == "usb0")["cap"]
+    assert cap["limit_bytes"] == 20_000_000_000 and cap["period"] == "month"
+    assert [x["name"] for x in daemon.status()["links"]] == ["usb0", "eth0", "wlan0"]
+
+
+def test_cancel_sends_nothing(qtbot, daemon, dialog) -> None:
+    model = dialog.links_page.model
+    assert model.move(2, -1)
+    assert model.setData(model.index(0, model.column_of("priority")), "never")
+    dialog.daemon_forms["Advanced"].set_value("probe_interval_ms", 500)
+    dialog.general_form.set_value("start_at_login", True)
+    dialog.buttons.button(dialog.buttons.StandardButton.Cancel).click()
+    assert not dialog.isVisible()
+    with qtbot.assertNotEmitted(dialog.session.client.reply, wait=300):
+        pass
+    assert daemon.changes() == []
+    assert not autostart.is_enabled()
+
+
+def test_unchanged_ok_sends_nothing(qtbot, daemon, dialog) -> None:
+    dialog.accept()
+    with qtbot.assertNotEmitted(dialog.session.client.reply, wait=300):
+        pass
+    assert daemon.changes() == []
+
+
+def test_links_page_priority_is_a_drop_down_on_every_row(dialog) -> None:
+    page = dialog.links_page
+    column = page.model.column_of("priority")
+    for row in range(page.model.rowCount()):
+        assert page.table.isPersistentEditorOpen(page.model.index(row, column))
+    page.table.selectRow(2)
+    page.up_button.click()
+    assert page.model.names() == ["eth0", "usb0", "wlan0"]
+    assert page.table.isPersistentEditorOpen(page.model.index(1, column))
+
+
+def test_bad_pairing_is_refused_with_the_reason(qtbot, daemon, dialog, file_keyring) -> None:
+    page = dialog.server_page
+    page.uri.setPlainText("braid://vps.example.net:7443?fp=1234&token=" + TOKEN)
+    assert "64 hexadecimal digits" in page.verdict.text()
+    assert not page.test_button.isEnabled()
+    dialog.select_page("Links")
+    dialog.accept()
+    assert dialog.isVisible()  # OK does not pretend to save it
+    assert dialog.stack.currentIndex() == dialog.PAGES.index("Server")
+    assert keyring.get_password("braid", "vps.example.net:7443") is None
+    page.uri.setPlainText("https://vps.example.net/")
+    assert "braid://" in page.verdict.text()
+
+
+def test_pairing_token_goes_to_the_keyring(qtbot, daemon, dialog, file_keyring) -> None:
+    page = dialog.server_page
+    page.uri.setPlainText(URI)
+    assert "valid pairing" in page.verdict.text()
+    assert page.server_label.text() == "vps.example.net:7443"
+    assert page.fingerprint_label.text().startswith("3f5c 3f5c")
+    assert "keyring" in page.token_label.text()
+    dialog.accept()
+    assert not dialog.isVisible()
+    assert keyring.get_password("braid", "vps.example.net:7443") == TOKEN
+    assert json.loads(file_keyring.path.read_text())["braid"]["vps.example.net:7443"] == TOKEN
+    saved = dialog.session.preferences.pairing()
+    assert (saved.host, saved.port, saved.fingerprint) == ("vps.example.net", 7443, FP)
+    assert TOKEN not in dialog.session.preferences.path.read_text()  # never beside the rest
+    assert daemon.changes() == []  # saving a pairing does not connect by itself
+
+
+def test_without_a_keyring_the_token_goes_to_a_private_file(
+    qtbot, dialog, no_keyring, private_home: Path
+) -> None:
+    page = dialog.server_page
+    page.uri.setPlainText(URI)
+    assert "no keyring" in page.token_label.text()
+    dialog.accept()
+    path = private_home / ".config" / "braid" / "tokens.json"
+    assert json.loads(path.read_text()) == {"vps.example.net:7443": TOKEN}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "readable only by you" in dialog.session.tokens.where
+    assert TokenStore().load("vps.example.net:7443") == TOKEN
+
+
+def test_open_a_pairing_file(qtbot, dialog, tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "pairing.txt"
+    path.write_text(f"braid-server init done. Pair with:\n\n{URI}\n")
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(path), ""))
+    dialog.server_page.open_button.click()
+    assert dialog.server_page.uri.toPlainText() == URI
+    assert dialog.server_page.pairing is not None
+
+
+def test_test_connection_reports_success_and_the_exact_error(qtbot, daemon, dialog) -> None:
+    page = dialog.server_page
+    page.uri.setPlainText(URI)
+    page.test_button.click()
+    qtbot.waitUntil(
+        lambda: "Connected to vps.example.net:7443" in page.test_result.text(), timeout=3000
+    )
+    assert daemon.commands("up")[-1]["pairing"] == URI
+
+    daemon.up_error = "wrong token: the server refused it (was the server initialised again?)"
+    page.test_button.click()
+    qtbot.waitUntil(lambda: daemon.up_error in page.test_result.text(), timeout=3000)
+
+
+def test_traffic_page_comes_from_the_declarations_and_the_schema(qtbot, daemon, dialog) -> None:
+    form = dialog.daemon_forms["Traffic"]
+    radios = {b.text(): b for b in form.widgets["mode"].findChildren(QRadioButton)}
+    assert radios["Proxy only (SOCKS5)"].isChecked()
+    assert not radios["System-wide (coming soon)"].isEnabled()
+    # Settings this daemon does not offer yet are shown, disabled, and never sent.
+    assert not form.specs["bypass"].supported
+    assert not form.widgets["bypass"].isEnabled()
+    assert "bypass" not in form.values()
+    # The rest of the schema lands on Advanced, typed from it.
+    advanced = dialog.daemon_forms["Advanced"]
+    assert advanced.widgets["probe_interval_ms"].maximum() == 2000
+    advanced.set_value("probe_interval_ms", 500)
+    dialog.accept()
+    qtbot.waitUntil(lambda: daemon.settings["probe_interval_ms"] == 500, timeout=3000)
+    sent = daemon.commands("set-settings")
+    assert len(sent) == 1 and sent[0]["settings"] == {"probe_interval_ms": 500}
+
+
+def test_start_at_login_writes_and_removes_the_autostart_entry(
+    qtbot, session, private_home: Path
+) -> None:
+    entry = private_home / ".config" / "autostart" / "braid-tray.desktop"
+    for wanted in (True, False):
+        dialog = SettingsDialog(session, IconSet(), session.tokens)
+        qtbot.addWidget(dialog)
+        dialog.general_form.set_value("start_at_login", wanted)
+        dialog.general_form.set_value("notifications", not wanted)
+        dialog.accept()
+        assert entry.exists() is wanted
+        assert session.preferences.value("notifications") is (not wanted)
+    dialog = SettingsDialog(session, IconSet(), session.tokens)
+    qtbot.addWidget(dialog)
+    dialog.general_form.set_value("start_at_login", True)
+    dialog.accept()
+    text = entry.read_text()
+    assert "Exec=" in text and "braid" in text and "Icon=braid" in text
