@@ -53,10 +53,18 @@ def test_world_builds_and_leaves_nothing_behind() -> None:
         names = namespaces_of(world.prefix)
         assert sorted(names) == sorted(world.ns(role) for role in world.roles())
         assert (NETNS_ETC_DIR / world.ns("server") / "hosts").is_file()
+        laptop_etc = NETNS_ETC_DIR / world.ns("laptop")
+        assert "braid" not in (laptop_etc / "hosts").read_text()
+        if Path("/etc/resolv.conf").exists():
+            resolv = (laptop_etc / "resolv.conf").read_text()
+            assert f"nameserver {world.laptop_resolver}\n" in resolv
+            resolv = world.run("server", ["cat", "/etc/resolv.conf"]).stdout
+            assert f"nameserver {world.dns_v4}\n" in resolv
         workdir = world.workdir
         assert workdir.is_dir()
     assert namespaces_of(world.prefix) == []
     assert not (NETNS_ETC_DIR / world.ns("server")).exists()
+    assert not (NETNS_ETC_DIR / world.ns("laptop")).exists()
     assert not workdir.exists()
     world.close()  # idempotent
 

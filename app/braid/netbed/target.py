@@ -2,17 +2,24 @@
 
 Run inside the world's ``inet`` namespace as ``python -m braid.netbed.target --log FILE``:
 
-* HTTP/1.1 on port 80, IPv4 and IPv6 (one dual-stack socket):
+* HTTP/1.1 on port 80 (and on each ``--extra-port``, e.g. 443 standing for HTTPS), IPv4 and
+  IPv6 (one dual-stack socket per port):
 
   - ``GET /bytes/<n>?seed=<s>`` streams the first n bytes of the deterministic stream of
     :mod:`braid.netbed.payload` (check with :func:`expected_sha256`), with Content-Length;
   - ``POST /upload`` reads the body (Content-Length) and answers ``{"bytes": n, "sha256": hex}``;
   - ``GET /health`` answers ``ok``.
 
-* UDP echo on port 7 (RFC 862), IPv4 and IPv6.
+* UDP echo on port 7 (RFC 862), IPv4 and IPv6; with ``--quic-port``, a UDP responder that
+  answers every datagram with ``quic`` (standing for HTTP/3). Replies leave from the address the
+  datagram was sent to, so connected clients accept them.
 
-* An access log: one JSON object per line and per HTTP request (time, client, method, path,
-  status, bytes moved, duration). Echo datagrams are not logged: probes send many.
+* With ``--dns ADDR`` (repeatable), the DNS server of :mod:`braid.netbed.dns` on UDP and TCP
+  port 53 of those addresses.
+
+* An access log: one JSON object per line and per HTTP request (time, client, port, server_port,
+  method, path, status, bytes moved, duration). ``--udp-log`` gets one line per datagram of the
+  UDP services (time, client, port, service, server_port, bytes), ``--dns-log`` one per query.
 
 It prints ``ready`` on standard output once every socket is listening.
 """
@@ -20,6 +27,7 @@ It prints ``ready`` on standard output once every socket is listening.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +35,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -36,9 +45,18 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, urlsplit
 
+from braid.netbed.dns import DnsServer, braid_zone
 from braid.netbed.payload import chunks, expected_sha256
 
-__all__ = ["AccessLog", "TargetServer", "expected_sha256", "main"]
+__all__ = [
+    "AccessLog",
+    "TargetServer",
+    "UdpEcho",
+    "UdpResponder",
+    "expected_sha256",
+    "main",
+    "watch_stdin",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +73,7 @@ def plain_address(address: str) -> str:
 
 
 class AccessLog:
-    """Appends one JSON line per request; safe to call from many threads."""
+    """Appends one JSON line per entry; safe to call from many threads."""
 
     def __init__(self, stream: IO[str] | None) -> None:
         self._stream = stream
@@ -66,8 +84,15 @@ class AccessLog:
             return
         line = json.dumps(entry, separators=(",", ":")) + "\n"
         with self._lock:
+            if self._stream.closed:
+                return
             self._stream.write(line)
             self._stream.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._stream is not None:
+                self._stream.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -84,6 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
             time=round(time.time(), 6),
             client=plain_address(self.client_address[0]),
             port=self.client_address[1],
+            server_port=self.server.server_address[1],
             method=self.command,
             path=self.path,
             status=status,
@@ -178,42 +204,97 @@ class TargetServer(ThreadingHTTPServer):
         super().server_bind()
 
 
-class UdpEcho:
-    """RFC 862 echo on one dual-stack UDP socket, served by a daemon thread."""
+class UdpResponder:
+    """A UDP service on one dual-stack socket, served by a daemon thread: answers each datagram
+    with ``reply`` (None: with the datagram itself) from the address it was sent to."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        reply: bytes | None,
+        service: str = "udp",
+        log: AccessLog | None = None,
+    ) -> None:
+        self.reply = reply
+        self.service = service
+        self._log = log
         self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.bind((host, port))
-        self._thread = threading.Thread(target=self._serve, name="udp-echo", daemon=True)
+        self.port: int = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name=f"udp-{service}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def _serve(self) -> None:
+        space = socket.CMSG_SPACE(20)  # struct in6_pktinfo
         while True:
             try:
-                data, peer = self.sock.recvfrom(65535)
-                self.sock.sendto(data, peer)
+                data, ancillary, _flags, peer = self.sock.recvmsg(65535, space)
+                if self._log is not None:
+                    self._log.write(
+                        time=round(time.time(), 6),
+                        client=plain_address(peer[0]),
+                        port=peer[1],
+                        service=self.service,
+                        server_port=self.port,
+                        bytes=len(data),
+                    )
+                # Reply from the address the datagram went to (the default would be the address
+                # of the outgoing interface, which a connected client drops).
+                source = [
+                    (level, kind, payload[:16] + struct.pack("=I", 0))
+                    for level, kind, payload in ancillary
+                    if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
+                ]
+                reply = data if self.reply is None else self.reply
+                self.sock.sendmsg([reply], source, 0, peer)
             except OSError as exc:
                 if self.sock.fileno() < 0:
                     return
-                log.debug("echo: %s", exc)
+                log.debug("%s: %s", self.service, exc)
 
     def close(self) -> None:
         self.sock.close()
+
+
+class UdpEcho(UdpResponder):
+    """RFC 862 echo (see :class:`UdpResponder`)."""
+
+    def __init__(self, host: str, port: int, log: AccessLog | None = None) -> None:
+        super().__init__(host, port, None, "echo", log)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def _watch_stdin() -> None:
-    """Exit when standard input reaches its end: the world that started us is gone."""
-    while sys.stdin.buffer.read(65536):
-        pass
+def watch_stdin() -> None:
+    """Exit when standard input reaches its end: the world that started us is gone.
+
+    Reads the descriptor, not ``sys.stdin``: a daemon thread blocked in a buffered read holds its
+    lock, and the interpreter aborts when it cannot flush stdin at exit.
+    """
+    with contextlib.suppress(OSError):
+        while os.read(0, 65536):
+            pass
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def serve_in_thread(server: ThreadingHTTPServer, poll_interval: float = 0.5) -> None:
+    """``server.serve_forever`` in a daemon thread (``shutdown`` takes up to ``poll_interval``)."""
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True
+    ).start()
+
+
+def open_log(path: Path | None) -> AccessLog:
+    """A JSON-lines log appending to ``path`` (None: a log that drops everything)."""
+    return AccessLog(path.open("a", encoding="utf-8") if path else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="::", help="address to listen on (default: all)")
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--echo-port", type=int, default=7)
+    parser.add_argument(
+        "--extra-port", type=int, action="append", default=[], help="another HTTP port (443)"
+    )
+    parser.add_argument("--quic-port", type=int, help="UDP port answering 'quic' (443)")
     parser.add_argument("--log", type=Path, help="access log file (JSON lines)")
+    parser.add_argument("--udp-log", type=Path, help="UDP datagram log file (JSON lines)")
+    parser.add_argument("--dns", action="append", default=[], help="serve DNS on this address")
+    parser.add_argument("--dns-port", type=int, default=53)
+    parser.add_argument("--dns-log", type=Path, help="DNS query log file (JSON lines)")
+    parser.add_argument("--target-v4", default="198.19.0.1", help="files.braid.test's A record")
+    parser.add_argument("--target-v6", default="2001:db8:ff::1", help="its AAAA record")
     parser.add_argument(
         "--stdin-lifeline", action="store_true", help="exit when standard input is closed"
     )
@@ -236,21 +327,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     signal.signal(signal.SIGTERM, _exit_on_signal)
 
-    stream = args.log.open("a", encoding="utf-8") if args.log else None
-    http = TargetServer(args.host, args.port, AccessLog(stream))
-    echo = UdpEcho(args.host, args.echo_port)
-    echo.start()
+    access, udp_log, dns_log = open_log(args.log), open_log(args.udp_log), open_log(args.dns_log)
+    http = TargetServer(args.host, args.port, access)
+    extra = [TargetServer(args.host, port, access) for port in args.extra_port]
+    udp = [UdpEcho(args.host, args.echo_port, udp_log)]
+    if args.quic_port is not None:
+        udp.append(UdpResponder(args.host, args.quic_port, b"quic", "quic", udp_log))
+    dns = None
+    if args.dns:
+        zone = braid_zone(args.target_v4, args.target_v6)
+        dns = DnsServer(args.dns, args.dns_port, zone, dns_log.write).start()
+    for server in extra:
+        serve_in_thread(server)
+    for service in udp:
+        service.start()
     if args.stdin_lifeline:
-        threading.Thread(target=_watch_stdin, name="lifeline", daemon=True).start()
+        threading.Thread(target=watch_stdin, name="lifeline", daemon=True).start()
     print("ready", flush=True)
     try:
         http.serve_forever(poll_interval=0.5)
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        http.server_close()
-        echo.close()
-        if stream is not None:
+        for server in [http, *extra]:
+            server.server_close()
+        for service in udp:
+            service.close()
+        if dns is not None:
+            dns.close()
+        for stream in (access, udp_log, dns_log):
             stream.close()
     return 0
 

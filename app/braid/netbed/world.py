@@ -16,9 +16,20 @@ changed in the namespace of the machine running it::
   2001:db8:1i::2). Rate: tbf on both egresses. Loss and blackhole: nftables in its forward hook.
   It also drops forwarded packets from the laptop whose source address it would not route back
   through ``down`` (strict reverse-path filter, as real access networks do).
+  Each ISP also serves a "router page" on its ``down`` addresses, port 80
+  (:mod:`braid.netbed.lan`): a device on the laptop's LAN that must be reached directly, not
+  through a tunnel. Link 1's ISP also holds 198.18.1.53, the laptop's configured resolver, where
+  DNS is always refused.
 * ``inet``: routes everything; hosts the targets on its loopback (this kernel has no dummy
-  interfaces), served by :mod:`braid.netbed.target`.
-* ``server``: 198.18.20.2, 2001:db8:20::2; resolves files.braid.test through its own hosts file.
+  interfaces), served by :mod:`braid.netbed.target`: HTTP on 80 and 443, UDP echo on 7, a UDP
+  responder on 443, and DNS (:mod:`braid.netbed.dns`) on 198.19.0.53 and 2001:db8:ff::53.
+* ``server``: 198.18.20.2, 2001:db8:20::2; resolves files.braid.test through its own hosts file,
+  other names through the DNS server in ``inet``.
+* ``laptop`` resolves through 198.18.1.53 (unanswered) and has only localhost in its hosts file:
+  names work there only once something (the product) carries DNS elsewhere.
+
+Logs of the services (JSON lines in the workdir): :meth:`World.access_log`, :meth:`World.dns_log`,
+:meth:`World.udp_log`, :meth:`World.lan_log`. :meth:`World.capture` runs tcpdump in a namespace.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from typing import Any
 import psutil
 
 from braid.netbed import nsutil, traffic
+from braid.netbed.capture import Capture
 from braid.netbed.nsutil import NetbedError, command, ip_batch
 
 log = logging.getLogger(__name__)
@@ -214,8 +226,20 @@ class World:
     spare_v4 = "198.19.0.2"
     spare_v6 = "2001:db8:ff::2"
     target_name = "files.braid.test"
+    #: A name with an AAAA record only (NOERROR without answers for A).
+    v6only_name = "v6only.braid.test"
     http_port = 80
+    #: Plain HTTP on 443: it stands for HTTPS.
+    https_port = 443
     echo_port = 7
+    #: UDP 443 answers every datagram with ``quic`` (it stands for HTTP/3).
+    quic_port = 443
+    dns_v4 = "198.19.0.53"
+    dns_v6 = "2001:db8:ff::53"
+    dns_port = 53
+    #: The laptop's configured resolver, on link 1's LAN: every DNS query to it is refused.
+    laptop_resolver = "198.18.1.53"
+    router_port = 80
 
     def __init__(
         self,
@@ -236,6 +260,9 @@ class World:
         self._procs: list[subprocess.Popen[Any]] = []
         self._wires: dict[int, _Helper] = {}
         self._target: _Helper | None = None
+        self._routers: dict[int, _Helper] = {}
+        self._captures = itertools.count(1)
+        self._ready_at = 0.0  # wall-clock time the world became ready
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._started else "new"
@@ -340,7 +367,11 @@ class World:
                 return
             self._closed = True
             try:
-                helpers = [*self._wires.values(), *([self._target] if self._target else [])]
+                helpers = [
+                    *self._wires.values(),
+                    *self._routers.values(),
+                    *([self._target] if self._target else []),
+                ]
                 for helper in helpers:
                     helper.close_stdin()
                 _stop_processes(self._procs + [h.proc for h in helpers])
@@ -363,7 +394,7 @@ class World:
     def _build(self) -> None:
         for role in self.roles():
             command(["ip", "netns", "add", self.ns(role)])
-        self._write_server_etc()
+        self._write_etc()
 
         common = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
         router = [
@@ -502,16 +533,60 @@ class World:
                     str(self.http_port),
                     "--echo-port",
                     str(self.echo_port),
+                    "--extra-port",
+                    str(self.https_port),
+                    "--quic-port",
+                    str(self.quic_port),
                     "--log",
                     str(self.access_log_path),
+                    "--udp-log",
+                    str(self.udp_log_path),
+                    "--dns",
+                    self.dns_v4,
+                    "--dns",
+                    self.dns_v6,
+                    "--dns-port",
+                    str(self.dns_port),
+                    "--dns-log",
+                    str(self.dns_log_path),
+                    "--target-v4",
+                    self.target_v4,
+                    "--target-v6",
+                    self.target_v6,
                     "--stdin-lifeline",
                 ),
             ],
             self.workdir / "target.log",
         )
-        for helper in [*self._wires.values(), self._target]:
+        for i in range(1, len(self.links) + 1):
+            self._routers[i] = _Helper(
+                f"router-{i}",
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.ns(f"isp-{i}"),
+                    *python_argv(
+                        "braid.netbed.lan",
+                        "--listen",
+                        f"198.18.{i}.1",
+                        "--listen",
+                        f"2001:db8:{i}::1",
+                        "--port",
+                        str(self.router_port),
+                        "--text",
+                        self.router_text(self.links[i - 1].name),
+                        "--log",
+                        str(self._lan_log_path(i)),
+                        "--stdin-lifeline",
+                    ),
+                ],
+                self.workdir / f"router-{i}.log",
+            )
+        for helper in [*self._wires.values(), self._target, *self._routers.values()]:
             helper.wait_ready()
         self._wait_reachable()
+        self._ready_at = time.time()
 
     def _sysctl(self, role: str, settings: Sequence[str]) -> None:
         command(["ip", "netns", "exec", self.ns(role), "sysctl", "-q", "-w", *settings])
@@ -567,6 +642,7 @@ class World:
                     f"address add 2001:db8:1{i}::2/64 dev up nodad",
                     f"route add default via 198.18.{10 + i}.1 dev up",
                     f"route add ::/0 via 2001:db8:1{i}::1 dev up",
+                    *([f"address add {self.laptop_resolver}/32 dev down"] if i == 1 else []),
                 ],
             )
 
@@ -577,6 +653,8 @@ class World:
             f"address add {self.spare_v4}/32 dev lo",
             f"address add {self.target_v6}/128 dev lo",
             f"address add {self.spare_v6}/128 dev lo",
+            f"address add {self.dns_v4}/32 dev lo",
+            f"address add {self.dns_v6}/128 dev lo",
             "link set dev srv up",
             "address add 198.18.20.1/24 dev srv",
             "address add 2001:db8:20::1/64 dev srv nodad",
@@ -602,18 +680,25 @@ class World:
             ],
         )
 
-    def _write_server_etc(self) -> None:
-        """The server's own /etc/hosts (and a resolv.conf with no working resolver), which
-        ``ip netns exec`` mounts over /etc for processes started in the server namespace."""
-        directory = nsutil.NETNS_ETC_DIR / self.ns("server")
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "hosts").write_text(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    def _write_etc(self) -> None:
+        """hosts and resolv.conf of the server and the laptop, which ``ip netns exec`` mounts over
+        /etc for processes started in their namespaces (removed with the namespaces)."""
+        localhost = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        server_hosts = (
             f"{self.target_v4}\t{self.target_name}\n{self.target_v6}\t{self.target_name}\n"
         )
-        # Bind-mounting needs the target file to exist; skip it on a machine without one.
-        if Path("/etc/resolv.conf").exists():
-            (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1\n")
+        for role, hosts, resolver in (
+            ("server", localhost + server_hosts, self.dns_v4),
+            ("laptop", localhost, self.laptop_resolver),
+        ):
+            directory = nsutil.NETNS_ETC_DIR / self.ns(role)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "hosts").write_text(hosts)
+            # Bind-mounting needs the target file to exist; skip it on a machine without one.
+            if Path("/etc/resolv.conf").exists():
+                (directory / "resolv.conf").write_text(
+                    f"nameserver {resolver}\noptions timeout:1\n"
+                )
 
     def _wait_reachable(self) -> None:
         """Wait until the targets answer UDP echo through every link (v4 and v6) and from the
@@ -685,6 +770,13 @@ table inet {NFT_TABLE} {{
     chain blackhole {{
     }}
     chain loss {{
+    }}
+    counter dead_resolver {{
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ip daddr {self.laptop_resolver} udp dport 53 counter name dead_resolver reject
+        ip daddr {self.laptop_resolver} tcp dport 53 counter name dead_resolver reject with tcp reset
     }}
 }}
 """
@@ -806,13 +898,8 @@ table inet {NFT_TABLE} {{
         return self.workdir / "access.log"
 
     def access_log(self) -> list[dict[str, Any]]:
-        """The target's HTTP access log so far, one dict per request."""
-        try:
-            text = self.access_log_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        # A line being written right now may be incomplete: only whole lines count.
-        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+        """The target's HTTP access log so far (ports 80 and 443), one dict per request."""
+        return _read_json_lines(self.access_log_path)
 
     def wait_access(
         self, match: Callable[[dict[str, Any]], bool], timeout: float = 5.0
@@ -830,6 +917,95 @@ table inet {NFT_TABLE} {{
             if time.monotonic() > deadline:
                 raise NetbedError(f"no matching access-log entry within {timeout:g} s")
             time.sleep(0.02)
+
+    @property
+    def udp_log_path(self) -> Path:
+        return self.workdir / "udp.log"
+
+    @property
+    def dns_log_path(self) -> Path:
+        return self.workdir / "dns.log"
+
+    def _lan_log_path(self, i: int) -> Path:
+        return self.workdir / f"lan-{i}.log"
+
+    def dns_log(self) -> list[dict[str, Any]]:
+        """Every query the DNS server got: time, client, port, server (the address asked),
+        transport ("udp"/"tcp"), qname, qtype ("A", "AAAA", "TYPE65" ...), rcode, answers.
+        Written before the answer leaves."""
+        return _read_json_lines(self.dns_log_path)
+
+    def udp_log(self, service: str | None = None) -> list[dict[str, Any]]:
+        """Every datagram of the target's UDP services: time, client, port (the client's),
+        service ("echo" or "quic"), server_port, bytes. Written before the reply leaves.
+
+        The echoes the world sent itself while starting are left out.
+        """
+        return [
+            e
+            for e in _read_json_lines(self.udp_log_path)
+            if e["time"] >= self._ready_at and (service is None or e["service"] == service)
+        ]
+
+    def lan_log(self) -> list[dict[str, Any]]:
+        """Requests to the router pages, by time: time, link (the laptop interface's name),
+        client, port, server, method, path, status. Written before the answer leaves."""
+        entries = []
+        for i, link in enumerate(self.links, 1):
+            entries += [{**e, "link": link.name} for e in _read_json_lines(self._lan_log_path(i))]
+        return sorted(entries, key=lambda e: float(e["time"]))
+
+    def router_text(self, name: str) -> str:
+        """What link ``name``'s router page (``http://<gateway>/``) answers, without newline."""
+        return f"router {self.link_index(name)}"
+
+    def dead_resolver_hits(self) -> int:
+        """DNS packets that reached the laptop's configured resolver (all refused)."""
+        done = command(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns("isp-1"),
+                "nft",
+                "-j",
+                "list",
+                "counter",
+                "inet",
+                NFT_TABLE,
+                "dead_resolver",
+            ]
+        )
+        for item in json.loads(done.stdout)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["packets"])
+        raise NetbedError("no dead_resolver counter")
+
+    @contextlib.contextmanager
+    def capture(
+        self, role: str, iface: str, bpf_filter: str = "", max_seconds: float = 60.0
+    ) -> Iterator[Capture]:
+        """tcpdump on ``iface`` of ``role`` for the ``with`` block (at most ``max_seconds``)::
+
+        with world.capture("laptop", "eth0", "udp port 53") as cap:
+            ...
+        cap.packets()  # parsed summaries; cap.count(), cap.path (the pcap file)
+        """
+        number = next(self._captures)
+        path = self.workdir / f"capture-{number}-{role}-{iface}.pcap"
+        self.ns(role)  # KeyError for a role not in this world
+
+        def popen(argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+            return self.popen(role, argv, **kw)
+
+        def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+            return self.run(role, argv, check=False, timeout=30)
+
+        cap = Capture(popen, run, iface, bpf_filter, path, max_seconds)
+        try:
+            yield cap
+        finally:
+            cap.stop()
 
     def summary(self) -> dict[str, Any]:
         """A description of the world for humans and ``braid demo``."""
@@ -850,8 +1026,19 @@ table inet {NFT_TABLE} {{
             "server": [self.server_v4, self.server_v6],
             "targets": [self.target_v4, self.target_v6],
             "target_name": self.target_name,
+            "dns": [self.dns_v4, self.dns_v6],
+            "laptop_resolver": self.laptop_resolver,
             "workdir": str(self.workdir),
         }
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    # A line being written right now may be incomplete: only whole lines count.
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
 def _validate(links: Sequence[LinkSpec]) -> None:
