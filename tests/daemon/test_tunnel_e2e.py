@@ -354,3 +354,44 @@ def test_ipv6_server_address_gives_ipv6_subflows_on_every_link(
         assert tunnel_sources(world) == {world.laptop_addr("eth0", 6)}
     finally:
         stack.up(good)
+
+
+SOCKS_UDP_CLIENT = r"""
+import socket, struct, sys, json
+host, port = sys.argv[1], int(sys.argv[2])
+ctl = socket.create_connection(("127.0.0.1", 1080), timeout=5)
+ctl.sendall(b"\x05\x01\x00")
+assert ctl.recv(2) == b"\x05\x00"
+ctl.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+reply = ctl.recv(262)
+assert reply[1] == 0, reply
+relay = (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(3)
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+atyp = b"\x04" if family == socket.AF_INET6 else b"\x01"
+header = b"\x00\x00\x00" + atyp + socket.inet_pton(family, host) + struct.pack("!H", port)
+answers = []
+for i in range(5):
+    udp.sendto(header + b"ping %d" % i, relay)
+    data, _ = udp.recvfrom(2048)
+    answers.append(data[len(header):].decode())
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.parametrize("host_attr", ["target_v4", "target_v6"])
+def test_socks5_udp_associate_carries_datagrams(world: World, stack: BraidStack, host_attr) -> None:
+    host = getattr(world, host_attr)
+    done = world.run(
+        "laptop",
+        [sys.executable, "-c", SOCKS_UDP_CLIENT, host, "7"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [f"ping {i}" for i in range(5)]
+    clients = {e["client"] for e in world.udp_log(service="echo")[-5:]}
+    assert clients <= {world.server_v4, world.server_v6}, clients
