@@ -239,6 +239,22 @@ def cmd_daemon(args) -> int:
     return run_daemon(config)
 
 
+def cmd_tray(args) -> int:
+    try:
+        from braid.gui.app import main as tray_main
+    except ImportError as exc:
+        print(
+            f"braid tray needs the desktop parts (PySide6, pyqtgraph): {exc}. "
+            "Install them with: pip install 'braid[gui]'",
+            file=sys.stderr,
+        )
+        return 1
+    argv = list(args.tray_args)
+    if args.control:
+        argv = ["--control", args.control, *argv]
+    return tray_main(argv)
+
+
 def cmd_demo(args) -> int:
     from braid.demo import run_demo
 
@@ -320,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON messages")
     p.add_argument("--count", type=int, default=0, help="stop after this many samples")
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("tray", help="the tray icon, dashboard and settings (also: braid-tray)")
+    p.add_argument("tray_args", nargs=argparse.REMAINDER, help="options for the tray (see --help)")
+    p.set_defaults(func=cmd_tray)
 
     p = sub.add_parser("demo", help="run Braid on emulated links in network namespaces (root)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic to show")
