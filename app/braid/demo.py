@@ -11,6 +11,7 @@ is removed at the end, on Ctrl-C too.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -76,7 +77,45 @@ def run_demo(duration: float = 30.0, size_mib: int = 0) -> int:
             _say("Removed the emulated world.")
 
 
+def _open_tray(stack) -> subprocess.Popen | None:
+    """With a display, the real tray and its dashboard show the demo too."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return None
+    try:
+        import braid.gui.app  # noqa: F401 - only checks that the desktop parts are installed
+    except ImportError:
+        _say("(no tray: PySide6 is not installed)")
+        return None
+    _say("Opening Braid's tray icon and dashboard on your display.")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "braid.gui.app",
+            "--control",
+            str(stack.control_path),
+            "--show",
+            "dashboard",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _show(world, stack, links, best, duration, size_mib) -> int:
+    tray = _open_tray(stack)
+    try:
+        return _run_download(world, stack, links, best, duration, size_mib)
+    finally:
+        if tray is not None:
+            tray.terminate()
+            try:
+                tray.wait(5)
+            except subprocess.TimeoutExpired:
+                tray.kill()
+
+
+def _run_download(world, stack, links, best, duration, size_mib) -> int:
     status = stack.status()
     _say(f"braid-server and braidd are running; Braid is {status['state']}.")
     _say(f"Pairing URI: {stack.pairing_uri[:60]}…")
