@@ -80,6 +80,8 @@ class Legend(QWidget):
                 font = label.font()
                 font.setBold(True)
                 label.setFont(font)
+            sample = f"{name or 'Total'}  ↓ 888.8 Mbit/s  ↑ 888.8 Mbit/s"
+            label.setFixedWidth(label.fontMetrics().horizontalAdvance(sample) + 4)
             pair = QHBoxLayout()
             pair.setSpacing(6)
             pair.addWidget(swatch, 0, Qt.AlignmentFlag.AlignVCenter)
@@ -125,8 +127,11 @@ class Dashboard(QWidget):
         self.table.setIconSize(QSize(16, 16))
         self.table.setWordWrap(False)
         header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # Sized to contents when the links change, not at every sample: measuring every
+        # cell each second would cost more than drawing the graphs.
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setStretchLastSection(True)
+        self.model.modelReset.connect(self._fit_columns)
         header.setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
 
         self.events = QListWidget()
@@ -173,10 +178,11 @@ class Dashboard(QWidget):
         font.setWeight(QFont.Weight.DemiBold)
         self.headline.setFont(font)
         self.headline.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.headline.setWordWrap(True)
         self.details = QLabel()
         self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.details.setWordWrap(True)
+        for label in (self.headline, self.details):
+            # Texts that change every second must not re-lay the window out every second.
+            label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         muted = self.details.palette()
         muted.setColor(
             QPalette.ColorRole.WindowText, muted.color(QPalette.ColorRole.PlaceholderText)
@@ -204,6 +210,13 @@ class Dashboard(QWidget):
         layout.addWidget(label)
         layout.addWidget(widget, 1)
         return box
+
+    def _fit_columns(self) -> None:
+        self.table.resizeColumnsToContents()
+        wide = self.table.fontMetrics().horizontalAdvance("888.8 Mbit/s") + 16
+        for key in ("rx", "tx"):
+            column = self.model.column_of(key)
+            self.table.setColumnWidth(column, max(wide, self.table.columnWidth(column)))
 
     # -- following the session ------------------------------------------------------
 

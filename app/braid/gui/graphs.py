@@ -7,6 +7,7 @@ only when a new sample came, so an idle or hidden dashboard costs nothing.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,14 @@ class RateHistory:
         return out
 
 
+def nice_ceiling(value: float) -> float:
+    """The next of 1, 2, 5, 10, 20, 50... at or above ``value`` (at least 1)."""
+    if value <= 1:
+        return 1.0
+    scale = 10 ** math.floor(math.log10(value))
+    return next(step * scale for step in (1, 2, 5, 10) if step * scale >= value)
+
+
 class _TimeAxis(pg.AxisItem):
     """Seconds before now, labelled the way people say it: 5 min … now."""
 
@@ -132,6 +141,7 @@ class RatePlot(pg.PlotWidget):
         item.getAxis("left").setWidth(44)
         self.setMinimumHeight(150)
         self.curves: dict[str, pg.PlotDataItem] = {}
+        self.top = 0.0  # the upper end of the y range now shown
 
     def apply_palette(self, palette: QPalette) -> None:
         base = palette.color(QPalette.ColorRole.Base)
@@ -144,15 +154,13 @@ class RatePlot(pg.PlotWidget):
             axis.setPen(pg.mkPen(muted))
             axis.setTextPen(pg.mkPen(muted))
 
-    def curve(self, key: str, colour: QColor, width: float, fill: bool = False) -> pg.PlotDataItem:
+    def curve(self, key: str, colour: QColor, width: float) -> pg.PlotDataItem:
         item = self.curves.get(key)
         if item is None:
-            item = self.plot([], [], pen=pg.mkPen(colour, width=width), connect="finite")
-            if fill:
-                shade = QColor(colour)
-                shade.setAlphaF(0.10)
-                item.setFillLevel(0)
-                item.setBrush(shade)
+            # Data comes finite (see RateGraphs.finite): the fast path, no NaN handling.
+            item = self.plot(
+                [], [], pen=pg.mkPen(colour, width=width), connect="all", skipFiniteCheck=True
+            )
             item.setZValue(10 if key == TOTAL else 1)
             self.curves[key] = item
         return item
@@ -207,22 +215,28 @@ class RateGraphs(QWidget):
         for direction, plot in self.plots.items():
             for name in self.history.names():
                 curve = plot.curve(name, self.colours.colour(name), 1.8)
-                curve.setData(self.x, self.history.series(name, direction) / 1e6)
-            total = plot.curve(TOTAL, text, 2.2, fill=True)
-            total.setData(self.x, self.history.series(TOTAL, direction) / 1e6)
+                curve.setData(*self.finite(self.history.series(name, direction)))
+            total = plot.curve(TOTAL, text, 2.2)
+            total.setData(*self.finite(self.history.series(TOTAL, direction)))
             for name in list(plot.curves):
                 if name != TOTAL and name not in self.history.names():
                     plot.removeItem(plot.curves.pop(name))
-            peak = (
-                max(
-                    float(np.max(np.nan_to_num(self.history.series(name, direction))))
-                    for name in [TOTAL, *self.history.names()]
-                )
-                / 1e6
+            peak = max(
+                float(np.max(np.nan_to_num(self.history.series(name, direction))))
+                for name in [TOTAL, *self.history.names()]
             )
-            plot.setYRange(0, max(1.0, peak * 1.15), padding=0)
+            top = nice_ceiling(peak * 1.1 / 1e6)
+            if top != plot.top:  # a new range re-lays the axis out: only when it must
+                plot.top = top
+                plot.setYRange(0, top, padding=0)
         self.redrawn.emit()
         return True
+
+    def finite(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """From a link's first sample on, in Mbit/s, gaps as zero: cheap to draw."""
+        finite = np.flatnonzero(~np.isnan(values))
+        start = int(finite[0]) if len(finite) else len(values)
+        return self.x[start:], np.nan_to_num(values[start:]) / 1e6
 
     def drawn_peaks(self) -> dict[str, dict[str, float]]:
         """The highest value each curve currently shows, in bit/s (what the user sees)."""

@@ -106,22 +106,33 @@ class LinkTableModel(QAbstractTableModel):
         self.columns = [COLUMNS[key] for key in columns]
         self.editable = editable
         self._rows: list[dict[str, Any]] = []
+        self._shown: list[list[Any]] = []
 
     # -- contents ---------------------------------------------------------------
 
     def set_links(self, links: list[dict[str, Any]]) -> None:
         """Follow the daemon: update in place when the same links come, reset otherwise."""
         links = [copy.deepcopy(link) for link in links if isinstance(link, dict)]
+        shown = [self._render(link) for link in links]
         if [row.get("name") for row in self._rows] == [link.get("name") for link in links]:
-            self._rows = links
-            if links:
-                self.dataChanged.emit(
-                    self.index(0, 0), self.index(len(links) - 1, len(self.columns) - 1)
-                )
+            old, self._rows, self._shown = self._shown, links, shown
+            # Only cells whose text changed are repainted: a sample a second moves the
+            # rates, rarely the rest.
+            for row, (before, after) in enumerate(zip(old, shown, strict=True)):
+                changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+                if changed:
+                    self.dataChanged.emit(self.index(row, changed[0]), self.index(row, changed[-1]))
             return
         self.beginResetModel()
-        self._rows = links
+        self._rows, self._shown = links, shown
         self.endResetModel()
+
+    def _render(self, row: dict[str, Any]) -> list[Any]:
+        """What each cell shows, worked out once per update instead of at every paint."""
+        return [
+            (self._display(row, c.key), self._state_colour(row), row.get("capped"))
+            for c in self.columns
+        ]
 
     def links(self) -> list[dict[str, Any]]:
         return copy.deepcopy(self._rows)
@@ -162,7 +173,7 @@ class LinkTableModel(QAbstractTableModel):
         row = self._rows[index.row()]
         key = self.columns[index.column()].key
         if role == Qt.ItemDataRole.DisplayRole:
-            return self._display(row, key)
+            return self._shown[index.row()][index.column()][0]
         if role == Qt.ItemDataRole.EditRole:
             return self._edit_value(row, key)
         if role == Qt.ItemDataRole.DecorationRole:
@@ -305,6 +316,7 @@ class LinkTableModel(QAbstractTableModel):
             self.invalid.emit(str(exc))
             return False
         if changed:
+            self._shown[index.row()] = self._render(row)
             self.dataChanged.emit(
                 self.index(index.row(), 0), self.index(index.row(), len(self.columns) - 1)
             )
@@ -415,10 +427,11 @@ class LinkTableModel(QAbstractTableModel):
             QModelIndex(), source_row, source_row + count - 1, QModelIndex(), destination_child
         ):
             return False
-        block = self._rows[source_row : source_row + count]
-        del self._rows[source_row : source_row + count]
         at = destination_child - count if destination_child > source_row else destination_child
-        self._rows[at:at] = block
+        for rows in (self._rows, self._shown):
+            block = rows[source_row : source_row + count]
+            del rows[source_row : source_row + count]
+            rows[at:at] = block
         self.endMoveRows()
         return True
 
