@@ -51,7 +51,7 @@ def test_a_sample_stream_moves_the_curves(qtbot, daemon, session, dashboard) -> 
     assert peaks["usb0"]["rx"] == 0.0  # present, idle
     assert peaks["total"]["rx"] == 35e6
     # The legend and the table show the same rates in Mbit/s.
-    qtbot.waitUntil(lambda: "30.0 Mbit/s" in dashboard.legend._labels["eth0"].text())
+    qtbot.waitUntil(lambda: "↓ 30.0  ↑ 1.0 Mbit/s" in dashboard.legend._labels["eth0"].text())
     model = dashboard.model
     assert model.index(0, model.column_of("rx")).data() == "30.0 Mbit/s"
 

@@ -58,7 +58,7 @@ def test_dashboard_shows_units_and_health(qapp) -> None:
     assert cell(0, "used") == "126.0 MB"
     assert cell(1, "state") == "Not answering"
     assert cell(2, "priority") == "Backup"
-    assert cell(2, "used") == "0 B of 10.0 GB"
+    assert cell(2, "used") == "0 B / 10.0 GB"
     assert not model.flags(model.index(0, model.column_of("priority"))) & Qt.ItemFlag.ItemIsEditable
 
 

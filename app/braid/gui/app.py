@@ -102,12 +102,16 @@ class TrayApp(QObject):
         if not self.has_tray:
             self.quit()  # with no tray there would be no way back to it
 
-    def show_settings(self) -> None:
+    def show_settings(self, page: str = "") -> None:
         if self.settings is not None and self.settings.isVisible():
             self.settings.raise_()
             self.settings.activateWindow()
+            if page:
+                self.settings.select_page(page.capitalize())
             return
         self.settings = SettingsDialog(self.session, self.icons, self.tokens)
+        if page:
+            self.settings.select_page(page.capitalize())
         self.settings.applied.connect(self.tray.refresh)
         self.settings.finished.connect(self._settings_closed)
         self.settings.show()
@@ -121,10 +125,23 @@ class TrayApp(QObject):
 
     # -- requests from a second start --------------------------------------------------
 
+    def show_menu(self) -> None:
+        """Open the tray menu by the icon, as a click would (for screenshots and tests)."""
+        self.tray.rebuild_menu()
+        area = self.tray.icon.geometry()
+        self.tray.menu.popup(
+            area.bottomLeft() if area.isValid() else self.app.primaryScreen().geometry().center()
+        )
+
     def handle(self, message: str) -> None:
         verb, _, argument = message.partition(" ")
-        if verb == "show" and argument == "settings":
-            self.show_settings()
+        what, _, page = argument.partition(" ")
+        if verb == "show" and self.tray.menu.isVisible():
+            self.tray.menu.hide()
+        if verb == "show" and what == "settings":
+            self.show_settings(page)
+        elif verb == "show" and what == "menu":
+            self.show_menu()
         elif verb == "show":
             self.show_dashboard()
         elif verb == "dump" and argument:
@@ -154,7 +171,8 @@ class TrayApp(QObject):
         }
 
     def dump(self, path: Path) -> None:
-        self.tray.rebuild_menu()
+        if not self.tray.menu.isVisible():
+            self.tray.rebuild_menu()  # what it would show if opened now
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.state(), indent=2))
         os.replace(tmp, path)
@@ -174,8 +192,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--show",
-        choices=("dashboard", "settings"),
+        choices=("dashboard", "settings", "menu"),
         help="open this window at start (or in the tray already running)",
+    )
+    parser.add_argument(
+        "--page",
+        choices=[page.lower() for page in SettingsDialog.PAGES],
+        default="",
+        help="with --show settings: the page to open",
     )
     parser.add_argument("--dump", metavar="FILE", help="ask the running tray to write its state")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -189,14 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s braid-tray: %(message)s",
         datefmt="%H:%M:%S",
     )
-    app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "braid-tray"])
+    app = QApplication.instance() or QApplication(["braid-tray"])  # also the X11 WM_CLASS
     app.setApplicationName("Braid")
     app.setDesktopFileName("braid-tray")
     app.setQuitOnLastWindowClosed(False)  # closing the dashboard leaves the tray running
 
-    message = (
-        f"dump {Path(args.dump).resolve()}" if args.dump else f"show {args.show or 'dashboard'}"
-    )
+    if args.dump:
+        message = f"dump {Path(args.dump).resolve()}"
+    else:
+        message = f"show {args.show or 'dashboard'} {args.page}".strip()
     if forward(message):
         log.info("Braid's tray is already running: asked it to %s", message)
         return 0
@@ -210,10 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     app.setWindowIcon(tray.icons.app())
     instance.message.connect(tray.handle)
     tray.start()
-    if args.show == "settings":
-        tray.show_settings()
-    elif args.show == "dashboard":
-        tray.show_dashboard()
+    if args.show:
+        tray.handle(f"show {args.show} {args.page}".strip())
 
     wakeup = _quit_on_signals(tray)
     code = app.exec()

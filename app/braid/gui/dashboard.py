@@ -39,6 +39,12 @@ def panel_for(widget: QWidget) -> str:
     )
 
 
+def _mbit(bits_per_second: float) -> str:
+    """The legend's numbers share the graphs' unit, so they read against the axis."""
+    value = bits_per_second / 1e6
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
 class Legend(QWidget):
     """A swatch, the name and the current rates of every link, and the total."""
 
@@ -60,7 +66,7 @@ class Legend(QWidget):
             rx, tx = history.latest(name, "rx"), history.latest(name, "tx")
             if name == "":
                 rx, tx = self.session.total_rates()
-            label.setText(f"{name or 'Total'}  ↓ {format_rate(rx)}  ↑ {format_rate(tx)}")
+            label.setText(f"{name or 'Total'}  ↓ {_mbit(rx)}  ↑ {_mbit(tx)} Mbit/s")
 
     def _rebuild(self, names: list[str]) -> None:
         while self._layout.count():
@@ -80,7 +86,7 @@ class Legend(QWidget):
                 font = label.font()
                 font.setBold(True)
                 label.setFont(font)
-            sample = f"{name or 'Total'}  ↓ 888.8 Mbit/s  ↑ 888.8 Mbit/s"
+            sample = f"{name or 'Total'}  ↓ 888.8  ↑ 888.8 Mbit/s"
             label.setFixedWidth(label.fontMetrics().horizontalAdvance(sample) + 4)
             pair = QHBoxLayout()
             pair.setSpacing(6)
@@ -263,8 +269,8 @@ class Dashboard(QWidget):
         item = QListWidgetItem(f"{when}   {entry.message}")
         if entry.level in LEVEL_COLOURS:
             item.setForeground(QColor(LEVEL_COLOURS[entry.level]))
-        if entry.link:
-            item.setIcon(self._event_icon(entry.link))
+        # Link events carry the link's icon, the rest Braid's: the times stay aligned.
+        item.setIcon(self._event_icon(entry.link) if entry.link else self.icons.app())
         self.events.insertItem(0, item)  # newest on top
         while self.events.count() > LOG_LINES:
             self.events.takeItem(self.events.count() - 1)

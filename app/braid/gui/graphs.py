@@ -20,6 +20,7 @@ from braid.gui.colours import LinkColours
 
 HISTORY = 300  # samples: five minutes at the daemon's 1 Hz
 DIRECTIONS = ("rx", "tx")
+MIN_WINDOW = 60  # a fresh start shows the last minute, not a near-empty five
 TOTAL = ""  # the key of the total in the buffers (no link can have an empty name)
 
 
@@ -122,7 +123,9 @@ class _TimeAxis(pg.AxisItem):
         return labels
 
     def tickValues(self, minVal, maxVal, size):
-        return [(60.0, [float(v) for v in range(-HISTORY, 1, 60)]), (30.0, [])]
+        span = maxVal - minVal
+        step = 10 if span <= 75 else 30 if span <= 160 else 60
+        return [(float(step), [float(v) for v in range(0, int(minVal) - 1, -step)])]
 
 
 class RatePlot(pg.PlotWidget):
@@ -136,12 +139,18 @@ class RatePlot(pg.PlotWidget):
         item.hideButtons()
         item.setMouseEnabled(x=False, y=False)
         item.showGrid(x=True, y=True, alpha=0.12)
-        item.setXRange(-HISTORY + 1, 0, padding=0.01)
+        self.window = 0  # seconds of history on screen: grows to five minutes as data comes
+        self.show_window(MIN_WINDOW)
         item.setLimits(yMin=0)
         item.getAxis("left").setWidth(44)
         self.setMinimumHeight(150)
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.top = 0.0  # the upper end of the y range now shown
+
+    def show_window(self, seconds: int) -> None:
+        if seconds != self.window:
+            self.window = seconds
+            self.getPlotItem().setXRange(-seconds + 1, 0, padding=0.01)
 
     def apply_palette(self, palette: QPalette) -> None:
         base = palette.color(QPalette.ColorRole.Base)
@@ -212,7 +221,10 @@ class RateGraphs(QWidget):
             return False
         self._drawn = self.history.count
         text = self.palette().color(QPalette.ColorRole.Text)
+        held = min(self.history.count, self.history.size)
+        window = min(self.history.size, max(MIN_WINDOW, -(-held // 30) * 30))
         for direction, plot in self.plots.items():
+            plot.show_window(window)
             for name in self.history.names():
                 curve = plot.curve(name, self.colours.colour(name), 1.8)
                 curve.setData(*self.finite(self.history.series(name, direction)))

@@ -228,7 +228,7 @@ class LinkTableModel(QAbstractTableModel):
                 return text
             case "used":
                 used = format_bytes(row.get("used_bytes") or 0)
-                return f"{used} of {format_bytes(cap['limit_bytes'])}" if cap else used
+                return f"{used} / {format_bytes(cap['limit_bytes'])}" if cap else used
             case "metered":
                 return None  # the check box says it
             case "cap":

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QGridLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -32,7 +33,6 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QRadioButton,
-    QScrollArea,
     QSpinBox,
     QStackedWidget,
     QStyledItemDelegate,
@@ -106,30 +106,39 @@ class SettingsForm(QWidget):
         self.specs = {spec.key: spec for spec in specs}
         self._read: dict[str, Any] = {}
         self.widgets: dict[str, QWidget] = {}
-        layout = QFormLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.setHorizontalSpacing(18)
-        layout.setVerticalSpacing(14)
-        layout.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        layout.setLabelAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        # A grid, not a QFormLayout: wrapped help texts in a form's nested layouts get
+        # heights for the wrong width, and gaps open under check boxes.
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setHorizontalSpacing(18)
+        grid.setVerticalSpacing(4)
+        grid.setColumnStretch(1, 1)
+        row = 0
         for spec in specs:
             value = values.get(spec.key, spec.default)
             field, read = self._field(spec, value)
             self._read[spec.key] = read
             self.widgets[spec.key] = field
-            box = QWidget()
-            column = QVBoxLayout(box)
-            column.setContentsMargins(0, 0, 0, 0)
-            column.setSpacing(3)
-            column.addWidget(field)
             help_text = spec.help
             if not spec.supported:
                 field.setEnabled(False)
                 help_text += " (The running daemon does not offer this setting yet.)"
+            if spec.type is not bool:
+                label = QLabel(spec.label)
+                label.setBuddy(field)
+                grid.addWidget(
+                    label, row, 0, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop
+                )
+            if isinstance(field, QSpinBox | QDoubleSpinBox):
+                # Aligned, so its narrow maximum does not narrow the whole column.
+                grid.addWidget(field, row, 1, Qt.AlignmentFlag.AlignLeft)
+            else:
+                grid.addWidget(field, row, 1)
             if help_text:
-                column.addWidget(_muted(QLabel(help_text)))
-            label = "" if spec.type is bool else spec.label
-            layout.addRow(label, box)
+                grid.addWidget(_muted(QLabel(help_text)), row + 1, 1)
+            grid.setRowMinimumHeight(row + 2, 14)  # air between settings
+            row += 3
+        grid.setRowStretch(row, 1)
 
     def _field(self, spec: SettingSpec, value: Any) -> tuple[QWidget, Any]:
         if spec.type is bool:
@@ -143,7 +152,8 @@ class SettingsForm(QWidget):
                 spec.maximum if spec.maximum is not None else 2**31 - 1,
             )
             spin.setValue(value if value is not None else 0)
-            spin.setMaximumWidth(140)
+            spin.setMinimumWidth(110)
+            spin.setMaximumWidth(160)
             return spin, spin.value
         if spec.type is list:
             edit = QPlainTextEdit("\n".join(str(v) for v in value or []))
@@ -530,7 +540,7 @@ class SettingsDialog(QDialog):
         }
         for name in self.PAGES:
             self.sidebar.addItem(name)
-            self.stack.addWidget(self._scrolled(pages[name]))
+            self.stack.addWidget(pages[name])
 
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
@@ -577,17 +587,10 @@ class SettingsDialog(QDialog):
         layout.addStretch(1)
         return page
 
-    def _scrolled(self, page: QWidget) -> QScrollArea:
-        area = QScrollArea()
-        area.setWidget(page)
-        area.setWidgetResizable(True)
-        area.setFrameShape(QScrollArea.Shape.NoFrame)
-        return area
-
     def _replace_page(self, name: str, page: QWidget) -> None:
         index = self.PAGES.index(name)
         old = self.stack.widget(index)
-        self.stack.insertWidget(index, self._scrolled(page))
+        self.stack.insertWidget(index, page)
         self.stack.removeWidget(old)
         old.deleteLater()
         self.stack.setCurrentIndex(self.sidebar.currentRow())

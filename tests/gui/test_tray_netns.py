@@ -1,0 +1,299 @@
+"""The real tray against the real daemon: the namespace world, Xvfb and a tray host.
+
+braid-server and braidd run in the test world; the tray runs outside it, as a user's
+would, reaching braidd through its control socket file. A download goes through Braid
+while the test checks that the icon sits in the tray, that the graphs hold traffic on
+every link, and saves screenshots of the tray menu, the dashboard and the settings
+dialog under test-output/gui/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from braid.netbed import LinkSpec, World, unavailable_reason
+from braid.netbed.stack import BraidStack, run_traffic
+
+pytestmark = pytest.mark.netns
+
+LINKS = [
+    LinkSpec("eth0", "ethernet", rate_mbit=40, rtt_ms=10),
+    LinkSpec("wlan0", "wifi", rate_mbit=30, rtt_ms=20),
+    LinkSpec("usb0", "cellular", rate_mbit=20, rtt_ms=40),
+]
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "gui"
+SCREEN = (1280, 800)
+X_TOOLS = ("Xvfb", "trayer", "import", "xwininfo")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    value = predicate()
+    assert value, f"timed out after {timeout:g} s waiting for {what}"
+    return value
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    missing = [tool for tool in X_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (Debian: xvfb trayer imagemagick x11-utils)")
+    with World(LINKS) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def stack(world: World) -> Iterator[BraidStack]:
+    braid = BraidStack(world)
+    public = Path(tempfile.mkdtemp(prefix="braid-control-"))
+    public.chmod(0o755)  # the tray, like any user, must reach the socket
+    braid.control_path = public / "control.sock"
+    try:
+        braid.start()
+        yield braid
+    except BaseException:
+        print(braid.logs())
+        raise
+    finally:
+        braid.stop()
+        shutil.rmtree(public, ignore_errors=True)
+
+
+class Desktop:
+    """Xvfb with a tray host (trayer) on a dark panel, and the tray running on it."""
+
+    def __init__(self, control: Path) -> None:
+        self.control = control
+        self.home = Path(tempfile.mkdtemp(prefix="braid-desktop-"))
+        self.home.chmod(0o700)
+        self.display = self._free_display()
+        self.env = {
+            **os.environ,
+            "DISPLAY": self.display,
+            "QT_QPA_PLATFORM": "xcb",
+            "HOME": str(self.home),
+            "XDG_CONFIG_HOME": str(self.home / ".config"),
+            "XDG_RUNTIME_DIR": str(self.home),
+        }
+        self.env.pop("WAYLAND_DISPLAY", None)
+        self.log = OUTPUT / "tray.log"
+        self.processes: list[subprocess.Popen] = []
+        self.tray: subprocess.Popen | None = None
+
+    @staticmethod
+    def _free_display() -> str:
+        for number in range(70, 100):
+            if not Path(f"/tmp/.X11-unix/X{number}").exists():
+                return f":{number}"
+        raise RuntimeError("no free X display number")
+
+    def start(self) -> Desktop:
+        width, height = SCREEN
+        self._spawn(
+            ["Xvfb", self.display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"]
+        )
+        socket = Path(f"/tmp/.X11-unix/X{self.display[1:]}")
+        wait_for(socket.exists, 10, "Xvfb")
+        self._spawn(
+            [
+                "trayer",
+                "--edge", "top",
+                "--align", "right",
+                "--widthtype", "request",
+                "--height", "28",
+                "--tint", "0x2d2d2d",
+                "--transparent", "true",
+                "--alpha", "0",
+                "--SetDockType", "true",
+            ]
+        )  # fmt: skip
+        wait_for(lambda: '"panel"' in self.windows(), 10, "trayer's panel")
+        # A wallpaper, so screenshots show windows against something (after trayer, which
+        # blanks the root window when it starts).
+        wallpaper = self.home / "wallpaper.png"
+        subprocess.run(
+            ["convert", "-size", f"{width}x{height}", "gradient:#50607a-#232a35", str(wallpaper)],
+            check=False,
+        )
+        if wallpaper.exists() and shutil.which("display"):
+            self._spawn(["display", "-window", "root", str(wallpaper)]).wait(20)
+        self.tray = self._spawn(
+            [sys.executable, "-m", "braid.gui.app", "--control", str(self.control)],
+            stdout=open(self.log, "w"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def _spawn(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=self.env, **kwargs)
+        self.processes.append(proc)
+        return proc
+
+    def windows(self) -> str:
+        done = subprocess.run(
+            ["xwininfo", "-root", "-tree"], env=self.env, capture_output=True, text=True
+        )
+        return done.stdout
+
+    def ask(self, *args: str) -> None:
+        """A second start of the tray: it hands the request to the running one."""
+        subprocess.run(
+            [sys.executable, "-m", "braid.gui.app", *args],
+            env=self.env,
+            check=True,
+            timeout=20,
+            capture_output=True,
+        )
+
+    def state(self) -> dict:
+        path = self.home / "state.json"
+        self.ask("--dump", str(path))
+        return json.loads(path.read_text())
+
+    def screenshot(self, name: str, crop: str | None = None) -> Path:
+        path = OUTPUT / f"{name}.png"
+        argv = ["import", "-window", "root"]
+        if crop:
+            argv += ["-crop", crop, "+repage"]
+        subprocess.run([*argv, str(path)], env=self.env, check=True, timeout=30)
+        return path
+
+    def stop(self) -> int | None:
+        code = None
+        if self.tray is not None and self.tray.poll() is None:
+            self.tray.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.tray.wait(10)
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(self.home, ignore_errors=True)
+        return code
+
+
+def traffic_on(state: dict, names: tuple[str, ...], samples: int = 6) -> bool:
+    """Every named link has carried traffic for a few samples, and the graphs show it."""
+    return all(
+        state["history"].get(name, {}).get("rx_nonzero", 0) >= samples
+        and state["curves"].get(name, {}).get("rx", 0) > 1e6
+        for name in names
+    )
+
+
+def test_real_tray_on_a_real_daemon(world: World, stack: BraidStack) -> None:
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    desktop = Desktop(stack.control_path).start()
+    download: dict = {}
+    try:
+        wait_for(lambda: "system tray available: true" in desktop.log.read_text(), 20, "the tray")
+        state = wait_for(
+            lambda: (s := desktop.state())["links"] == ["eth0", "wlan0", "usb0"] and s,
+            20,
+            "the tray to see the daemon's links",
+        )
+        assert state["daemon_connected"] and state["tray_available"] and state["tray_visible"]
+        assert state["icon_state"] == "connected", state
+        # The icon is embedded in the tray host: a window of ours inside trayer's panel.
+        tree = desktop.windows()
+        panel = tree[tree.index('"panel"') :]
+        assert '("braid-tray" "Braid")' in panel, tree
+
+        desktop.ask("--show", "dashboard")
+
+        def fetch() -> None:
+            download.update(
+                run_traffic(
+                    world,
+                    "download",
+                    world.target_v4,
+                    "--bytes",
+                    "480M",
+                    "--socks",
+                    "127.0.0.1:1080",
+                    "--timeout",
+                    "30",
+                )
+            )
+
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+
+        names = ("eth0", "wlan0", "usb0")
+        state = wait_for(
+            lambda: traffic_on(s := desktop.state(), names) and s,
+            40,
+            "traffic on every link in the graphs",
+            0.5,
+        )
+        assert state["dashboard_visible"]
+        total = state["curves"]["total"]["rx"]
+        best = max(state["curves"][name]["rx"] for name in names)
+        assert total > best, state["curves"]  # the bonded total above the best single link
+
+        desktop.ask("--show", "menu")
+        time.sleep(0.5)  # let the popup paint before the picture
+        desktop.screenshot("tray", crop=f"560x330+{SCREEN[0] - 560}+0")
+        menu = desktop.state()["menu"]
+        for name in names:
+            assert any(line.startswith(name) and "Mbit/s" in line for line in menu), menu
+        desktop.ask("--show", "dashboard")  # closes the menu
+
+        # The phone's ISP goes silent: the icon turns degraded, then back when it returns.
+        world.blackhole("usb0")
+        state = wait_for(
+            lambda: (s := desktop.state())["icon_state"] == "degraded" and s, 10, "degraded"
+        )
+        assert "usb0" in state["tooltip"], state["tooltip"]
+        time.sleep(0.5)
+        desktop.screenshot("tray-degraded", crop=f"560x200+{SCREEN[0] - 560}+0")
+        time.sleep(4)
+        world.restore("usb0")
+        wait_for(lambda: desktop.state()["icon_state"] == "connected", 15, "usb0 back")
+        wait_for(
+            lambda: traffic_on(desktop.state(), names, samples=20), 40, "traffic after the cut"
+        )
+        desktop.ask("--show", "dashboard")
+        time.sleep(0.5)
+        desktop.screenshot("dashboard")
+
+        desktop.ask("--show", "settings", "--page", "server")
+        wait_for(lambda: desktop.state()["settings_visible"], 10, "the settings dialog")
+        time.sleep(0.5)
+        desktop.screenshot("settings-server")
+        for page in ("links", "traffic", "general"):
+            desktop.ask("--show", "settings", "--page", page)
+            time.sleep(0.5)
+            desktop.screenshot(f"settings-{page}")
+
+        thread.join(180)
+        assert download.get("ok"), download
+    finally:
+        code = desktop.stop()
+    assert code == 0, desktop.log.read_text()[-3000:]
