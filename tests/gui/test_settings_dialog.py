@@ -123,6 +123,8 @@ def test_without_a_keyring_the_token_goes_to_a_private_file(
     assert json.loads(path.read_text()) == {"vps.example.net:7443": TOKEN}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "readable only by you" in dialog.session.tokens.where
+    assert "readable only by you" in dialog.session.log[-1].message  # said, not only done
+    assert dialog.session.log[-1].level == "warning"
     assert TokenStore().load("vps.example.net:7443") == TOKEN
 
 

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QApplication
 
 from braid.gui import icons
 from braid.gui.app import TrayApp, parse_args
-from braid.gui.instance import SingleInstance, forward
+from braid.gui.instance import SingleInstance, forward, instance_name
 
 RESOURCES = Path(__file__).resolve().parents[2] / "resources"
 
@@ -36,6 +36,18 @@ def test_one_instance_per_user(qtbot) -> None:
     assert got.args == ["show settings"]
     first.close()
     assert not forward("show dashboard", timeout_ms=300)  # nobody left to ask
+
+
+def test_another_instance_name_runs_apart(qtbot) -> None:
+    usual = SingleInstance()
+    assert usual.listen()
+    demo = SingleInstance(instance_name("braid-demo-tray"))
+    assert demo.listen()
+    with qtbot.waitSignal(demo.message, timeout=3000) as got:
+        assert forward("show dashboard", instance_name("braid-demo-tray"))
+    assert got.args == ["show dashboard"]
+    usual.close()
+    demo.close()
 
 
 def test_a_stale_instance_socket_is_taken_over(qtbot) -> None:

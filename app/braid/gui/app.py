@@ -1,6 +1,7 @@
 """``braid tray`` (also ``braid-tray``): the tray icon, the dashboard and the settings dialog.
 
-    braid tray [--control PATH] [--show dashboard|settings] [--dump FILE]
+    braid tray [--control PATH] [--show dashboard|settings|menu [--page NAME]]
+               [--dump FILE] [--instance NAME]
 
 One tray per user: a second start asks the first to show its dashboard (or what
 --show says) and exits. Without a system tray the dashboard opens instead, and closing
@@ -27,7 +28,7 @@ from braid.gui.client import DaemonClient
 from braid.gui.colours import LinkColours
 from braid.gui.dashboard import Dashboard
 from braid.gui.icons import IconSet
-from braid.gui.instance import SingleInstance, forward
+from braid.gui.instance import SingleInstance, forward, instance_name
 from braid.gui.preferences import Preferences, config_dir
 from braid.gui.session import Session
 from braid.gui.settings import SettingsDialog
@@ -202,6 +203,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="with --show settings: the page to open",
     )
     parser.add_argument("--dump", metavar="FILE", help="ask the running tray to write its state")
+    parser.add_argument(
+        "--instance",
+        default="braid-tray",
+        metavar="NAME",
+        help="run apart from the usual tray (e.g. braid demo's, on the emulated world)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     return parser.parse_args(argv)
 
@@ -222,14 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         message = f"dump {Path(args.dump).resolve()}"
     else:
         message = f"show {args.show or 'dashboard'} {args.page}".strip()
-    if forward(message):
+    name = instance_name(args.instance)
+    if forward(message, name):
         log.info("Braid's tray is already running: asked it to %s", message)
         return 0
     if args.dump:
         print("braid tray: no tray is running", file=sys.stderr)
         return 1
 
-    instance = SingleInstance()
+    instance = SingleInstance(name)
     instance.listen()
     tray = TrayApp(args.control, app)
     app.setWindowIcon(tray.icons.app())

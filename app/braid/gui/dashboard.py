@@ -107,6 +107,7 @@ class Dashboard(QWidget):
         super().__init__(parent)
         self.session = session
         self.icons = icons
+        self._shown_look: tuple[str, str] = ("", "")
         self.setWindowTitle("Braid")
         self.setWindowIcon(icons.app())
         self.setMinimumSize(760, 560)
@@ -151,6 +152,7 @@ class Dashboard(QWidget):
         bottom.addWidget(self._titled("Events", self.events))
         bottom.setStretchFactor(0, 3)
         bottom.setStretchFactor(1, 2)
+        bottom.setSizes([640, 340])
         bottom.setChildrenCollapsible(False)
 
         middle = QSplitter(Qt.Orientation.Vertical)
@@ -229,9 +231,10 @@ class Dashboard(QWidget):
     def _on_changed(self) -> None:
         session = self.session
         self.model.set_links(session.links)
-        self.state_icon.setPixmap(
-            self.icons.status(str(session.state), panel_for(self)).pixmap(48, 48)
-        )
+        look = (str(session.state), panel_for(self))
+        if look != self._shown_look:  # a new picture only when the state changes
+            self._shown_look = look
+            self.state_icon.setPixmap(self.icons.status(*look).pixmap(48, 48))
         self.toggle_button.setText("Disconnect" if session.tunnel_up else "Connect")
         self.toggle_button.setEnabled(session.client.is_connected)
         self._tick()

@@ -138,19 +138,53 @@ class RatePlot(pg.PlotWidget):
         item.setMenuEnabled(False)
         item.hideButtons()
         item.setMouseEnabled(x=False, y=False)
-        item.showGrid(x=True, y=True, alpha=0.12)
+        # The grid is a few plain lines, not the axes' own: an axis grid spans the plot, so
+        # every curve update would replay the axes (labels included), which costs more
+        # than all the curves together.
+        self._grid: list[pg.InfiniteLine] = []
+        self._grid_pen = pg.mkPen(QColor(128, 128, 128, 40))
+        self.curves: dict[str, pg.PlotDataItem] = {}
+        self.top = 0.0  # the upper end of the y range now shown
         self.window = 0  # seconds of history on screen: grows to five minutes as data comes
-        self.show_window(MIN_WINDOW)
         item.setLimits(yMin=0)
         item.getAxis("left").setWidth(44)
         self.setMinimumHeight(150)
-        self.curves: dict[str, pg.PlotDataItem] = {}
-        self.top = 0.0  # the upper end of the y range now shown
+        self.show_window(MIN_WINDOW)
+        self.show_top(1.0)
 
     def show_window(self, seconds: int) -> None:
         if seconds != self.window:
             self.window = seconds
             self.getPlotItem().setXRange(-seconds + 1, 0, padding=0.01)
+            self._draw_grid()
+
+    def show_top(self, top: float) -> None:
+        """A new y range re-lays the axis out: only when the peak crosses a step."""
+        if top != self.top:
+            self.top = top
+            # A little air above the top tick, or its label is cut by the frame.
+            self.getPlotItem().setYRange(0, top * 1.06, padding=0)
+            self._draw_grid()
+
+    def _draw_grid(self) -> None:
+        item = self.getPlotItem()
+        for line in self._grid:
+            item.removeItem(line)
+        self._grid = []
+        bottom = item.getAxis("bottom")
+        left = item.getAxis("left")
+        verticals = bottom.tickValues(-self.window + 1, 0, 0)[0][1] if self.window else []
+        horizontals = (
+            left.tickValues(0, self.top, max(left.height(), 100))[0][1] if self.top else []
+        )
+        for angle, values in ((90, verticals), (0, horizontals)):
+            for value in values:
+                if value in (0, -self.window + 1):
+                    continue
+                line = pg.InfiniteLine(value, angle=angle, pen=self._grid_pen, movable=False)
+                line.setZValue(-10)
+                item.addItem(line, ignoreBounds=True)
+                self._grid.append(line)
 
     def apply_palette(self, palette: QPalette) -> None:
         base = palette.color(QPalette.ColorRole.Base)
@@ -237,10 +271,7 @@ class RateGraphs(QWidget):
                 float(np.max(np.nan_to_num(self.history.series(name, direction))))
                 for name in [TOTAL, *self.history.names()]
             )
-            top = nice_ceiling(peak * 1.1 / 1e6)
-            if top != plot.top:  # a new range re-lays the axis out: only when it must
-                plot.top = top
-                plot.setYRange(0, top, padding=0)
+            plot.show_top(nice_ceiling(peak * 1.1 / 1e6))
         self.redrawn.emit()
         return True
 

@@ -17,11 +17,12 @@ from PySide6.QtNetwork import QLocalServer, QLocalSocket
 log = logging.getLogger(__name__)
 
 
-def instance_name() -> str:
+def instance_name(instance: str = "braid-tray") -> str:
+    """The socket of ``instance`` for this user ("braid-tray", or another for a demo)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir():
-        return str(Path(runtime) / "braid-tray.sock")
-    return f"braid-tray-{os.getuid()}"  # Qt puts it in its temp dir
+        return str(Path(runtime) / f"{instance}.sock")
+    return f"{instance}-{os.getuid()}"  # Qt puts it in its temp dir
 
 
 def forward(message: str, name: str | None = None, timeout_ms: int = 1500) -> bool:

@@ -187,6 +187,10 @@ class Session(QObject):
         self._up_failed = False
         return self.client.down()
 
+    def note(self, message: str, level: str = "info") -> None:
+        """Something the views did that the user should find in the log (e.g. a saved token)."""
+        self._add_log("tray", None, message, level)
+
     # -- the client's signals ----------------------------------------------------
 
     def _on_connected(self) -> None:

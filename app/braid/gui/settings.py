@@ -490,6 +490,10 @@ class ServerPage(QWidget):
         self.session.preferences.set_pairing(
             SavedPairing(self.pairing.host, self.pairing.port, self.pairing.fingerprint)
         )
+        in_keyring = self.tokens.backend_name() is not None and "keyring" in where
+        self.session.note(
+            f"Paired with {self.pairing.server}. {where}", "info" if in_keyring else "warning"
+        )
         return where
 
 
