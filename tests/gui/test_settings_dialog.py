@@ -81,6 +81,19 @@ def test_links_page_priority_is_a_drop_down_on_every_row(dialog) -> None:
     assert page.table.isPersistentEditorOpen(page.model.index(1, column))
 
 
+def test_choosing_a_priority_in_its_drop_down_sends_it_on_ok(qtbot, daemon, dialog) -> None:
+    page = dialog.links_page
+    index = page.model.index(1, page.model.column_of("priority"))  # wlan0
+    combo = page.table.indexWidget(index)
+    assert [combo.itemText(i) for i in range(combo.count())] == ["Always", "Backup", "Never"]
+    combo.setCurrentIndex(combo.findData("never"))
+    combo.activated.emit(combo.currentIndex())  # what a user's pick emits
+    assert page.model.links()[1]["priority"] == "never"
+    dialog.accept()
+    qtbot.waitUntil(lambda: len(daemon.changes()) == 1, timeout=3000)
+    assert daemon.changes()[0]["link"] == "wlan0" and daemon.changes()[0]["priority"] == "never"
+
+
 def test_bad_pairing_is_refused_with_the_reason(qtbot, daemon, dialog, file_keyring) -> None:
     page = dialog.server_page
     page.uri.setPlainText("braid://vps.example.net:7443?fp=1234&token=" + TOKEN)

@@ -230,7 +230,7 @@ class ChoiceDelegate(QStyledItemDelegate):
                 combo.addItem(label, value)
             combo.activated.connect(lambda _=0, c=combo: self.commitData.emit(c))
             return combo
-        if index.data(Qt.ItemDataRole.EditRole).__class__ is int:
+        if isinstance(index.data(Qt.ItemDataRole.EditRole), int):  # the reset day
             spin = QSpinBox(parent)
             spin.setRange(1, 28)
             return spin
