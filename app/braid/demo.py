@@ -96,6 +96,9 @@ def _open_tray(stack) -> subprocess.Popen | None:
             str(stack.control_path),
             "--show",
             "dashboard",
+            # Its own instance: a tray the user already runs must not answer for the demo.
+            "--instance",
+            "braid-demo-tray",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
