@@ -111,3 +111,34 @@ def test_server_tls_sends_nothing_after_the_handshake(tmp_path: Path) -> None:
     assert c_in.pending == 0
     with pytest.raises(ssl.SSLWantReadError):
         client.read(1)
+
+
+def test_penalty_slows_down_an_address_that_keeps_failing(monkeypatch) -> None:
+    from braid.server import server as server_module
+
+    now = [1000.0]
+    monkeypatch.setattr(server_module.time, "monotonic", lambda: now[0])
+    penalty = server_module.Penalty(free=3, window=60, maximum=8)
+    for _ in range(3):
+        assert penalty.delay("198.18.0.9") == 0
+        penalty.failed("198.18.0.9")
+    delays = []
+    for _ in range(6):
+        delays.append(penalty.delay("198.18.0.9"))
+        penalty.failed("198.18.0.9")
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert penalty.delay("198.18.0.10") == 0  # others are not affected
+    now[0] += 61
+    assert penalty.delay("198.18.0.9") == 0  # forgotten after the window
+    penalty.failed("198.18.0.11")
+    penalty.succeeded("198.18.0.11")
+    assert penalty.delay("198.18.0.11") == 0
+
+
+def test_penalty_memory_is_bounded() -> None:
+    from braid.server.server import Penalty
+
+    penalty = Penalty(max_sources=100)
+    for i in range(1000):
+        penalty.failed(f"198.18.{i // 256}.{i % 256}")
+    assert len(penalty._failures) == 100

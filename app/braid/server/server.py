@@ -95,6 +95,7 @@ def open_listener(host: str, port: int, backlog: int = 1024) -> tuple[socket.soc
 class Stats:
     connections: int = 0  # accepted, authenticated or not
     auth_failures: int = 0
+    delayed: int = 0  # handshakes held back because their address kept failing
     requests: int = 0
     refused: int = 0  # by the policy
     unreachable: int = 0  # the destination could not be reached
@@ -110,7 +111,8 @@ class Stats:
     def summary(self) -> str:
         return (
             f"{self.active} open, {self.connections} accepted, "
-            f"{self.auth_failures} failed authentication, {self.requests} requests "
+            f"{self.auth_failures} failed authentication ({self.delayed} delayed), "
+            f"{self.requests} requests "
             f"({self.refused} refused, {self.unreachable} unreachable), "
             f"{self.bytes_up} bytes up, {self.bytes_down} bytes down, "
             f"{self.datagrams_up} datagrams up, {self.datagrams_down} datagrams down"
@@ -180,6 +182,42 @@ class WarningLimiter:
                 del self._last[source]
         if len(self._last) >= self.max_sources:
             self._last.clear()
+
+
+class Penalty:
+    """Per-address back-off for failed authentications: 0 s for the first few, then doubling.
+
+    Bounded in memory: the oldest addresses are forgotten first.
+    """
+
+    def __init__(
+        self, free: int = 5, window: float = 300.0, maximum: float = 30.0, max_sources: int = 65536
+    ) -> None:
+        self.free = free
+        self.window = window
+        self.maximum = maximum
+        self.max_sources = max_sources
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def delay(self, source: str) -> float:
+        count, last = self._failures.get(source, (0, 0.0))
+        if time.monotonic() - last > self.window:
+            self._failures.pop(source, None)
+            return 0.0
+        if count < self.free:
+            return 0.0
+        return min(self.maximum, 0.5 * 2 ** (count - self.free))
+
+    def failed(self, source: str) -> None:
+        count, last = self._failures.pop(source, (0, 0.0))
+        if time.monotonic() - last > self.window:
+            count = 0
+        self._failures[source] = (count + 1, time.monotonic())
+        while len(self._failures) > self.max_sources:
+            self._failures.pop(next(iter(self._failures)))
+
+    def succeeded(self, source: str) -> None:
+        self._failures.pop(source, None)
 
 
 class TokenHash:
@@ -268,6 +306,7 @@ class BraidServer:
         self.resolver = Resolver()
         self.stats = Stats()
         self.warnings = WarningLimiter()
+        self.penalty = Penalty()
         self._conns: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
 
@@ -370,6 +409,22 @@ class BraidServer:
                 await close_writer(writer, abort=True)
 
     async def _authenticate(
+        self, sock: socket.socket, source: str, label: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        delay = self.penalty.delay(source)
+        if delay:
+            # An address that keeps failing waits before it may try again: guessing the
+            # token becomes slow, while authenticated clients elsewhere are not affected.
+            self.stats.delayed += 1
+            await asyncio.sleep(delay)
+        result = await self._handshake(sock, source, label)
+        if result is None:
+            self.penalty.failed(source)
+        else:
+            self.penalty.succeeded(source)
+        return result
+
+    async def _handshake(
         self, sock: socket.socket, source: str, label: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """TLS handshake and HELLO within the handshake timeout; None if refused.
