@@ -91,3 +91,52 @@ def test_settings_validate_and_persist(tmp_path) -> None:
     for bad in ({"probe_interval_ms": 10}, {"pool_size": "4"}, {"mode": "turbo"}, {"nope": 1}):
         with pytest.raises(ValueError):
             settings.update(bad)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A tiny tmpfs that is already full (a mount, not a network change; removed after)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "full"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory) -> None:
+    with open(directory / "filler", "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\0" * 4096)
+                out.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_never_truncates_the_existing_files(full_disk) -> None:
+    store = LinkStore(full_disk).load()
+    store.choice("usb0").update({"priority": "backup", "cap": {"limit_bytes": 10**9}})
+    store.save_choices()
+    settings = Settings(full_disk).load()
+    settings.update({"pool_size": 6})
+    links_before = (full_disk / "links.json").read_bytes()
+    settings_before = (full_disk / "settings.json").read_bytes()
+    _fill(full_disk)
+    store.choice("usb0").update({"priority": "never", "metered": True, "order": 3})
+    with pytest.raises(OSError):
+        for _ in range(50):  # grow the file until it no longer fits
+            store.choice(f"extra{_}").update({"kind": "other"})
+            store.save_choices()
+    with pytest.raises(OSError):
+        settings.update({"bypass": ["192.0.2.0/24"] * 2000})
+    assert (full_disk / "links.json").read_bytes() == links_before
+    assert (full_disk / "settings.json").read_bytes() == settings_before
+    assert settings["pool_size"] == 6 and settings["bypass"] == []
+    assert not list(full_disk.glob(".*.tmp"))

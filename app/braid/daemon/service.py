@@ -730,6 +730,13 @@ class Daemon:
 
     # -- control commands -----------------------------------------------------
 
+    def _cannot_save(self, exc: OSError) -> ControlError:
+        return ControlError(
+            ErrorCode.FAILED,
+            f"cannot save to {self.config.state_dir}: {exc.strerror or exc} — nothing was "
+            "changed; free some disk space or fix the directory's permissions",
+        )
+
     async def _cmd_status(self, caller: Caller, request: dict) -> dict:
         return self.status()
 
@@ -791,7 +798,11 @@ class Daemon:
         except StoreError as exc:
             choice.update(before)
             raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        self.store.save_choices()
+        try:
+            self.store.save_choices()
+        except OSError as exc:
+            choice.update(before)
+            raise self._cannot_save(exc) from None
         link = self.links[name]
         self._apply_choice(link)
         log.info("link %s changed by %s: %s", name, caller.describe(), changes)
@@ -805,10 +816,17 @@ class Daemon:
                 ErrorCode.INVALID_ARGUMENT,
                 f"links must list every link exactly once: {', '.join(sorted(self.links))}",
             )
+        before = {name: self.store.choice(name).order for name in names}
         for order, name in enumerate(names):
             self.store.choice(name).order = order
+        try:
+            self.store.save_choices()
+        except OSError as exc:
+            for name, order in before.items():
+                self.store.choice(name).order = order
+            raise self._cannot_save(exc) from None
+        for name in names:
             self._apply_choice(self.links[name])
-        self.store.save_choices()
         await self._refresh_links()
         return [link.to_json() for link in self._ordered()]
 
@@ -822,12 +840,16 @@ class Daemon:
         changes = request.get("settings")
         if not isinstance(changes, dict):
             raise ControlError(ErrorCode.INVALID_ARGUMENT, "settings must be an object")
+        before = dict(self.settings.values)
         try:
             if "bypass" in changes and isinstance(changes["bypass"], list):
                 capture.parse_bypass(changes["bypass"])
             self.settings.update(changes)
         except ValueError as exc:
             raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        except OSError as exc:
+            self.settings.values = before
+            raise self._cannot_save(exc) from None
         await self._update_capture()
         return dict(self.settings.values)
 

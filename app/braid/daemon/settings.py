@@ -167,10 +167,19 @@ class Settings:
             if key not in BY_KEY:
                 raise ValueError(f"unknown setting {key!r}")
             checked[key] = BY_KEY[key].check(value)
-        self.values.update(checked)
+        values = {**self.values, **checked}
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({"version": FORMAT_VERSION, "settings": self.values}, indent=2))
-        os.replace(tmp, self.path)
+        # Write aside, then rename: a full disk never leaves a truncated settings file.
+        try:
+            with open(tmp, "w") as out:
+                out.write(json.dumps({"version": FORMAT_VERSION, "settings": values}, indent=2))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.values = values
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
