@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import braid
 from braid.client import ControlClient, DaemonUnavailable, default_control_path
 from braid.protocol.control import ControlError
 
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Braid bonds your Ethernet, Wi-Fi and tethered links into one connection.",
     )
     parser.add_argument(
+        "--version", action="version", version=f"braid {_version()}", help="show the version"
+    )
+    parser.add_argument(
         "--control",
         help="the daemon's control socket (default: $BRAID_CONTROL or /run/braid/control.sock)",
     )
@@ -365,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         return 4 if exc.code == "forbidden" else 1
     except KeyboardInterrupt:
         return 130
+
+
+def _version() -> str:
+    return getattr(braid, "__version__", "unknown")
 
 
 if __name__ == "__main__":

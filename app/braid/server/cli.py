@@ -9,6 +9,7 @@ import os
 import ssl
 import sys
 
+import braid
 from braid.protocol.pairing import Pairing
 from braid.server.state import (
     ServerConfig,
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="braid-server",
         description="The server end of Braid: relays a laptop's bonded MPTCP connections.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"braid-server {_version()}", help="show the version"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -191,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _version() -> str:
+    return getattr(braid, "__version__", "unknown")
 
 
 if __name__ == "__main__":
