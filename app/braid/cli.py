@@ -241,6 +241,16 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_tray(args) -> int:
+    if getattr(sys, "frozen", False):
+        # The packaged tray is a bundle of its own, next to this one.
+        import shutil
+
+        tray = shutil.which("braid-tray")
+        if tray is None:
+            print("braid tray: braid-tray is not installed", file=sys.stderr)
+            return 1
+        argv = [tray, *(["--control", args.control] if args.control else []), *args.tray_args]
+        os.execv(tray, argv)
     try:
         from braid.gui.app import main as tray_main
     except ImportError as exc:
@@ -257,7 +267,15 @@ def cmd_tray(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from braid.demo import run_demo
+    try:
+        from braid.demo import run_demo
+    except ImportError:
+        print(
+            "braid demo runs from a source checkout (it needs the test world): "
+            "clone the repository and run ./dev demo",
+            file=sys.stderr,
+        )
+        return 1
 
     return run_demo(duration=args.duration, size_mib=args.size)
 

@@ -196,6 +196,10 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
+        # Keep the owner: root rewriting the service user's files must not lock it out.
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            st = os.stat(path)
+            os.fchown(fd, st.st_uid, st.st_gid)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
