@@ -61,7 +61,7 @@ def test_menu_has_a_line_per_link_in_its_colour(qtbot, daemon, session, tray) ->
     lines = [t for t in texts if t.split()[0] in ("eth0", "wlan0", "usb0")]
     assert len(lines) == 3
     assert "41.5 Mbit/s" in lines[0] and "Always" in lines[0]
-    assert texts[-3:] == ["Dashboard", "Settings…", "Quit"]
+    assert texts[-4:] == ["Dashboard", "Settings…", "About Braid", "Quit"]
     icons = [action.icon() for action in tray.link_actions]
     assert all(not icon.isNull() for icon in icons)
     # The colour of a link is the same as in the graphs: its palette entry.
@@ -141,3 +141,17 @@ def test_messages_only_when_the_icon_is_shown(qtbot, session, tray, monkeypatch)
     tray.show_message("warning", "A link stopped answering", "wlan0 stopped answering")
     assert shown and shown[0][0] == "A link stopped answering"
     assert shown[0][2] == QSystemTrayIcon.MessageIcon.Warning
+
+
+def test_about_box_shows_the_same_version_as_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    import braid
+    from braid.gui.tray import about_text
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "braid.cli", "--version"], capture_output=True, text=True, check=True
+    )
+    assert cli.stdout.strip() == f"braid {braid.__version__}"
+    assert f"Braid {braid.__version__}" in about_text()

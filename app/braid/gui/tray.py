@@ -6,6 +6,7 @@ from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QAction, QGuiApplication
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
+import braid
 from braid.gui.icons import IconSet
 from braid.gui.model import PRIORITIES, STATE_LABELS
 from braid.gui.session import STATE_LABELS as TRAY_LABELS
@@ -106,6 +107,7 @@ class Tray(QObject):
         self.menu.addSeparator()
         self.menu.addAction("Dashboard").triggered.connect(self.dashboard_requested)
         self.menu.addAction("Settings…").triggered.connect(self.settings_requested)
+        self.menu.addAction("About Braid").triggered.connect(show_about)
         self.menu.addSeparator()
         self.menu.addAction("Quit").triggered.connect(self.quit_requested)
 
@@ -121,3 +123,18 @@ class Tray(QObject):
 
 def _shorten(text: str, limit: int = 140) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def about_text() -> str:
+    """The About box's text: the same version as ``braid --version``."""
+    return (
+        f"<b>Braid {braid.__version__}</b><br>"
+        "Bonds your Ethernet, Wi-Fi and tethered links into one faster connection "
+        "that survives the loss of any of them, through Multipath TCP to your own server."
+    )
+
+
+def show_about() -> None:
+    from PySide6.QtWidgets import QMessageBox
+
+    QMessageBox.about(None, "About Braid", about_text())
