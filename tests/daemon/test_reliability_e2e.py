@@ -39,15 +39,8 @@ def world() -> Iterator[World]:
 
 @pytest.fixture(scope="module")
 def stack(world: World) -> Iterator[BraidStack]:
-    braid = BraidStack(world)
-    try:
-        braid.start()
+    with BraidStack(world) as braid:
         yield braid
-    except BaseException:
-        print(braid.logs())
-        raise
-    finally:
-        braid.stop()
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1):

@@ -186,7 +186,12 @@ class BraidStack:
         return "\n".join(parts)
 
     def __enter__(self) -> BraidStack:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            print(self.logs(), file=sys.stderr)  # why it did not start
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()
