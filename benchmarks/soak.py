@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -153,12 +154,15 @@ def start_tray(stack: BraidStack) -> subprocess.Popen:
 
 
 def growth(series: list[int], warmup: int) -> float:
-    """Relative growth from the end of warm-up to the end (mean of the last quarter)."""
+    """Relative growth of the level after warm-up: median of the last quarter against the
+    median of the first quarter (medians, so the churn's short spikes do not count)."""
     after = series[warmup:]
-    if len(after) < 2 or after[0] == 0:
+    if len(after) < 4:
         return 0.0
-    tail = after[-max(1, len(after) // 4) :]
-    return (sum(tail) / len(tail) - after[0]) / after[0]
+    quarter = max(1, len(after) // 4)
+    first = statistics.median(after[:quarter])
+    last = statistics.median(after[-quarter:])
+    return 0.0 if first == 0 else (last - first) / first
 
 
 def run(seconds: float, png: Path | None, out_json: Path | None, with_tray: bool = True) -> dict:

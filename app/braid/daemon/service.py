@@ -862,6 +862,8 @@ def run_daemon(config: DaemonConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
+        if os.environ.get("BRAID_TRACEMALLOC"):
+            _trace_memory(loop, Path(os.environ["BRAID_TRACEMALLOC"]))
         await daemon.run()
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -874,6 +876,23 @@ def _remove_capture_table() -> None:
         capture.remove()
     except capture.CaptureError as exc:
         log.debug("no nftables table to remove: %s", exc)
+
+
+def _trace_memory(loop: asyncio.AbstractEventLoop, out: Path) -> None:
+    """For hunting leaks: SIGUSR2 writes the largest allocation sites to ``out``."""
+    import tracemalloc
+
+    tracemalloc.start(8)
+
+    def dump() -> None:
+        snapshot = tracemalloc.take_snapshot()
+        with open(out, "a") as f:
+            f.write(f"--- {time.time():.0f}\n")
+            for stat in snapshot.statistics("traceback")[:15]:
+                f.write(f"{stat.size / 1e6:.2f} MB in {stat.count} blocks\n")
+                f.write("\n".join(stat.traceback.format()[-6:]) + "\n")
+
+    loop.add_signal_handler(signal.SIGUSR2, dump)
 
 
 def cleanup(state_dir: Path) -> None:
