@@ -11,26 +11,10 @@ import time
 from pathlib import Path
 
 import braid
+from braid import units
 from braid.client import ControlClient, DaemonUnavailable, default_control_path
 from braid.protocol.control import ControlError
-
-
-def format_rate(bits_per_second: float) -> str:
-    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
-        if bits_per_second >= scale:
-            return f"{bits_per_second / scale:.1f} {unit}"
-    return f"{bits_per_second:.0f} bit/s"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{seconds:02d}s"
-    return f"{seconds}s"
+from braid.units import format_bytes, format_duration, format_rate
 
 
 def render_status(status: dict) -> str:
@@ -62,23 +46,13 @@ def render_status(status: dict) -> str:
 
 def parse_size(text: str) -> int:
     """10G, 500M, 2GB, 1500000 → bytes (decimal units, as carriers bill)."""
-    text = text.strip().upper().removesuffix("B")
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(text[-1:], 1)
-    number = text[:-1] if scale != 1 else text
     try:
-        value = float(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10G, 500M)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a size must be positive")
-    return int(value)
-
-
-def format_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
+        value = units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value is None:
+        raise argparse.ArgumentTypeError("give a size, e.g. 10G")
+    return value
 
 
 def render_links(links: list[dict]) -> str:

@@ -17,9 +17,9 @@ import sys
 import threading
 import time
 
-from braid.cli import format_rate
 from braid.netbed import DEFAULT_LINKS, World, unavailable_reason
 from braid.netbed.stack import BraidStack
+from braid.units import format_rate
 
 
 def _say(text: str = "") -> None:

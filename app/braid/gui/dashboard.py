@@ -26,7 +26,7 @@ from braid.gui.graphs import RateGraphs
 from braid.gui.icons import IconSet
 from braid.gui.model import DASHBOARD_COLUMNS, LinkTableModel
 from braid.gui.session import LogEntry, Session, TrayState
-from braid.gui.units import format_rate
+from braid.units import format_rate
 
 LOG_LINES = 100
 LEVEL_COLOURS = {"warning": "#c64600", "error": "#c01c28"}

@@ -25,7 +25,7 @@ from PySide6.QtGui import QColor
 
 from braid.gui.colours import LinkColours
 from braid.gui.icons import IconSet
-from braid.gui.units import format_bytes, format_loss, format_ms, format_rate, parse_size
+from braid.units import format_bytes, format_loss, format_ms, format_rate, parse_size
 
 MIME_TYPE = "application/x-braid-link-names"
 CHOICES_ROLE = Qt.ItemDataRole.UserRole + 1  # [(value, label)] for a choice column's editor

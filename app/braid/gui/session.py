@@ -22,8 +22,8 @@ from braid.gui.colours import LinkColours
 from braid.gui.graphs import RateHistory
 from braid.gui.preferences import Preferences
 from braid.gui.tokens import TokenStore
-from braid.gui.units import format_duration, format_rate
 from braid.protocol.pairing import Pairing
+from braid.units import format_duration, format_rate
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from braid.gui.icons import IconSet
 from braid.gui.model import PRIORITIES, STATE_LABELS
 from braid.gui.session import STATE_LABELS as TRAY_LABELS
 from braid.gui.session import Session, TrayState
-from braid.gui.units import format_rate
+from braid.units import format_rate
 
 _MESSAGE_ICONS = {
     "info": QSystemTrayIcon.MessageIcon.Information,
