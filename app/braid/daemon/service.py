@@ -38,6 +38,7 @@ from braid.daemon.tunnel.transparent import (
     TransparentUdp,
     serve_dns_over_tcp,
 )
+from braid.files import write_json
 from braid.protocol import control
 from braid.protocol.address import Address
 from braid.protocol.control import ControlError, ErrorCode
@@ -711,12 +712,7 @@ class Daemon:
     # -- pairing storage ------------------------------------------------------
 
     def _save_pairing(self, pairing: Pairing) -> None:
-        path = self.config.state_dir / PAIRING_FILE
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump({"uri": pairing.uri()}, out)
-        os.replace(tmp, path)
+        write_json(self.config.state_dir / PAIRING_FILE, {"uri": pairing.uri()})
 
     def saved_pairing(self) -> Pairing | None:
         path = self.config.state_dir / PAIRING_FILE

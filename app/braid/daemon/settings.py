@@ -6,14 +6,12 @@ validates against this list and the tray builds its pages from it.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from braid.files import read_versioned_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +141,13 @@ class Settings:
         self.problems: list[str] = []
 
     def load(self) -> Settings:
-        try:
-            data = json.loads(self.path.read_text())
-            if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unknown format version {data.get('version')!r}")
-            for key, value in (data.get("settings") or {}).items():
-                if key in BY_KEY:
+        data = read_versioned_json(self.path, FORMAT_VERSION, self.problems) or {}
+        for key, value in (data.get("settings") or {}).items():
+            if key in BY_KEY:
+                try:
                     self.values[key] = BY_KEY[key].check(value)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
-            with contextlib.suppress(OSError):
-                os.replace(self.path, aside)
-            message = f"{self.path} could not be read ({exc}); kept as {aside.name}, defaults used"
-            log.error("%s", message)
-            self.problems.append(message)
+                except ValueError as exc:
+                    self.problems.append(f"setting {key} ignored: {exc}")
         return self
 
     def update(self, changes: dict[str, Any]) -> None:
@@ -168,17 +157,7 @@ class Settings:
                 raise ValueError(f"unknown setting {key!r}")
             checked[key] = BY_KEY[key].check(value)
         values = {**self.values, **checked}
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        # Write aside, then rename: a full disk never leaves a truncated settings file.
-        try:
-            with open(tmp, "w") as out:
-                out.write(json.dumps({"version": FORMAT_VERSION, "settings": values}, indent=2))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_json(self.path, {"version": FORMAT_VERSION, "settings": values})
         self.values = values
 
     def __getitem__(self, key: str) -> Any:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import calendar
 import contextlib
 import datetime as dt
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from braid.daemon.links.model import KINDS, Priority
+from braid.files import read_versioned_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -141,45 +140,6 @@ class Usage:
     bytes: int = 0
 
 
-def _write_json(path: Path, data: Any, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    # Write aside, then rename: a full disk never leaves a truncated file behind.
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _read_json(path: Path, problems: list[str]) -> Any | None:
-    """The file's content; None if absent. A broken file is moved aside and reported."""
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        version = data.get("version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"format version {version!r}, this Braid reads {FORMAT_VERSION}")
-        return data
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
-        with contextlib.suppress(OSError):
-            os.replace(path, aside)
-        message = (
-            f"{path} could not be read ({exc}); it was kept as {aside.name} and defaults are used"
-        )
-        log.error("%s", message)
-        problems.append(message)
-        return None
-
-
 @dataclass
 class LinkStore:
     state_dir: Path
@@ -188,13 +148,13 @@ class LinkStore:
     problems: list[str] = field(default_factory=list)
 
     def load(self) -> LinkStore:
-        data = _read_json(self.state_dir / LINKS_FILE, self.problems)
+        data = read_versioned_json(self.state_dir / LINKS_FILE, FORMAT_VERSION, self.problems)
         for name, raw in ((data or {}).get("links") or {}).items():
             try:
                 self.choices[name] = LinkChoice.from_json(raw)
             except StoreError as exc:
                 self.problems.append(f"settings of link {name} ignored: {exc}")
-        data = _read_json(self.state_dir / USAGE_FILE, self.problems)
+        data = read_versioned_json(self.state_dir / USAGE_FILE, FORMAT_VERSION, self.problems)
         for name, raw in ((data or {}).get("usage") or {}).items():
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 self.usage[name] = Usage(str(raw["period"]), int(raw["bytes"]))
@@ -204,7 +164,7 @@ class LinkStore:
         return self.choices.setdefault(name, LinkChoice())
 
     def save_choices(self) -> None:
-        _write_json(
+        write_json(
             self.state_dir / LINKS_FILE,
             {
                 "version": FORMAT_VERSION,
@@ -213,7 +173,7 @@ class LinkStore:
         )
 
     def save_usage(self) -> None:
-        _write_json(
+        write_json(
             self.state_dir / USAGE_FILE,
             {
                 "version": FORMAT_VERSION,

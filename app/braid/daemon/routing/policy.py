@@ -27,7 +27,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import socket
 import struct
 from dataclasses import dataclass, field, replace
@@ -37,6 +36,8 @@ from pyroute2 import MPTCP, IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.mptcp import MPTCP_PM_CMD_SET_FLAGS, mptcp_msg
+
+from braid.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,8 @@ class Routing:
         if self._state_dir is not None:
             saved = self._state_dir / LIMITS_FILE
             if not saved.exists():  # a crashed run's record holds the true original
-                _write_json(saved, {"subflows": subflows, "add_addr_accepted": add_addr})
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                write_json(saved, {"subflows": subflows, "add_addr_accepted": add_addr})
         self._mptcp.limits("set", subflows=SUBFLOWS_NEEDED, add_addr_accepted=add_addr)
         log.info("MPTCP subflow limit raised from %d to %d", subflows, SUBFLOWS_NEEDED)
 
@@ -532,10 +534,3 @@ def _route_key(route, table: int) -> dict:
 def prefixes_of(addresses: list[tuple[str, int]]) -> tuple[str, ...]:
     nets = {str(ipaddress.ip_interface(f"{a}/{n}").network) for a, n in addresses}
     return tuple(sorted(n for n in nets if not n.endswith(("/32", "/128"))))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
