@@ -142,13 +142,14 @@ def encode_request(command: Command, address: Address) -> bytes:
     return bytes([command]) + encode_address(address)
 
 
-def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
+def _parse_tagged_address(buf: bytes | bytearray, tags, what: str):
+    """A one-byte tag (command or reply code) then an address; None if incomplete."""
     if not buf:
         return None
     try:
-        command = Command(buf[0])
+        tag = tags(buf[0])
     except ValueError:
-        raise ProtocolError(f"unknown command {buf[0]}") from None
+        raise ProtocolError(f"unknown {what} {buf[0]}") from None
     try:
         decoded = decode_address(buf, 1)
     except AddressError as exc:
@@ -156,6 +157,14 @@ def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
     if decoded is None:
         return None
     address, end = decoded
+    return tag, address, end
+
+
+def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
+    parsed = _parse_tagged_address(buf, Command, "command")
+    if parsed is None:
+        return None
+    command, address, end = parsed
     return Request(command, address), end
 
 
@@ -164,19 +173,10 @@ def encode_reply(code: Reply, address: Address | None = None) -> bytes:
 
 
 def parse_reply(buf: bytes | bytearray) -> tuple[ReplyMessage, int] | None:
-    if not buf:
+    parsed = _parse_tagged_address(buf, Reply, "reply code")
+    if parsed is None:
         return None
-    try:
-        code = Reply(buf[0])
-    except ValueError:
-        raise ProtocolError(f"unknown reply code {buf[0]}") from None
-    try:
-        decoded = decode_address(buf, 1)
-    except AddressError as exc:
-        raise ProtocolError(str(exc)) from None
-    if decoded is None:
-        return None
-    address, end = decoded
+    code, address, end = parsed
     return ReplyMessage(code, address), end
 
 
