@@ -23,39 +23,24 @@ def world() -> Iterator[World]:
         yield w
 
 
-def routing_snapshot(world: World) -> str:
-    out = []
-    for argv in (
-        ["ip", "-4", "rule"],
-        ["ip", "-6", "rule"],
-        ["ip", "-4", "route", "show", "table", "all"],
-        ["ip", "-6", "route", "show", "table", "all"],
-        ["ip", "mptcp", "endpoint"],
-        ["ip", "mptcp", "limits"],
-        ["nft", "list", "ruleset"],
-    ):
-        out.append(world.run("laptop", argv, capture_output=True, text=True).stdout)
-    return "\n".join(out)
-
-
 def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
-    pristine = routing_snapshot(world)
+    pristine = world.network_state()
     braid = BraidStack(world)
     try:
         braid.start()
-        running = routing_snapshot(world)
+        running = world.network_state()
         assert "lookup 18400" in running and "lookup 18401" in running
         assert "subflows 8" in running
 
         assert braid.stop_daemon() == 0
-        assert routing_snapshot(world) == pristine
+        assert world.network_state() == pristine
 
         braid.start_daemon()
         braid.up()
         assert braid.daemon is not None
         braid.daemon.kill()  # SIGKILL: no chance to clean up
         braid.daemon.wait()
-        assert routing_snapshot(world) != pristine
+        assert world.network_state() != pristine
 
         world.run(
             "laptop",
@@ -70,7 +55,7 @@ def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
             ],
             capture_output=True,
         )
-        assert routing_snapshot(world) == pristine
+        assert world.network_state() == pristine
 
         # Killed again, then simply started again: the new run cleans up the old one's state.
         braid.start_daemon()
@@ -80,7 +65,7 @@ def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
         braid.start_daemon()
         braid.up()
         assert braid.stop_daemon() == 0
-        assert routing_snapshot(world) == pristine
+        assert world.network_state() == pristine
     except BaseException:
         print(braid.logs())
         raise
@@ -96,7 +81,7 @@ def test_cleanup_leaves_foreign_rules_and_endpoints_alone(world: World) -> None:
     ]
     for argv in foreign:
         world.run("laptop", argv)
-    pristine = routing_snapshot(world)
+    pristine = world.network_state()
     world.run(
         "laptop",
         [
@@ -110,4 +95,4 @@ def test_cleanup_leaves_foreign_rules_and_endpoints_alone(world: World) -> None:
         ],
         capture_output=True,
     )
-    assert routing_snapshot(world) == pristine
+    assert world.network_state() == pristine

@@ -35,22 +35,9 @@ def world() -> Iterator[World]:
         yield w
 
 
-def snapshot(world: World) -> str:
-    return "\n".join(
-        world.run("laptop", argv, capture_output=True, text=True).stdout
-        for argv in (
-            ["nft", "list", "ruleset"],
-            ["ip", "-4", "rule"],
-            ["ip", "-6", "rule"],
-            ["ip", "-4", "route", "show", "table", "all"],
-            ["ip", "-6", "route", "show", "table", "all"],
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def pristine(world: World) -> str:
-    return snapshot(world)
+    return world.network_state()
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +212,14 @@ def test_switching_off_and_crash_cleanup_restore_nft_and_rules(
     world: World, stack: BraidStack, pristine: str
 ) -> None:
     stack.call("set-settings", settings={"mode": "proxy"})
-    without_capture = snapshot(world)
+    without_capture = world.network_state()
     assert "table inet braid" not in without_capture
     stack.call("set-settings", settings={"mode": "system"})
-    assert "table inet braid" in snapshot(world)
+    assert "table inet braid" in world.network_state()
     assert stack.daemon is not None
     stack.daemon.kill()
     stack.daemon.wait()
-    assert "table inet braid" in snapshot(world)
+    assert "table inet braid" in world.network_state()
     world.run(
         "laptop",
         [
@@ -246,7 +233,7 @@ def test_switching_off_and_crash_cleanup_restore_nft_and_rules(
         ],
         capture_output=True,
     )
-    assert snapshot(world) == pristine
+    assert world.network_state() == pristine
     stack.start_daemon()
     status = stack.call("up", pairing=stack.pairing_uri, mode="system")
     assert status["capture"]["in_force"] == "tunnel"

@@ -878,6 +878,22 @@ table inet {NFT_TABLE} {{
 
     # --- observation ---------------------------------------------------------------------------
 
+    def network_state(self, role: str = "laptop") -> str:
+        """Everything a daemon may change in a namespace, as text to compare before and after:
+        rules, every routing table, MPTCP endpoints and limits, and the nftables ruleset."""
+        return "\n".join(
+            self.run(role, argv, capture_output=True, text=True).stdout
+            for argv in (
+                ["ip", "-4", "rule"],
+                ["ip", "-6", "rule"],
+                ["ip", "-4", "route", "show", "table", "all"],
+                ["ip", "-6", "route", "show", "table", "all"],
+                ["ip", "mptcp", "endpoint"],
+                ["ip", "mptcp", "limits"],
+                ["nft", "list", "ruleset"],
+            )
+        )
+
     def counters(self, name: str) -> tuple[int, int]:
         """(rx_bytes, tx_bytes) of the laptop's interface ``name``, from netlink."""
         from pyroute2 import IPRoute
