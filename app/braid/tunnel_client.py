@@ -180,6 +180,17 @@ class Tunnel:
         self.writer.writelines((frame_header(len(data)), data))
         await self.writer.drain()
 
+    def queue_datagram(self, data: bytes, backlog: int = 1 << 20) -> bool:
+        """Queue one datagram without waiting; dropped (False) while ``backlog`` bytes wait.
+
+        UDP may lose datagrams; what it must not do is make the sender wait or buffer
+        without bound, so the hot path writes and moves on.
+        """
+        if not data or self.writer.transport.get_write_buffer_size() > backlog:
+            return False
+        self.writer.writelines((frame_header(len(data)), data))
+        return True
+
     async def end_datagrams(self) -> None:
         """Send the end-of-stream frame: the server then ends the session."""
         self.writer.write(EOF_FRAME)

@@ -26,7 +26,13 @@ from braid.daemon.control.server import Caller, ControlServer
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkStore, StoreError
 from braid.daemon.routing import capture
-from braid.daemon.routing.policy import SLOTS, LinkRouting, Routing, prefixes_of
+from braid.daemon.routing.policy import (
+    SLOTS,
+    DeviceView,
+    LinkRouting,
+    Routing,
+    prefixes_of,
+)
 from braid.daemon.settings import SETTINGS, Settings
 from braid.daemon.stats.subflows import count_subflows
 from braid.daemon.tunnel.pool import TunnelPool
@@ -293,15 +299,16 @@ class Daemon:
     async def _refresh_links(self) -> None:
         assert self._routing is not None
         await self._discover()
-        for link in self._ordered():
-            await self._refresh_link(link)
+        links = self._ordered()
+        views = await self._in_netlink(self._routing.views, [link.name for link in links])
+        for link in links:
+            await self._refresh_link(link, views[link.name])
         self._update_best()
         await self._update_capture()
 
-    async def _refresh_link(self, link: Link) -> None:
+    async def _refresh_link(self, link: Link, view: DeviceView | None) -> None:
         assert self._routing is not None
         before = link.state
-        view = await self._in_netlink(self._routing.view, link.name)
         if view is None:
             link.state, link.addresses = LinkState.MISSING, []
         elif not (view.up and view.carrier):

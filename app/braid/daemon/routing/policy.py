@@ -147,20 +147,32 @@ class Routing:
 
     def view(self, device: str) -> DeviceView | None:
         """The device's state, addresses and default gateways, or None if it does not exist."""
-        links = self._ipr.link_lookup(ifname=device)
-        if not links:
-            return None
-        index = links[0]
-        (link,) = self._ipr.get_links(index)
-        flags = link["flags"]
-        operstate = _attr(link, "IFLA_OPERSTATE", "UNKNOWN")
-        view = DeviceView(
-            name=device,
-            ifindex=index,
-            up=bool(flags & 1),  # IFF_UP
-            carrier=operstate in ("UP", "UNKNOWN") and bool(flags & 0x10000),  # IFF_LOWER_UP
-        )
-        for msg in self._ipr.get_addr(index=index):
+        return self.views([device])[device]
+
+    def views(self, devices: list[str]) -> dict[str, DeviceView | None]:
+        """Every named device at once: one dump each of links, addresses and default routes."""
+        out: dict[str, DeviceView | None] = dict.fromkeys(devices)
+        by_index: dict[int, DeviceView] = {}
+        wanted = set(devices)
+        for link in self._ipr.get_links():
+            name = _attr(link, "IFLA_IFNAME")
+            if name not in wanted:
+                continue
+            flags = link["flags"]
+            operstate = _attr(link, "IFLA_OPERSTATE", "UNKNOWN")
+            view = DeviceView(
+                name=name,
+                ifindex=link["index"],
+                up=bool(flags & 1),  # IFF_UP
+                carrier=operstate in ("UP", "UNKNOWN") and bool(flags & 0x10000),  # IFF_LOWER_UP
+            )
+            out[name] = by_index[view.ifindex] = view
+        if not by_index:
+            return out
+        for msg in self._ipr.get_addr():
+            view = by_index.get(msg["index"])
+            if view is None:
+                continue
             addr = _attr(msg, "IFA_ADDRESS")
             if msg["family"] == socket.AF_INET:
                 addr = _attr(msg, "IFA_LOCAL", addr)
@@ -173,7 +185,8 @@ class Routing:
                 view.addresses6.append((addr, msg["prefixlen"]))
         for family in (socket.AF_INET, socket.AF_INET6):
             for route in self._ipr.get_routes(family=family, table=254):
-                if route["dst_len"] != 0 or _attr(route, "RTA_OIF") != index:
+                view = by_index.get(_attr(route, "RTA_OIF"))
+                if route["dst_len"] != 0 or view is None:
                     continue
                 gateway = _attr(route, "RTA_GATEWAY")
                 if family == socket.AF_INET:
@@ -182,7 +195,7 @@ class Routing:
                 else:
                     view.has_default6 = True
                     view.gateway6 = view.gateway6 or gateway
-        return view
+        return out
 
     # -- limits -------------------------------------------------------------
 

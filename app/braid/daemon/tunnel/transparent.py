@@ -275,6 +275,7 @@ class UdpSessions:
         self._sweeper: asyncio.Task | None = None
         self.datagrams_up = 0
         self.datagrams_down = 0
+        self.dropped = 0  # the tunnel was too far behind: dropped, as UDP may
 
     def start(self) -> None:
         self._sweeper = spawn(self._sweep(), name="udp-sessions")
@@ -298,12 +299,8 @@ class UdpSessions:
             if len(session.queue) < 64:
                 session.queue.append(data)
             return
-        spawn(self._forward(session, data), name="udp-send")
-
-    async def _forward(self, session: _Session, data: bytes) -> None:
-        assert session.tunnel is not None
-        with contextlib.suppress(TunnelError, ConnectionError, OSError):
-            await session.tunnel.send_datagram(data)
+        if not session.tunnel.queue_datagram(data):
+            self.dropped += 1
 
     async def _run(self, key: tuple, session: _Session) -> None:
         client, destination = key
