@@ -135,7 +135,6 @@ class TransparentTcp:
 @dataclass
 class _Session:
     tunnel: Tunnel | None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
     last: float = field(default_factory=time.monotonic)
     queue: list[bytes] = field(default_factory=list)
     task: asyncio.Task | None = None
@@ -460,7 +459,6 @@ class SocksUdp:
         sock.setblocking(False)
         sock.bind((self._bind_host, 0))
         peer_host = writer.get_extra_info("peername")[0]
-        client_addr: list[tuple | None] = [None]
 
         def answer(client: tuple, destination: Address, data: bytes) -> None:
             header = b"\x00\x00\x00" + encode_address(destination)
@@ -488,7 +486,6 @@ class SocksUdp:
                 if decoded is None:
                     continue
                 destination, end = decoded
-                client_addr[0] = client
                 sessions.send(client, destination, data[end:])
 
         loop.add_reader(sock.fileno(), readable)
