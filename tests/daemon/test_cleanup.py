@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
 from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import BraidStack
+from braid.netbed.stack import BraidStack, run_traffic
+from braid.netbed.traffic import iter_json_lines
 
 pytestmark = pytest.mark.netns
 
@@ -96,3 +99,91 @@ def test_cleanup_leaves_foreign_rules_and_endpoints_alone(world: World) -> None:
         capture_output=True,
     )
     assert world.network_state() == pristine
+
+
+def test_sigkill_mid_transfer_then_restart_restores_service(world: World) -> None:
+    """A transfer is running when braidd is killed: the client sees an error (never corrupted
+    data), a new braidd restores service by itself, and its cleanup leaves the namespace as it
+    was before braidd ever ran."""
+    pristine = world.network_state()
+    for spec in world.links:
+        world.set_rate(spec.name, 20)
+    braid = BraidStack(world)
+    try:
+        braid.start()
+        transfer = world.popen(
+            "laptop",
+            [
+                sys.executable,
+                "-m",
+                "braid.netbed.traffic",
+                "download",
+                world.target_v4,
+                "--bytes",
+                str(64 << 20),
+                "--seed",
+                "killed",
+                "--socks",
+                f"{braid.socks[0]}:{braid.socks[1]}",
+                "--progress",
+                "--timeout",
+                "10",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert transfer.stdout is not None
+        moved = 0
+        for line in transfer.stdout:  # progress lines until a few MiB have passed
+            moved = json.loads(line).get("bytes", 0)
+            if moved >= 2 << 20:
+                break
+        assert moved >= 2 << 20, "the transfer never got going"
+        assert braid.daemon is not None
+        braid.daemon.kill()
+        braid.daemon.wait()
+        rest, _ = transfer.communicate(timeout=30)
+        result = list(iter_json_lines(rest))[-1]
+        assert transfer.returncode == 1 and not result["ok"], result
+        assert result["bytes"] < 64 << 20
+
+        braid.start_daemon()  # cleans up what the killed one left, then serves again
+        braid.up()
+        after = run_traffic(
+            world,
+            "download",
+            world.target_v4,
+            "--bytes",
+            str(4 << 20),
+            "--seed",
+            "after-kill",
+            "--socks",
+            f"{braid.socks[0]}:{braid.socks[1]}",
+            "--timeout",
+            "20",
+        )
+        assert after["ok"] and after["sha256"] == after["expected_sha256"], after
+
+        braid.daemon.kill()
+        braid.daemon.wait()
+        world.run(
+            "laptop",
+            [
+                sys.executable,
+                "-m",
+                "braid.cli",
+                "daemon",
+                "--cleanup",
+                "--state-dir",
+                str(braid.daemon_dir),
+            ],
+            capture_output=True,
+        )
+        assert world.network_state() == pristine
+    except BaseException:
+        print(braid.logs())
+        raise
+    finally:
+        braid.stop()
+        for spec in world.links:
+            world.set_rate(spec.name, None)
