@@ -7,6 +7,8 @@ changed in the namespace of the machine running it::
     laptop ── wire-1 ── isp-1 ──┐
        │  ─── wire-2 ── isp-2 ──┼── inet (targets 198.19.0.1, 2001:db8:ff::1) ── server
        └───── wire-3 ── isp-3 ──┘
+    laptop-2 ─────────── isp-1, isp-2, isp-3     (only with World(..., laptops=3): no wires)
+    laptop-3 ─────────── isp-1, isp-2, isp-3
 
 * ``laptop``: one interface per link (eth0, wlan0, usb0 ...), link i with 198.18.i.2/24 and
   2001:db8:i::2/64, default routes in the main table only (metrics 100, 600, 700 ... as
@@ -27,6 +29,16 @@ changed in the namespace of the machine running it::
   other names through the DNS server in ``inet``.
 * ``laptop`` resolves through 198.18.1.53 (unanswered) and has only localhost in its hosts file:
   names work there only once something (the product) carries DNS elsewhere.
+* ``laptop-k`` (k = 2 .. ``laptops``, default none): more laptops at the same ISPs, for a server
+  serving several. The same interface names, metrics, hosts and resolver as ``laptop``; link i
+  with 198.18.ki.2/24 and 2001:db8:ki::2/64 (e.g. 198.18.21.2: laptop 2, link 1), a veth straight
+  into ``isp-i``, whose end ``downk`` holds 198.18.ki.1 and 2001:db8:ki::1 (and a router page).
+  No delay line: :meth:`World.set_delay` and :meth:`World.wire_stats` concern ``laptop`` only.
+  Everything else at the ISP applies to every laptop: tbf on each ``downk`` as on ``down``
+  (downloads are shaped per laptop; uploads share the ISP's ``up``), the reverse-path filter,
+  loss and blackhole. Methods about one laptop's side take ``laptop=k`` (default 1):
+  :meth:`World.laptop_addr`, :meth:`World.gateway`, :meth:`World.counters`,
+  :meth:`World.link_down`, :meth:`World.link_up`; the role is :meth:`World.laptop_role`.
 
 Logs of the services (JSON lines in the workdir): :meth:`World.access_log`, :meth:`World.dns_log`,
 :meth:`World.udp_log`, :meth:`World.lan_log`. :meth:`World.capture` runs tcpdump in a namespace.
@@ -246,9 +258,14 @@ class World:
         links: Sequence[LinkSpec] = DEFAULT_LINKS,
         workdir: str | Path | None = None,
         keep: bool = False,
+        laptops: int = 1,
     ) -> None:
         self.links = [dataclasses.replace(link) for link in links]
         _validate(self.links)
+        # Laptop k's LAN on link i is 198.18.ki.0/24: at most nine laptops.
+        if not 1 <= laptops <= 9:
+            raise ValueError("a world has 1 to 9 laptops")
+        self.laptops = laptops
         self.prefix = f"brd{os.getpid()}x{next(_counter)}-"
         self.keep = keep
         self._own_workdir = workdir is None
@@ -278,10 +295,21 @@ class World:
             "inet",
             *(f"isp-{i}" for i in indices),
             *(f"wire-{i}" for i in indices),
+            *self.laptop_roles()[1:],
         ]
 
+    def laptop_roles(self) -> list[str]:
+        """The laptops' roles: ``laptop``, then ``laptop-2``, ``laptop-3`` ... (``laptops=``)."""
+        return [self.laptop_role(k) for k in range(1, self.laptops + 1)]
+
+    def laptop_role(self, laptop: int = 1) -> str:
+        """The role of laptop number ``laptop`` (1-based): ``laptop``, ``laptop-2`` ..."""
+        if not 1 <= laptop <= self.laptops:
+            raise KeyError(f"no laptop {laptop} in this world")
+        return "laptop" if laptop == 1 else f"laptop-{laptop}"
+
     def ns(self, role: str) -> str:
-        """Full namespace name of ``role``: laptop, server, inet, isp-<i>, wire-<i>.
+        """Full namespace name of ``role``: laptop, laptop-<k>, server, inet, isp-<i>, wire-<i>.
 
         ``isp-<link name>`` and ``wire-<link name>`` (e.g. ``isp-wlan0``) are accepted too.
         """
@@ -302,13 +330,29 @@ class World:
     def link(self, name: str) -> LinkSpec:
         return self.links[self.link_index(name) - 1]
 
-    def laptop_addr(self, name: str, family: int = 4) -> str:
-        i = self.link_index(name)
-        return f"198.18.{i}.2" if family == 4 else f"2001:db8:{i}::2"
+    def laptop_addr(self, name: str, family: int = 4, laptop: int = 1) -> str:
+        """Laptop number ``laptop``'s address on its interface ``name``."""
+        net = self._lan(self.link_index(name), laptop)
+        return f"198.18.{net}.2" if family == 4 else f"2001:db8:{net}::2"
 
-    def gateway(self, name: str, family: int = 4) -> str:
-        i = self.link_index(name)
-        return f"198.18.{i}.1" if family == 4 else f"2001:db8:{i}::1"
+    def gateway(self, name: str, family: int = 4, laptop: int = 1) -> str:
+        """The ISP's address on laptop number ``laptop``'s access line of link ``name``."""
+        net = self._lan(self.link_index(name), laptop)
+        return f"198.18.{net}.1" if family == 4 else f"2001:db8:{net}::1"
+
+    def _lan(self, i: int, laptop: int) -> str:
+        """Third octet (and IPv6 group) of laptop ``laptop``'s LAN on link i: ``i`` for the first
+        laptop, ``ki`` for laptop k (198.18.21.0/24 and 2001:db8:21::/64: laptop 2, link 1)."""
+        self.laptop_role(laptop)  # KeyError for a laptop not in this world
+        return str(i) if laptop == 1 else f"{laptop}{i}"
+
+    @staticmethod
+    def _access_dev(laptop: int) -> str:
+        """The ISP's end of laptop number ``laptop``'s access line: ``down``, ``down2`` ..."""
+        return "down" if laptop == 1 else f"down{laptop}"
+
+    def _access_devs(self) -> list[str]:
+        return [self._access_dev(k) for k in range(1, self.laptops + 1)]
 
     def metric(self, name: str) -> int:
         return _metric(self.link_index(name))
@@ -467,6 +511,25 @@ class World:
                     inet,
                 ]
             )
+            for k in range(2, self.laptops + 1):
+                command(
+                    [
+                        "ip",
+                        "-n",
+                        self.ns(self.laptop_role(k)),
+                        "link",
+                        "add",
+                        "dev",
+                        link.name,
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        self._access_dev(k),
+                        "netns",
+                        isp,
+                    ]
+                )
         command(
             [
                 "ip",
@@ -491,7 +554,9 @@ class World:
         self._offloads_off("inet", ["srv", *(f"isp{i}" for i in range(1, len(self.links) + 1))])
         for i in range(1, len(self.links) + 1):
             self._offloads_off(f"wire-{i}", ["lap", "isp"])
-            self._offloads_off(f"isp-{i}", ["down", "up"])
+            self._offloads_off(f"isp-{i}", [*self._access_devs(), "up"])
+        for role in self.laptop_roles()[1:]:
+            self._offloads_off(role, [link.name for link in self.links])
 
         self._configure_laptop()
         self._configure_isps()
@@ -568,10 +633,10 @@ class World:
                     self.ns(f"isp-{i}"),
                     *python_argv(
                         "braid.netbed.lan",
-                        "--listen",
-                        f"198.18.{i}.1",
-                        "--listen",
-                        f"2001:db8:{i}::1",
+                        *itertools.chain.from_iterable(
+                            ("--listen", f"198.18.{net}.1", "--listen", f"2001:db8:{net}::1")
+                            for net in (self._lan(i, k) for k in range(1, self.laptops + 1))
+                        ),
                         "--port",
                         str(self.router_port),
                         "--text",
@@ -606,22 +671,23 @@ class World:
                 ]
             )
 
-    def _laptop_link_lines(self, i: int, link: LinkSpec) -> list[str]:
+    def _laptop_link_lines(self, i: int, link: LinkSpec, laptop: int = 1) -> list[str]:
         """What NetworkManager would configure on link i (idempotent: ``replace``)."""
-        dev, metric = link.name, _metric(i)
+        dev, metric, net = link.name, _metric(i), self._lan(i, laptop)
         return [
             f"link set dev {dev} up",
-            f"address replace 198.18.{i}.2/24 dev {dev}",
-            f"address replace 2001:db8:{i}::2/64 dev {dev} nodad",
-            f"route replace default via 198.18.{i}.1 dev {dev} metric {metric}",
-            f"route replace ::/0 via 2001:db8:{i}::1 dev {dev} metric {metric}",
+            f"address replace 198.18.{net}.2/24 dev {dev}",
+            f"address replace 2001:db8:{net}::2/64 dev {dev} nodad",
+            f"route replace default via 198.18.{net}.1 dev {dev} metric {metric}",
+            f"route replace ::/0 via 2001:db8:{net}::1 dev {dev} metric {metric}",
         ]
 
     def _configure_laptop(self) -> None:
-        lines = ["link set dev lo up"]
-        for i, link in enumerate(self.links, 1):
-            lines += self._laptop_link_lines(i, link)
-        ip_batch(self.ns("laptop"), lines)
+        for k, role in enumerate(self.laptop_roles(), 1):
+            lines = ["link set dev lo up"]
+            for i, link in enumerate(self.links, 1):
+                lines += self._laptop_link_lines(i, link, k)
+            ip_batch(self.ns(role), lines)
         for i in range(1, len(self.links) + 1):
             ip_batch(
                 self.ns(f"wire-{i}"),
@@ -643,6 +709,15 @@ class World:
                     f"route add default via 198.18.{10 + i}.1 dev up",
                     f"route add ::/0 via 2001:db8:1{i}::1 dev up",
                     *([f"address add {self.laptop_resolver}/32 dev down"] if i == 1 else []),
+                    *itertools.chain.from_iterable(
+                        (
+                            f"link set dev {self._access_dev(k)} up",
+                            f"address add 198.18.{self._lan(i, k)}.1/24 dev {self._access_dev(k)}",
+                            f"address add 2001:db8:{self._lan(i, k)}::1/64 "
+                            f"dev {self._access_dev(k)} nodad",
+                        )
+                        for k in range(2, self.laptops + 1)
+                    ),
                 ],
             )
 
@@ -667,6 +742,12 @@ class World:
                 f"route add 198.18.{i}.0/24 via 198.18.{10 + i}.2 dev isp{i}",
                 f"route add 2001:db8:{i}::/64 via 2001:db8:1{i}::2 dev isp{i}",
             ]
+            for k in range(2, self.laptops + 1):
+                net = self._lan(i, k)
+                lines += [
+                    f"route add 198.18.{net}.0/24 via 198.18.{10 + i}.2 dev isp{i}",
+                    f"route add 2001:db8:{net}::/64 via 2001:db8:1{i}::2 dev isp{i}",
+                ]
         ip_batch(self.ns("inet"), lines)
         ip_batch(
             self.ns("server"),
@@ -681,15 +762,15 @@ class World:
         )
 
     def _write_etc(self) -> None:
-        """hosts and resolv.conf of the server and the laptop, which ``ip netns exec`` mounts over
-        /etc for processes started in their namespaces (removed with the namespaces)."""
+        """hosts and resolv.conf of the server and the laptops, which ``ip netns exec`` mounts
+        over /etc for processes started in their namespaces (removed with the namespaces)."""
         localhost = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         server_hosts = (
             f"{self.target_v4}\t{self.target_name}\n{self.target_v6}\t{self.target_name}\n"
         )
         for role, hosts, resolver in (
             ("server", localhost + server_hosts, self.dns_v4),
-            ("laptop", localhost, self.laptop_resolver),
+            *((role, localhost, self.laptop_resolver) for role in self.laptop_roles()),
         ):
             directory = nsutil.NETNS_ETC_DIR / self.ns(role)
             directory.mkdir(parents=True, exist_ok=True)
@@ -701,11 +782,13 @@ class World:
                 )
 
     def _wait_reachable(self) -> None:
-        """Wait until the targets answer UDP echo through every link (v4 and v6) and from the
-        server. Addresses are added without DAD, so this mostly waits for neighbour discovery."""
+        """Wait until the targets answer UDP echo through every link of every laptop (v4 and v6)
+        and from the server. Addresses are added without DAD, so this mostly waits for neighbour
+        discovery."""
         checks: list[tuple[str, str | None]] = []
-        for link in self.links:
-            checks += [("laptop", link.name)]
+        for role in self.laptop_roles():
+            for link in self.links:
+                checks += [(role, link.name)]
         checks += [("server", None)]
         deadline = time.monotonic() + READY_TIMEOUT
         for role, device in checks:
@@ -759,12 +842,16 @@ class World:
     # --- link conditions -----------------------------------------------------------------------
 
     def _nft_ruleset(self) -> str:
+        devs = self._access_devs()
+        access = (
+            f'"{devs[0]}"' if len(devs) == 1 else "{ " + ", ".join(f'"{d}"' for d in devs) + " }"
+        )
         return f"""
 table inet {NFT_TABLE} {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
         jump blackhole
-        iifname "down" fib saddr . iif oif missing counter drop
+        iifname {access} fib saddr . iif oif missing counter drop
         jump loss
     }}
     chain blackhole {{
@@ -785,7 +872,10 @@ table inet {NFT_TABLE} {{
         command(["ip", "netns", "exec", self.ns(f"isp-{i}"), "nft", "-f", "-"], input=script)
 
     def blackhole(self, name: str) -> None:
-        """The ISP of link ``name`` silently stops forwarding, both ways; the link stays up."""
+        """The ISP of link ``name`` silently stops forwarding, both ways; the link stays up.
+
+        The ISP is every laptop's: all of them lose link ``name`` (as do :meth:`set_loss` and
+        :meth:`set_rate`, which shape every laptop's access line)."""
         i = self.link_index(name)
         self._nft(
             i,
@@ -799,27 +889,33 @@ table inet {NFT_TABLE} {{
         self._nft(self.link_index(name), f"flush chain inet {NFT_TABLE} blackhole\n")
         log.info("restored %s", name)
 
-    def link_down(self, name: str) -> None:
+    def link_down(self, name: str, laptop: int = 1) -> None:
         """Take the laptop's interface down (the kernel flushes its routes and IPv6 addresses)."""
-        command(["ip", "-n", self.ns("laptop"), "link", "set", "dev", name, "down"])
-        log.info("link %s down", name)
+        role = self.laptop_role(laptop)
+        command(["ip", "-n", self.ns(role), "link", "set", "dev", name, "down"])
+        log.info("link %s down%s", name, "" if laptop == 1 else f" on {role}")
 
-    def link_up(self, name: str) -> None:
+    def link_up(self, name: str, laptop: int = 1) -> None:
         """Bring the interface back with its addresses and main-table default routes, as
         NetworkManager would on reconnect."""
         i = self.link_index(name)
-        ip_batch(self.ns("laptop"), self._laptop_link_lines(i, self.links[i - 1]))
-        log.info("link %s up", name)
+        role = self.laptop_role(laptop)
+        ip_batch(self.ns(role), self._laptop_link_lines(i, self.links[i - 1], laptop))
+        log.info("link %s up%s", name, "" if laptop == 1 else f" on {role}")
 
     def set_rate(self, name: str, mbit: float | None) -> None:
-        """Shape link ``name`` to ``mbit`` in each direction (None: unshaped)."""
+        """Shape link ``name`` to ``mbit`` in each direction (None: unshaped).
+
+        Downloads are shaped on each laptop's access line, uploads on the ISP's uplink, which
+        the laptops of a world with ``laptops > 1`` share."""
         i = self.link_index(name)
         self._apply_rate(i, mbit)
         self.links[i - 1].rate_mbit = mbit
 
     def _apply_rate(self, i: int, mbit: float | None) -> None:
         isp = self.ns(f"isp-{i}")
-        for device in ("down", "up"):  # down: download direction, up: upload direction
+        # down (down2 ...): download direction of each laptop, up: upload direction
+        for device in (*self._access_devs(), "up"):
             if mbit is None:
                 command(["tc", "-n", isp, "qdisc", "del", "dev", device, "root"], check=False)
                 continue
@@ -869,7 +965,9 @@ table inet {NFT_TABLE} {{
             raise ValueError("loss must be within 0..1")
         script = f"flush chain inet {NFT_TABLE} loss\n"
         threshold = round(fraction * 10000)
-        if threshold:
+        if threshold >= 10000:  # nft refuses "mod 10000 < 10000": the value is out of range
+            script += f"add rule inet {NFT_TABLE} loss counter drop\n"
+        elif threshold:
             script += (
                 f"add rule inet {NFT_TABLE} loss "
                 f"numgen random mod 10000 < {threshold} counter drop\n"
@@ -894,12 +992,12 @@ table inet {NFT_TABLE} {{
             )
         )
 
-    def counters(self, name: str) -> tuple[int, int]:
-        """(rx_bytes, tx_bytes) of the laptop's interface ``name``, from netlink."""
+    def counters(self, name: str, laptop: int = 1) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of laptop number ``laptop``'s interface ``name``, from netlink."""
         from pyroute2 import IPRoute
 
         # Entering the namespace ourselves: IPRoute(netns=...) forks a helper process.
-        with self.enter("laptop"), IPRoute() as ipr:
+        with self.enter(self.laptop_role(laptop)), IPRoute() as ipr:
             link = ipr.link("get", ifname=name)[0]
         stats = link.get("stats64") or link.get("stats")
         return int(stats["rx_bytes"]), int(stats["tx_bytes"])
@@ -1045,7 +1143,27 @@ table inet {NFT_TABLE} {{
             "dns": [self.dns_v4, self.dns_v6],
             "laptop_resolver": self.laptop_resolver,
             "workdir": str(self.workdir),
+            **({"laptops": self._laptops_summary()} if self.laptops > 1 else {}),
         }
+
+    def _laptops_summary(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "role": role,
+                "namespace": self.ns(role),
+                "links": [
+                    {
+                        "name": link.name,
+                        "v4": self.laptop_addr(link.name, 4, k),
+                        "v6": self.laptop_addr(link.name, 6, k),
+                        "gateway_v4": self.gateway(link.name, 4, k),
+                        "gateway_v6": self.gateway(link.name, 6, k),
+                    }
+                    for link in self.links
+                ],
+            }
+            for k, role in enumerate(self.laptop_roles(), 1)
+        ]
 
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
