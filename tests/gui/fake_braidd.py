@@ -84,6 +84,7 @@ class FakeBraidd:
         pairs = links or [("eth0", "ethernet"), ("wlan0", "wifi"), ("usb0", "cellular")]
         self.links = [make_link(name, kind, i) for i, (name, kind) in enumerate(pairs)]
         self.state = "disconnected"
+        self.error: str | None = None  # the pool's last error, as braidd reports it
         # The pairing it keeps from an earlier "up" (None: never paired); reported while up.
         self.saved: tuple[str, str] | None = ("198.18.20.2:7443", "3f" * 32)
         self.server: str | None = None
@@ -184,7 +185,7 @@ class FakeBraidd:
             "t": time.time(),
             "server": self.server,
             "fingerprint": self.fingerprint,
-            "error": None,
+            "error": self.error,
             "connected_since": self.connected_since,
             "socks": "127.0.0.1:1080",
             "best_link": links[0]["name"] if links and self.state != "disconnected" else None,

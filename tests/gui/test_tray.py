@@ -91,10 +91,39 @@ def test_degraded_then_error_when_the_daemon_goes(qtbot, daemon: FakeBraidd, ses
     qtbot.waitUntil(lambda: tray.shown_state == "degraded", timeout=5000)
 
 
+def test_lost_server_shows_as_connecting_with_the_reason_then_connected(
+    qtbot, daemon: FakeBraidd, session, tray
+) -> None:
+    session.toggle()
+    qtbot.waitUntil(lambda: session.state == TrayState.CONNECTED, timeout=5000)
+    # What braidd reports while the server restarts: still trying, and why.
+    daemon.state, daemon.error = "connecting", "connection refused"
+    with qtbot.waitSignal(session.notify, timeout=3000) as bubble:
+        daemon.push_event("server-unreachable", None, "lost the server: connection refused")
+    assert bubble.args[:2] == ["error", "Lost the server"]
+    qtbot.waitUntil(lambda: tray.shown_state == "connecting", timeout=3000)
+    tip = tray.icon.toolTip()
+    assert "Connecting" in tip and "unreachable (connection refused); retrying" in tip, tip
+    assert "retrying" in session.headline()
+    assert "Disconnect" in menu_texts(tray)  # it is still trying: the toggle stops it
+    # Its probes go unanswered on every link too: that is the server, not the links.
+    with qtbot.assertNotEmitted(session.notify, wait=300):
+        daemon.push_event("link-lost", "wlan0", "wlan0 stopped answering")
+    assert session.log[-1].message == "wlan0 stopped answering"
+
+    daemon.state, daemon.error = "connected", None
+    with qtbot.waitSignal(session.notify, timeout=3000) as bubble:
+        daemon.push_event("connected", None, "connected to vps.example.net:7443")
+    assert bubble.args[:2] == ["info", "Reconnected"]
+    qtbot.waitUntil(lambda: tray.shown_state == "connected", timeout=3000)
+    assert "retrying" not in tray.icon.toolTip()
+
+
 @pytest.mark.parametrize(
     ("kind", "title"),
     [
         ("failover", "New connections moved to another link"),
+        ("no-link", "No link reaches the server"),
         ("link-lost", "A link stopped answering"),
         ("link-back", "A link is back"),
         ("cap-reached", "Data cap reached"),

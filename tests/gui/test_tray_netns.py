@@ -294,6 +294,33 @@ def test_real_tray_on_a_real_daemon(world: World, stack: BraidStack) -> None:
 
         thread.join(180)
         assert download.get("ok"), download
+
+        # The server restarts: the tray says braidd is retrying, and why, then connected again.
+        assert stack.server is not None
+        stack.server.terminate()
+        stack.server.wait(10)
+        state = wait_for(
+            lambda: (s := desktop.state())["icon_state"] == "connecting" and s,
+            20,
+            "the tray to show the lost server",
+        )
+        assert "unreachable" in state["tooltip"] and "retrying" in state["tooltip"], state
+        time.sleep(0.5)
+        desktop.screenshot("tray-server-lost", crop=f"560x200+{SCREEN[0] - 560}+0")
+        stack.start_server()
+        wait_for(lambda: desktop.state()["icon_state"] == "connected", 30, "the server back")
+        after = run_traffic(
+            world,
+            "download",
+            world.target_v4,
+            "--bytes",
+            "4M",
+            "--socks",
+            "127.0.0.1:1080",
+            "--timeout",
+            "20",
+        )
+        assert after["ok"] and after["sha256"] == after["expected_sha256"], after
     finally:
         code = desktop.stop()
     assert code == 0, desktop.log.read_text()[-3000:]

@@ -363,11 +363,17 @@ class Daemon:
         best = self.best_link()
         name = best.name if best else None
         if name != self._best:
-            if self._best is not None and self.pool is not None:
+            if self._best is not None and self.pool is not None and name is not None:
                 self._event(
-                    "failover",
-                    best,
-                    f"new connections now start on {name}" if name else "no link can carry traffic",
+                    "failover", best, f"new connections now start on {name}", previous=self._best
+                )
+            elif self._best is not None and self.pool is not None and self.pool.connected:
+                # Every link went silent at once: either all of them are down or the server is.
+                # (Once the tunnels have failed too, "server-unreachable" has said so already.)
+                self._event(
+                    "no-link",
+                    None,
+                    "no link reaches the server (is it down, or are all links offline?)",
                     previous=self._best,
                 )
             self._best = name
@@ -724,10 +730,14 @@ class Daemon:
     def saved_pairing(self) -> Pairing | None:
         path = self.config.state_dir / PAIRING_FILE
         try:
-            return parse_pairing(json.loads(path.read_text())["uri"])
+            data = json.loads(path.read_text())
+            uri = data.get("uri") if isinstance(data, dict) else None
+            if not isinstance(uri, str):
+                raise ValueError("no pairing URI (uri) in it")
+            return parse_pairing(uri)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, PairingError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # PairingError is a ValueError
             log.warning("ignoring unreadable %s: %s", path, exc)
             return None
 

@@ -47,6 +47,7 @@ STATE_LABELS = {
 # Events that deserve a bubble: a change the user feels (or pays for), not routine.
 NOTIFY_TITLES = {
     "failover": "New connections moved to another link",
+    "no-link": "No link reaches the server",
     "link-lost": "A link stopped answering",
     "link-back": "A link is back",
     "cap-reached": "Data cap reached",
@@ -70,6 +71,7 @@ _EVENT_LEVELS = {
     "link-removed": "warning",
     "cap-reached": "warning",
     "failover": "warning",
+    "no-link": "warning",
     "server-unreachable": "error",
 }
 
@@ -103,6 +105,7 @@ class Session(QObject):
         self._had_daemon = False
         self._daemon_live = False
         self._seen_events: set[tuple[float, str, str]] = set()
+        self._server_lost = False  # "Lost the server" was announced; "connected" ends it
         client.connected.connect(self._on_connected)
         client.disconnected.connect(self._on_disconnected)
         client.status.connect(self._on_status)
@@ -140,7 +143,17 @@ class Session(QObject):
             return text
         if self.state == TrayState.ERROR and self.problem:
             return self.problem
+        if self.state == TrayState.CONNECTING and self.server_problem():
+            return f"{label} {self.server_problem()}"
         return label
+
+    def server_problem(self) -> str:
+        """Why the daemon is still trying, once it has tried: "lost the server (…); retrying"."""
+        error = self.status.get("error")
+        if self.status.get("state") != "connecting" or not error:
+            return ""
+        server = self.status.get("server") or "the server"
+        return f"{server} unreachable ({error}); retrying"
 
     def tooltip(self) -> str:
         rx, tx = self.total_rates()
@@ -154,6 +167,8 @@ class Session(QObject):
             ]
             if down:
                 lines.append("Not working: " + ", ".join(down))
+        elif self.server_problem():
+            lines.append(self.server_problem())
         elif self.problem:
             lines.append(self.problem)
         return "\n".join(lines)
@@ -268,7 +283,16 @@ class Session(QObject):
         message = str(event.get("message") or kind)
         level = _EVENT_LEVELS.get(kind, "info")
         self._add_log(kind, event.get("link"), message, level, t=key[0] or None)
-        if announce and kind in NOTIFY_TITLES:
+        if not announce:
+            return
+        if kind == "server-unreachable":
+            self._server_lost = True
+        elif kind == "connected" and self._server_lost:
+            self._server_lost = False
+            self._notify("info", "Reconnected", message)
+        elif kind in ("link-lost", "link-back") and self._server_lost:
+            return  # the server is away, not the links: one bubble has said it
+        if kind in NOTIFY_TITLES:
             self._notify(level, NOTIFY_TITLES[kind], message)
 
     def _add_log(
