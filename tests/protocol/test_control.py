@@ -46,3 +46,14 @@ def test_error_reply_shape():
 def test_garbage_lines_only_raise_control_errors(data):
     with contextlib.suppress(ControlError):
         control.decode_request(data)
+
+
+@pytest.mark.parametrize("decode", [control.decode_request, control.decode_reply])
+def test_deeply_nested_json_is_a_control_error(decode):
+    # Found by the fuzzer (tests/fuzz): json.loads raised RecursionError, which
+    # braidd's dispatcher reported as an internal error instead of a bad request.
+    line = b'{"v":1,"cmd":"status","id":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert len(line) <= control.MAX_LINE
+    with pytest.raises(ControlError) as info:
+        decode(line)
+    assert info.value.code == ErrorCode.BAD_REQUEST

@@ -45,7 +45,7 @@ def decode_request(line: bytes) -> dict[str, Any]:
         raise ControlError(ErrorCode.BAD_REQUEST, "request line too long")
     try:
         message = json.loads(line)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise ControlError(ErrorCode.BAD_REQUEST, "request is not valid JSON") from None
     if not isinstance(message, dict):
         raise ControlError(ErrorCode.BAD_REQUEST, "request must be a JSON object")
@@ -71,7 +71,7 @@ def error(request_id: Any, code: str, message: str) -> bytes:
 def decode_reply(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ControlError(
             ErrorCode.BAD_REQUEST, "the daemon sent something that is not JSON"
         ) from None
