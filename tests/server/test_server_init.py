@@ -156,6 +156,11 @@ def test_show_on_a_missing_dir_is_one_line(tmp_path: Path, capsys) -> None:
         ({"token_sha256": "abc"}, "token_sha256"),
         ({"policy": {"allow": ["x"]}}, "allow: 'x'"),
         ({"timeouts": {"idle": -1}}, "timeouts.idle"),
+        # Found by the fuzzer (tests/fuzz): NaN passed "<= 0" and broke asyncio's timers,
+        # a 400-digit integer raised OverflowError instead of StateError.
+        ({"timeouts": {"idle": float("nan")}}, "timeouts.idle"),
+        ({"timeouts": {"connect": float("inf")}}, "timeouts.connect"),
+        ({"timeouts": {"handshake": 10**400}}, "timeouts.handshake"),
     ],
 )
 def test_invalid_config_names_the_setting(
@@ -171,6 +176,19 @@ def test_invalid_config_names_the_setting(
         StateDir(state).load()
     code, _, err = run(capsys, "show", "--state-dir", str(state))
     assert code == 1 and message.split("'")[0] in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"format": 1, "public_host": "caf\xe9"}', "not UTF-8"),  # found by the fuzzer
+        (b"[" * 100_000, "nested too deeply"),  # json.loads raised RecursionError
+    ],
+)
+def test_unparsable_config_is_a_state_error(tmp_path: Path, content: bytes, message: str) -> None:
+    (tmp_path / "server.json").write_bytes(content)
+    with pytest.raises(StateError, match=message):
+        StateDir(tmp_path).load()
 
 
 def test_config_round_trip() -> None:

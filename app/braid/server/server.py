@@ -36,7 +36,14 @@ from braid.protocol.tunnel import (
 from braid.server.dns import Resolver, serve_dns
 from braid.server.policy import judge, normalise
 from braid.server.probe import start_probe_responder
-from braid.server.state import ServerConfig, StateDir, StateError, format_hostport, token_matches
+from braid.server.state import (
+    ServerConfig,
+    StateDir,
+    StateError,
+    format_hostport,
+    is_positive_seconds,
+    token_matches,
+)
 from braid.server.system import OwnAddresses
 from braid.server.udp import DatagramCounters, DatagramPipe, relay_udp
 from braid.transport import (
@@ -137,11 +144,11 @@ def udp_idle_timeout(config: ServerConfig, state: StateDir | None) -> float:
         try:
             data = json.loads(state.config_path.read_text())
             value = data.get("timeouts", {}).get("udp_idle")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             value = None  # StateDir.load has already reported a broken file
     if value is None:
         return UDP_IDLE
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+    if not is_positive_seconds(value):
         where = state.config_path if state is not None else "the configuration"
         raise StateError(
             f"{where} is invalid: timeouts.udp_idle must be a positive number of seconds"

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import re
 import secrets
@@ -111,6 +112,16 @@ def token_matches(token: bytes, stored_hash: str) -> bool:
 # --- configuration -------------------------------------------------------------------
 
 
+def is_positive_seconds(value: object) -> bool:
+    """A JSON number of seconds above zero: not a boolean, not NaN, not infinite, not huge."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return 0 < float(value) < math.inf  # false for NaN
+    except OverflowError:  # an integer of hundreds of digits
+        return False
+
+
 @dataclass
 class Timeouts:
     handshake: float = 10.0  # TCP accept to HELLO read, TLS included
@@ -181,7 +192,7 @@ class ServerConfig:
         for name in ("handshake", "idle", "connect", "udp_idle"):
             if name in raw_timeouts:
                 value = raw_timeouts[name]
-                if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                if not is_positive_seconds(value):
                     raise ValueError(f"timeouts.{name} must be a positive number of seconds")
                 setattr(timeouts, name, float(value))
         return cls(host, port, public, token_hash, list(allow), list(deny), timeouts)
@@ -254,10 +265,14 @@ class StateDir:
             ) from None
         except OSError as exc:
             raise StateError(f"cannot read {self.config_path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise StateError(f"{self.config_path} is not UTF-8 text: {exc}") from None
         try:
             return ServerConfig.from_json(json.loads(text))
         except ValueError as exc:  # JSONDecodeError included
             raise StateError(f"{self.config_path} is invalid: {exc}") from None
+        except RecursionError:
+            raise StateError(f"{self.config_path} is invalid: JSON nested too deeply") from None
 
     def certificate_der(self) -> bytes:
         try:
