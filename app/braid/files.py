@@ -54,7 +54,10 @@ def read_versioned_json(path: Path, version: int, problems: list[str]) -> dict |
     ``<name>.unreadable-<time>`` and a sentence saying so is appended to ``problems``.
     """
     try:
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise ValueError("JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         if data.get("version") != version:

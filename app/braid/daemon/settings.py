@@ -142,7 +142,11 @@ class Settings:
 
     def load(self) -> Settings:
         data = read_versioned_json(self.path, FORMAT_VERSION, self.problems) or {}
-        for key, value in (data.get("settings") or {}).items():
+        saved = data.get("settings") or {}
+        if not isinstance(saved, dict):
+            self.problems.append(f"{self.path}: settings ignored: not a JSON object")
+            saved = {}
+        for key, value in saved.items():
             if key in BY_KEY:
                 try:
                     self.values[key] = BY_KEY[key].check(value)

@@ -50,7 +50,7 @@ class Cap:
                 reset_day=int(data.get("reset_day", 1)),
                 then=Priority(data.get("then", "never")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(1e999): Overflow
             raise StoreError(f"invalid cap: {exc}") from None
         if cap.limit_bytes <= 0:
             raise StoreError("cap limit_bytes must be positive")
@@ -140,6 +140,15 @@ class Usage:
     bytes: int = 0
 
 
+def _entries(data: dict | None, key: str, path: Path, problems: list[str]) -> list[tuple]:
+    """The (name, value) pairs of the object ``data[key]``; none, and a problem, if not an object."""
+    entries = (data or {}).get(key) or {}
+    if not isinstance(entries, dict):
+        problems.append(f"{path}: {key} ignored: not a JSON object")
+        return []
+    return list(entries.items())
+
+
 @dataclass
 class LinkStore:
     state_dir: Path
@@ -149,14 +158,14 @@ class LinkStore:
 
     def load(self) -> LinkStore:
         data = read_versioned_json(self.state_dir / LINKS_FILE, FORMAT_VERSION, self.problems)
-        for name, raw in ((data or {}).get("links") or {}).items():
+        for name, raw in _entries(data, "links", self.state_dir / LINKS_FILE, self.problems):
             try:
                 self.choices[name] = LinkChoice.from_json(raw)
             except StoreError as exc:
                 self.problems.append(f"settings of link {name} ignored: {exc}")
         data = read_versioned_json(self.state_dir / USAGE_FILE, FORMAT_VERSION, self.problems)
-        for name, raw in ((data or {}).get("usage") or {}).items():
-            with contextlib.suppress(KeyError, TypeError, ValueError):
+        for name, raw in _entries(data, "usage", self.state_dir / USAGE_FILE, self.problems):
+            with contextlib.suppress(KeyError, TypeError, ValueError, OverflowError):
                 self.usage[name] = Usage(str(raw["period"]), int(raw["bytes"]))
         return self
 
