@@ -2,6 +2,14 @@
 
 Used by the demo, the tests and the benchmarks, so all three run the real
 programs as separate processes, exactly as a user would.
+
+In a world with several laptops (``World(..., laptops=3)``) the other laptops get their own
+braidd paired with the same server::
+
+    with BraidStack(world) as stack:                  # braid-server, and braidd in "laptop"
+        second = stack.add_laptop("laptop-2").start()  # braidd in "laptop-2", paired
+        run_traffic(world, "download", world.target_v4, "--socks", "127.0.0.1:1080",
+                    role="laptop-2")
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ SERVER_PORT = 7443
 SOCKS_PORT = 1080
 
 
-def run_traffic(world, *args: str, timeout: float = 120) -> dict:
-    """Run the traffic client (braid.netbed.traffic) in the laptop namespace; its JSON result."""
+def run_traffic(world, *args: str, timeout: float = 120, role: str = "laptop") -> dict:
+    """Run the traffic client (braid.netbed.traffic) in the namespace of ``role`` (default: the
+    laptop); its JSON result."""
     done = world.run(
-        "laptop",
+        role,
         [sys.executable, "-m", "braid.netbed.traffic", *args],
         capture_output=True,
         text=True,
@@ -38,8 +47,123 @@ def run_traffic(world, *args: str, timeout: float = 120) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _braidd_argv(
+    control_path: Path, state_dir: Path, socks: tuple[str, int], links: list[str]
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "braid.cli",
+        "--control",
+        str(control_path),
+        "daemon",
+        "--state-dir",
+        str(state_dir),
+        "--socks",
+        f"{socks[0]}:{socks[1]}",
+    ]
+    for link in links:
+        argv += ["--link", link]
+    return argv
+
+
+def _wait_for_daemon(proc: subprocess.Popen, control_path: Path, log_path: Path) -> None:
+    """Wait until braidd answers on its control socket."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"braidd exited early:\n{log_path.read_text()}")
+        try:
+            with ControlClient(str(control_path), timeout=30) as client:
+                client.call("status")
+            return
+        except (DaemonUnavailable, OSError):
+            time.sleep(0.1)
+    raise TimeoutError(f"braidd did not start:\n{log_path.read_text()}")
+
+
+def _stop_daemon(proc: subprocess.Popen | None, sig: int, timeout: float) -> int | None:
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+class Braidd:
+    """braidd in another laptop namespace, paired with a :class:`BraidStack`'s server.
+
+    Made by :meth:`BraidStack.add_laptop`. It has its own control socket, state directory and
+    log in the world's workdir (``control-<role>.sock``, ``daemon-state-<role>``,
+    ``braidd-<role>.log``); its SOCKS port is on the loopback of its own namespace, so every
+    laptop can use the same port.
+    """
+
+    def __init__(
+        self,
+        stack: BraidStack,
+        role: str,
+        links: list[str] | None = None,
+        socks_port: int = SOCKS_PORT,
+    ) -> None:
+        self.stack = stack
+        self.world = stack.world
+        self.world.ns(role)  # KeyError for a role not in this world
+        self.role = role
+        self.links = list(links or stack.links)
+        self.socks = ("127.0.0.1", socks_port)
+        base = Path(self.world.workdir)
+        self.state_dir = base / f"daemon-state-{role}"
+        self.control_path = base / f"control-{role}.sock"
+        self.log = base / f"braidd-{role}.log"
+        self.daemon: subprocess.Popen | None = None
+
+    def __repr__(self) -> str:
+        return f"<Braidd in {self.role} {self.control_path.name}>"
+
+    def start_daemon(self) -> None:
+        self.daemon = self.world.popen(
+            self.role,
+            _braidd_argv(self.control_path, self.state_dir, self.socks, self.links),
+            stdout=open(self.log, "ab"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+        )
+        _wait_for_daemon(self.daemon, self.control_path, self.log)
+
+    def start(self) -> Braidd:
+        """Start braidd and pair it with the stack's server."""
+        self.start_daemon()
+        self.up()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        """Stop braidd; its exit status (None if it never ran)."""
+        return _stop_daemon(self.daemon, sig, timeout)
+
+    def call(self, cmd: str, **args):
+        with ControlClient(str(self.control_path), timeout=30) as client:
+            return client.call(cmd, **args)
+
+    def up(self, uri: str | None = None) -> dict:
+        return self.call("up", pairing=uri or self.stack.pairing_uri)
+
+    def status(self) -> dict:
+        return self.call("status")
+
+    def logs(self) -> str:
+        with contextlib.suppress(OSError):
+            return f"--- {self.log.name} ---\n{self.log.read_text()[-6000:]}"
+        return ""
+
+
 class BraidStack:
-    """Starts braid-server and braidd inside ``world`` and pairs them."""
+    """Starts braid-server and braidd inside ``world`` and pairs them.
+
+    :meth:`add_laptop` adds a braidd in another laptop namespace, paired with the same server.
+    """
 
     def __init__(
         self,
@@ -63,6 +187,8 @@ class BraidStack:
         self.pairing_uri: str | None = None
         self.server: subprocess.Popen | None = None
         self.daemon: subprocess.Popen | None = None
+        #: The daemons of the other laptops (:meth:`add_laptop`).
+        self.laptops: list[Braidd] = []
 
     # -- processes -------------------------------------------------------------
 
@@ -100,36 +226,24 @@ class BraidStack:
         self._wait_for_server(offset)
 
     def start_daemon(self) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "braid.cli",
-            "--control",
-            str(self.control_path),
-            "daemon",
-            "--state-dir",
-            str(self.daemon_dir),
-            "--socks",
-            f"{self.socks[0]}:{self.socks[1]}",
-        ]
-        for link in self.links:
-            argv += ["--link", link]
         self.daemon = self.world.popen(
             "laptop",
-            argv,
+            _braidd_argv(self.control_path, self.daemon_dir, self.socks, self.links),
             stdout=open(self.daemon_log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise RuntimeError(f"braidd exited early:\n{self.daemon_log.read_text()}")
-            try:
-                self.call("status")
-                return
-            except (DaemonUnavailable, OSError):
-                time.sleep(0.1)
-        raise TimeoutError(f"braidd did not start:\n{self.daemon_log.read_text()}")
+        _wait_for_daemon(self.daemon, self.control_path, self.daemon_log)
+
+    def add_laptop(
+        self, role: str, links: list[str] | None = None, socks_port: int = SOCKS_PORT
+    ) -> Braidd:
+        """A braidd for the laptop namespace ``role`` (e.g. ``laptop-2``), not started yet: call
+        its ``start()``. ``links`` defaults to this stack's. :meth:`stop` stops it too."""
+        if role == "laptop" or any(other.role == role for other in self.laptops):
+            raise ValueError(f"{role} has a braidd already")
+        daemon = Braidd(self, role, links, socks_port)
+        self.laptops.append(daemon)
+        return daemon
 
     def _wait_for_server(self, offset: int) -> None:
         """Wait for the server's "listening on" line (a probe connection would log as an attack)."""
@@ -162,16 +276,11 @@ class BraidStack:
         return self
 
     def stop_daemon(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
-        if self.daemon is None or self.daemon.poll() is not None:
-            return None if self.daemon is None else self.daemon.returncode
-        self.daemon.send_signal(sig)
-        try:
-            return self.daemon.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
-            return self.daemon.wait()
+        return _stop_daemon(self.daemon, sig, timeout)
 
     def stop(self) -> None:
+        for other in self.laptops:
+            other.stop()
         self.stop_daemon()
         if self.server is not None and self.server.poll() is None:
             self.server.terminate()
@@ -180,7 +289,7 @@ class BraidStack:
 
     def logs(self) -> str:
         parts = []
-        for path in (self.daemon_log, self.server_log):
+        for path in (self.daemon_log, *(other.log for other in self.laptops), self.server_log):
             with contextlib.suppress(OSError):
                 parts.append(f"--- {path.name} ---\n{path.read_text()[-6000:]}")
         return "\n".join(parts)
