@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import ipaddress
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -197,6 +198,12 @@ def test_every_laptop_is_paired_and_has_subflows_on_every_link(
         ), (k, daemon.status()["links"])
     holders = {owner(world, peer) for peer in server_peers(world, stack.server_port)}
     assert holders >= {(k, link.name) for k in range(1, LAPTOPS + 1) for link in LINKS}, holders
+    # The server counts them too: its stats line (SIGUSR1) names one address per laptop.
+    assert stack.server is not None
+    stack.server.send_signal(signal.SIGUSR1)
+    assert wait_for(
+        lambda: f"from {LAPTOPS} client addresses" in stack.server_log.read_text(), 10
+    ), stack.server_log.read_text()[-2000:]
 
 
 def test_three_laptops_download_and_upload_at_once_over_all_their_links(

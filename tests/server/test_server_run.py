@@ -326,7 +326,7 @@ def test_sigusr1_logs_stats_and_sigterm_closes_tunnels_and_exits_0(world: World)
         tunnel = world.run(open_tunnel(pairing))
         assert second.proc is not None
         second.proc.send_signal(signal.SIGUSR1)
-        second.wait_for_log("stats: 1 open, 1 accepted")
+        second.wait_for_log("stats: 1 open from 1 client addresses, 1 accepted")
         assert second.stop(signal.SIGTERM) == 0
         assert world.run(asyncio.wait_for(tunnel.reader.read(), 5)) == b""
         world.run(tunnel.close())

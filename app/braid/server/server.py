@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass, fields
 
 from braid.aio import cancel_all, spawn
@@ -111,13 +112,15 @@ class Stats:
     datagrams_up: int = 0  # UDP datagrams and DNS messages
     datagrams_down: int = 0
     active: int = 0
+    clients: int = 0  # distinct addresses with an authenticated tunnel open
 
     def snapshot(self) -> tuple[int, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
 
     def summary(self) -> str:
         return (
-            f"{self.active} open, {self.connections} accepted, "
+            f"{self.active} open from {self.clients} client addresses, "
+            f"{self.connections} accepted, "
             f"{self.auth_failures} failed authentication ({self.delayed} delayed), "
             f"{self.requests} requests "
             f"({self.refused} refused, {self.unreachable} unreachable), "
@@ -314,6 +317,7 @@ class BraidServer:
         self.stats = Stats()
         self.warnings = WarningLimiter()
         self.penalty = Penalty()
+        self._clients: Counter[str] = Counter()  # authenticated tunnels open per address
         self._conns: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
 
@@ -402,6 +406,8 @@ class BraidServer:
                 return
             reader, writer = streams
             log.debug("%s: authenticated (mptcp=%s)", label, is_mptcp(sock))
+            self._clients[source] += 1
+            self.stats.clients = len(self._clients)
             await self._serve_request(reader, writer, label)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.debug("%s: connection lost: %r", label, exc)
@@ -411,6 +417,11 @@ class BraidServer:
             log.info("%s: %s", label, exc)
         finally:
             self.stats.active -= 1
+            if writer is not None:
+                self._clients[source] -= 1
+                if self._clients[source] <= 0:
+                    del self._clients[source]
+                self.stats.clients = len(self._clients)
             # Before authentication, _authenticate has already dropped the socket.
             if writer is not None and not writer.is_closing():
                 await close_writer(writer, abort=True)
