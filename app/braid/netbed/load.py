@@ -47,10 +47,38 @@ async def _socks_connect(
     return reader, writer
 
 
-async def fetch(proxy: tuple[str, int], host: str, port: int, size: int, seed: str) -> str | None:
+class Gauge:
+    """How many downloads are open at once, and the most there ever were."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.peak = 0
+
+    def __enter__(self) -> Gauge:
+        self.open += 1
+        self.peak = max(self.peak, self.open)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.open -= 1
+
+
+async def fetch(
+    proxy: tuple[str, int], host: str, port: int, size: int, seed: str, gauge: Gauge | None = None
+) -> str | None:
     """Download and check one payload; None when intact, else what went wrong."""
     try:
         reader, writer = await _socks_connect(proxy, host, port)
+        with gauge or Gauge():
+            return await _download(reader, writer, host, size, seed)
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def _download(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, size: int, seed: str
+) -> str | None:
+    try:
         writer.write(
             f"GET /bytes/{size}?seed={seed} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
         )
@@ -66,14 +94,13 @@ async def fetch(proxy: tuple[str, int], host: str, port: int, size: int, seed: s
                 break
             digest.update(data)
             received += len(data)
-        writer.close()
         if received != size:
             return f"{received} of {size} bytes"
         if digest.hexdigest() != expected_sha256(size, seed):
             return "SHA-256 mismatch"
         return None
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+    finally:
+        writer.close()
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -81,6 +108,7 @@ async def run(args: argparse.Namespace) -> dict:
     proxy_host, _, proxy_port = args.socks.rpartition(":")
     proxy = (proxy_host.strip("[]"), int(proxy_port))
     started = time.monotonic()
+    gauge = Gauge()
     jobs = [
         asyncio.wait_for(
             fetch(
@@ -89,6 +117,7 @@ async def run(args: argparse.Namespace) -> dict:
                 args.port,
                 rng.randrange(1, args.max_bytes),
                 f"load-{args.seed}-{i}",
+                gauge,
             ),
             args.timeout,
         )
@@ -101,6 +130,7 @@ async def run(args: argparse.Namespace) -> dict:
         "ok": args.connections - len(errors),
         "failed": len(errors),
         "errors": errors[:10],
+        "peak_open": gauge.peak,
         "elapsed": round(time.monotonic() - started, 3),
     }
 
