@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from braid import memory
 from braid.aio import spawn
 from braid.daemon.control.server import Caller, ControlServer
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
@@ -149,6 +150,7 @@ class Daemon:
             self._tasks = [
                 spawn(self._link_loop(), name="links"),
                 spawn(self._sample_loop(), name="samples"),
+                spawn(memory.trim_periodically(), name="malloc-trim"),
             ]
             log.info(
                 "braidd ready: links %s",
@@ -900,7 +902,10 @@ def _trace_memory(loop: asyncio.AbstractEventLoop, out: Path) -> None:
     def dump() -> None:
         snapshot = tracemalloc.take_snapshot()
         with open(out, "a") as f:
-            f.write(f"--- {time.time():.0f}\n")
+            current, peak = tracemalloc.get_traced_memory()
+            f.write(
+                f"--- {time.time():.0f} traced {current / 1e6:.2f} MB (peak {peak / 1e6:.2f})\n"
+            )
             for stat in snapshot.statistics("traceback")[:15]:
                 f.write(f"{stat.size / 1e6:.2f} MB in {stat.count} blocks\n")
                 f.write("\n".join(stat.traceback.format()[-6:]) + "\n")

@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, fields
 
+from braid import memory
 from braid.aio import cancel_all, spawn
 from braid.protocol.address import Address
 from braid.protocol.tunnel import (
@@ -339,6 +340,7 @@ class BraidServer:
         )
         accept = spawn(self._accept_loop(), "accept")
         ticker = spawn(self._stats_loop(), "stats")
+        trimmer = spawn(memory.trim_periodically(), "malloc-trim")
         stopping = spawn(self._stop.wait(), "stop")
         try:
             await asyncio.wait([accept, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -347,7 +349,7 @@ class BraidServer:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
-            await cancel_all([accept, ticker, stopping])
+            await cancel_all([accept, ticker, trimmer, stopping])
             self.listener.close()
             if probes is not None:
                 probes.close()
