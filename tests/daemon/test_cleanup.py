@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,31 +41,16 @@ def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
 
         braid.start_daemon()
         braid.up()
-        assert braid.daemon is not None
-        braid.daemon.kill()  # SIGKILL: no chance to clean up
-        braid.daemon.wait()
+        braid.stop_daemon(signal.SIGKILL)  # no chance to clean up
         assert world.network_state() != pristine
 
-        world.run(
-            "laptop",
-            [
-                sys.executable,
-                "-m",
-                "braid.cli",
-                "daemon",
-                "--cleanup",
-                "--state-dir",
-                str(braid.daemon_dir),
-            ],
-            capture_output=True,
-        )
+        assert braid.cleanup_daemon().returncode == 0
         assert world.network_state() == pristine
 
         # Killed again, then simply started again: the new run cleans up the old one's state.
         braid.start_daemon()
         braid.up()
-        braid.daemon.kill()
-        braid.daemon.wait()
+        braid.stop_daemon(signal.SIGKILL)
         braid.start_daemon()
         braid.up()
         assert braid.stop_daemon() == 0
@@ -139,9 +125,7 @@ def test_sigkill_mid_transfer_then_restart_restores_service(world: World) -> Non
             if moved >= 2 << 20:
                 break
         assert moved >= 2 << 20, "the transfer never got going"
-        assert braid.daemon is not None
-        braid.daemon.kill()
-        braid.daemon.wait()
+        braid.stop_daemon(signal.SIGKILL)
         rest, _ = transfer.communicate(timeout=30)
         result = list(iter_json_lines(rest))[-1]
         assert transfer.returncode == 1 and not result["ok"], result
@@ -164,21 +148,8 @@ def test_sigkill_mid_transfer_then_restart_restores_service(world: World) -> Non
         )
         assert after["ok"] and after["sha256"] == after["expected_sha256"], after
 
-        braid.daemon.kill()
-        braid.daemon.wait()
-        world.run(
-            "laptop",
-            [
-                sys.executable,
-                "-m",
-                "braid.cli",
-                "daemon",
-                "--cleanup",
-                "--state-dir",
-                str(braid.daemon_dir),
-            ],
-            capture_output=True,
-        )
+        braid.stop_daemon(signal.SIGKILL)
+        assert braid.cleanup_daemon().returncode == 0
         assert world.network_state() == pristine
     except BaseException:
         print(braid.logs())

@@ -6,6 +6,7 @@ reachable directly, so names resolve only through the tunnel.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -221,23 +222,9 @@ def test_switching_off_and_crash_cleanup_restore_nft_and_rules(
     assert "table inet braid" not in without_capture
     stack.call("set-settings", settings={"mode": "system"})
     assert "table inet braid" in world.network_state()
-    assert stack.daemon is not None
-    stack.daemon.kill()
-    stack.daemon.wait()
+    stack.stop_daemon(signal.SIGKILL)
     assert "table inet braid" in world.network_state()
-    world.run(
-        "laptop",
-        [
-            sys.executable,
-            "-m",
-            "braid.cli",
-            "daemon",
-            "--cleanup",
-            "--state-dir",
-            str(stack.daemon_dir),
-        ],
-        capture_output=True,
-    )
+    assert stack.cleanup_daemon().returncode == 0
     assert world.network_state() == pristine
     stack.start_daemon()
     status = stack.call("up", pairing=stack.pairing_uri, mode="system")

@@ -278,6 +278,24 @@ class BraidStack:
     def stop_daemon(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         return _stop_daemon(self.daemon, sig, timeout)
 
+    def cleanup_daemon(self, state_dir: Path | None = None) -> subprocess.CompletedProcess:
+        """``braid daemon --cleanup``: what a user runs after braidd crashed."""
+        return self.world.run(
+            "laptop",
+            [
+                sys.executable,
+                "-m",
+                "braid.cli",
+                "daemon",
+                "--cleanup",
+                "--state-dir",
+                str(state_dir or self.daemon_dir),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
     def stop(self) -> None:
         for other in self.laptops:
             other.stop()
