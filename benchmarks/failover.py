@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from braid.netbed import World, unavailable_reason
-from braid.netbed.stack import BraidStack
+from braid.netbed.stack import BraidStack, start_traffic
 from common import Reference, links_for
 
 RATES = (50, 30, 20)
@@ -35,26 +34,19 @@ BIN = 0.1
 def run_transfer(world: World, socks: str, fault: str) -> dict:
     """One download with progress ticks; cuts eth0 at CUT_AT and restores it at RESTORE_AT."""
     size = int(DURATION * sum(RATES) * 1e6 / 8)
-    proc = world.popen(
-        "laptop",
-        [
-            sys.executable,
-            "-m",
-            "braid.netbed.traffic",
-            "download",
-            world.target_v4,
-            "--bytes",
-            str(size),
-            "--socks",
-            socks,
-            "--progress",
-            "--tick",
-            str(BIN / 2),
-            "--timeout",
-            "30",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+    proc = start_traffic(
+        world,
+        "download",
+        world.target_v4,
+        "--bytes",
+        str(size),
+        "--socks",
+        socks,
+        "--progress",
+        "--tick",
+        str(BIN / 2),
+        "--timeout",
+        "30",
     )
     cut, back = (
         (world.blackhole, world.restore)

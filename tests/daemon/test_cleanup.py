@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
 from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import BraidStack, run_traffic
+from braid.netbed.stack import BraidStack, run_traffic, start_traffic
 from braid.netbed.traffic import iter_json_lines
 
 pytestmark = pytest.mark.netns
@@ -97,26 +96,19 @@ def test_sigkill_mid_transfer_then_restart_restores_service(world: World) -> Non
     braid = BraidStack(world)
     try:
         braid.start()
-        transfer = world.popen(
-            "laptop",
-            [
-                sys.executable,
-                "-m",
-                "braid.netbed.traffic",
-                "download",
-                world.target_v4,
-                "--bytes",
-                str(64 << 20),
-                "--seed",
-                "killed",
-                "--socks",
-                f"{braid.socks[0]}:{braid.socks[1]}",
-                "--progress",
-                "--timeout",
-                "10",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
+        transfer = start_traffic(
+            world,
+            "download",
+            world.target_v4,
+            "--bytes",
+            str(64 << 20),
+            "--seed",
+            "killed",
+            "--socks",
+            f"{braid.socks[0]}:{braid.socks[1]}",
+            "--progress",
+            "--timeout",
+            "10",
         )
         assert transfer.stdout is not None
         moved = 0

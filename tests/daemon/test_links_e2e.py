@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import BraidStack, run_traffic
+from braid.netbed.stack import BraidStack, run_traffic, start_traffic
 
 pytestmark = pytest.mark.netns
 
@@ -98,23 +98,16 @@ def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 def background_download(world: World, size: str) -> subprocess.Popen:
-    return world.popen(
-        "laptop",
-        [
-            sys.executable,
-            "-m",
-            "braid.netbed.traffic",
-            "download",
-            world.target_v4,
-            "--bytes",
-            size,
-            "--socks",
-            SOCKS,
-            "--timeout",
-            "30",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+    return start_traffic(
+        world,
+        "download",
+        world.target_v4,
+        "--bytes",
+        size,
+        "--socks",
+        SOCKS,
+        "--timeout",
+        "30",
     )
 
 

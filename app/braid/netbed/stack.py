@@ -47,6 +47,17 @@ def run_traffic(world, *args: str, timeout: float = 120, role: str = "laptop") -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def start_traffic(world, *args: str, role: str = "laptop") -> subprocess.Popen:
+    """Start the traffic client in the namespace of ``role``; read its JSON lines from stdout
+    (progress ticks with ``--progress``, then the result)."""
+    return world.popen(
+        role,
+        [sys.executable, "-m", "braid.netbed.traffic", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _braidd_argv(
     control_path: Path, state_dir: Path, socks: tuple[str, int], links: list[str]
 ) -> list[str]:
