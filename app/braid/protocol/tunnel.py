@@ -206,18 +206,20 @@ class FrameDecoder:
         buf += data
         out: list[bytes] = []
         pos = 0
-        while len(buf) - pos >= 2:
-            (length,) = struct.unpack_from("!H", buf, pos)
-            if length == 0:
-                self.eof = True
-                if len(buf) - pos > 2:
-                    raise ProtocolError("data after end of stream")
-                pos += 2
-                break
-            if len(buf) - pos - 2 < length:
-                break
-            out.append(bytes(buf[pos + 2 : pos + 2 + length]))
-            pos += 2 + length
+        size = len(buf)
+        with memoryview(buf) as view:  # slices of a view are copied once, not twice
+            while size - pos >= 2:
+                length = (buf[pos] << 8) | buf[pos + 1]
+                if length == 0:
+                    self.eof = True
+                    if size - pos > 2:
+                        raise ProtocolError("data after end of stream")
+                    pos += 2
+                    break
+                if size - pos - 2 < length:
+                    break
+                out.append(bytes(view[pos + 2 : pos + 2 + length]))
+                pos += 2 + length
         del buf[:pos]
         return out
 
