@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from braid.daemon.links import classify as classify_module
 from braid.daemon.links.classify import Classification, classify, classify_all
 
 PCI = "pci0000:00"
@@ -341,3 +342,29 @@ def test_real_sysfs_does_not_crash() -> None:
     names = {item.name for item in found}
     if "lo" in names:
         assert not next(item for item in found if item.name == "lo").is_link
+
+
+def test_cached_classifier_reads_an_interface_again_only_when_it_changes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    base = tmp_path / "class" / "net" / "wlan0"
+    base.mkdir(parents=True)
+    (base / "ifindex").write_text("3\n")
+    (base / "type").write_text("1\n")
+    calls: list[str] = []
+    real = classify_module.classify
+
+    def counting(name: str, sysfs: Path) -> Classification:
+        calls.append(name)
+        return real(name, sysfs)
+
+    monkeypatch.setattr(classify_module, "classify", counting)
+    cached = classify_module.CachedClassifier(tmp_path)
+    first = cached.classify_all()
+    assert cached.classify_all() == first and calls == ["wlan0"]
+    (base / "type").write_text("803\n")  # switched to monitor mode
+    cached.classify_all()
+    assert calls == ["wlan0", "wlan0"]
+    (base / "ifindex").write_text("9\n")  # unplugged and plugged again
+    cached.classify_all()
+    assert calls == ["wlan0", "wlan0", "wlan0"]

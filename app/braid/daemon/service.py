@@ -24,6 +24,7 @@ import psutil
 from braid import memory
 from braid.aio import spawn
 from braid.daemon.control.server import Caller, ControlServer
+from braid.daemon.links.classify import CachedClassifier
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkStore, StoreError
 from braid.daemon.routing import capture
@@ -84,6 +85,7 @@ class State:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        self._classifier = CachedClassifier(config.sysfs)
         self.links: dict[str, Link] = {}
         self._named = {name: (kind, prio, i) for i, (name, kind, prio) in enumerate(config.links)}
         self.store = LinkStore(config.state_dir)
@@ -219,7 +221,6 @@ class Daemon:
 
     def _classify(self) -> dict[str, tuple[str, bool | None]]:
         """The interfaces that are links, from sysfs and NetworkManager (runs on a thread)."""
-        from braid.daemon.links.classify import classify_all
         from braid.daemon.links.networkmanager import merge, read_devices
 
         now = time.monotonic()
@@ -227,7 +228,7 @@ class Daemon:
             self._nm_devices = read_devices() or {}
             self._nm_read_at = now
         found = {}
-        for c in classify_all(self.config.sysfs):
+        for c in self._classifier.classify_all():
             c = merge(c, self._nm_devices.get(c.name))
             if c.is_link:
                 found[c.name] = (c.kind, c.metered)

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Classification", "classify", "classify_all"]
+__all__ = ["CachedClassifier", "Classification", "classify", "classify_all"]
 
 # ARPHRD_* values from <linux/if_arp.h> that matter here.
 ARPHRD_ETHER = 1
@@ -195,6 +195,40 @@ def classify_all(sysfs: Path = Path("/sys")) -> list[Classification]:
     except OSError:
         return []
     return [classify(name, sysfs) for name in names]
+
+
+class CachedClassifier:
+    """:func:`classify_all`, remembering each interface while it exists.
+
+    braidd looks every second; an interface's driver and place in the device tree do not change
+    while it lives, so it is classified again only when its index (a new interface of the same
+    name) or its type (Wi-Fi switched to monitor mode) changes: two small reads per interface
+    instead of a walk of its sysfs directory.
+    """
+
+    def __init__(self, sysfs: Path = Path("/sys")) -> None:
+        self.sysfs = sysfs
+        self._known: dict[tuple[str, int, int | None], Classification] = {}
+
+    def classify_all(self) -> list[Classification]:
+        try:
+            names = sorted(entry.name for entry in (self.sysfs / "class" / "net").iterdir())
+        except OSError:
+            return []
+        known: dict[tuple[str, int, int | None], Classification] = {}
+        out = []
+        for name in names:
+            base = self.sysfs / "class" / "net" / name
+            index = _read_int(base / "ifindex")
+            if index is None:  # vanished, or a made-up tree without it: no caching
+                out.append(classify(name, self.sysfs))
+                continue
+            key = (name, index, _read_int(base / "type"))
+            found = self._known.get(key) or classify(name, self.sysfs)
+            known[key] = found
+            out.append(found)
+        self._known = known
+        return out
 
 
 def _other(name: str, is_link: bool, reason: str) -> Classification:
