@@ -14,6 +14,7 @@ import dataclasses
 import os
 import re
 import signal
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 SERVER_V4 = "198.18.100.1"
 OTHER_CLIENT_V4 = "198.18.100.2"
 SILENT_CLIENT_V4 = "198.18.100.3"  # warnings are rate-limited per source: each test its own
+SLOW_CLIENT_V4 = "198.18.100.4"
 SERVER_V6 = "2001:db8:100::1"
 TARGET_V4 = "198.18.200.1"
 TARGET_V6 = "2001:db8:200::1"
@@ -83,7 +85,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         netns.ip("link", "add", "brd0", "type", "veth", "peer", "name", "brd1")
         for dev in ("brd0", "brd1"):
             netns.ip("link", "set", dev, "up")
-        for addr in (SERVER_V4, OTHER_CLIENT_V4, SILENT_CLIENT_V4, TARGET_V4):
+        for addr in (SERVER_V4, OTHER_CLIENT_V4, SILENT_CLIENT_V4, SLOW_CLIENT_V4, TARGET_V4):
             netns.ip("addr", "add", f"{addr}/24", "dev", "brd0")
         for cidr in (f"{SERVER_V6}/64", f"{TARGET_V6}/64"):
             netns.ip("addr", "add", cidr, "dev", "brd0", "nodad")
@@ -280,6 +282,39 @@ def test_silent_client_is_dropped_after_the_handshake_timeout(world: World) -> N
     assert HANDSHAKE_TIMEOUT - 0.2 < waited < HANDSHAKE_TIMEOUT + 2
     world.server.wait_for_log(f"rejected {SILENT_CLIENT_V4}:")
     assert f"no TLS handshake and HELLO within {HANDSHAKE_TIMEOUT:g} s" in world.server.log()
+
+
+def test_slow_loris_client_is_dropped_at_the_handshake_timeout(world: World) -> None:
+    """A client that keeps sending, one byte of a real ClientHello at a time, gains nothing:
+    the timeout covers the whole handshake and HELLO, not the gaps between bytes."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    hello = client_tls_context().wrap_bio(incoming, outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello.do_handshake()
+    client_hello = outgoing.read()
+
+    async def trickle() -> tuple[float, int]:
+        reader, writer = await asyncio.open_connection(
+            SERVER_V4, PORT, local_addr=(SLOW_CLIENT_V4, 0)
+        )
+        started = time.monotonic()
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            for byte in client_hello:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                sent += 1
+                if reader.at_eof() or time.monotonic() - started > HANDSHAKE_TIMEOUT + 5:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(1), 0.2)
+        writer.close()
+        return time.monotonic() - started, sent
+
+    waited, sent = world.run(trickle())
+    assert sent < len(client_hello)  # dropped before the ClientHello was even complete
+    assert HANDSHAKE_TIMEOUT - 0.2 < waited < HANDSHAKE_TIMEOUT + 2
+    world.server.wait_for_log(f"rejected {SLOW_CLIENT_V4}:")
 
 
 def test_idle_tunnel_is_closed_after_the_idle_timeout(world: World) -> None:
