@@ -15,7 +15,9 @@ FP = "0123456789abcdef" * 4
 TOKEN = secrets.token_urlsafe(32)
 
 
-@pytest.mark.parametrize("host", ["vps.example.org", "203.0.113.7", "2001:db8::7", "localhost"])
+@pytest.mark.parametrize(
+    "host", ["vps.example.org", "203.0.113.7", "2001:db8::7", "localhost", "bücher.example"]
+)
 def test_round_trip(host: str) -> None:
     pairing = Pairing(host, 7443, FP, TOKEN)
     uri = pairing.uri()
@@ -57,6 +59,10 @@ def test_fingerprint_forms() -> None:
         (f"braid://h:1?fp={FP}&token={TOKEN[:10]}", "cut short"),
         (f"braid://h:1?fp={FP[:-1]}&token={TOKEN}", "64 hexadecimal"),
         (f"braid://[zz::1]:1?fp={FP}&token={TOKEN}", "not valid"),
+        # Found by the fuzzer (tests/fuzz): accepted, but its uri() could not be parsed back.
+        (f"braid://[::1]@y]:1?fp={FP}&token={TOKEN}", "'y]' is not a valid host name"),
+        (f"braid://a..b:1?fp={FP}&token={TOKEN}", "not a valid host name"),
+        (f"braid://a%20b:1?fp={FP}&token={TOKEN}", "not a valid host name"),
     ],
 )
 def test_bad_uris_say_what_is_wrong(text: str, message: str) -> None:

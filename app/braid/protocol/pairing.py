@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 SCHEME = "braid"
 _FP_RE = re.compile(r"^[0-9a-f]{64}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{16,255}$")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 
 
 class PairingError(ValueError):
@@ -52,6 +54,15 @@ def normalise_fingerprint(text: str) -> str:
     return fp
 
 
+def _is_host_name(host: str) -> bool:
+    """A DNS name (international names in their IDNA form) or an IPv4 address."""
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:  # an empty or too long label
+        return False
+    return bool(_HOSTNAME_RE.match(name))
+
+
 def parse_pairing(text: str) -> Pairing:
     text = text.strip()
     if not text:
@@ -78,6 +89,10 @@ def parse_pairing(text: str) -> Pairing:
             host = str(ipaddress.IPv6Address(host))
         except ValueError:
             raise PairingError(f"{host!r} is not a valid IPv6 address") from None
+    elif not _is_host_name(host):
+        # urlsplit takes whatever sits between "@" and ":" for the host (the fuzzer found
+        # "braid://[::1]@y]:1?..."): such a pairing could not even be written back as a URI.
+        raise PairingError(f"{host!r} is not a valid host name or address")
     query = parse_qs(parts.query, keep_blank_values=True)
     fp = query.get("fp", [""])[-1]
     token = query.get("token", [""])[-1]
