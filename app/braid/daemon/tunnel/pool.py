@@ -167,7 +167,11 @@ class TunnelPool:
                 if self.fatal_error:
                     # Wrong token or certificate: hammering the server will not fix it.
                     delay = RETRY_MAX
-                await asyncio.sleep(delay)
+                # Back off, but try again at once when the links change (a link came back,
+                # or the server answers probes again after a restart).
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             delay = RETRY_MIN
