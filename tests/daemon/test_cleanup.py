@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -70,19 +69,7 @@ def test_cleanup_leaves_foreign_rules_and_endpoints_alone(world: World) -> None:
     for argv in foreign:
         world.run("laptop", argv)
     pristine = world.network_state()
-    world.run(
-        "laptop",
-        [
-            sys.executable,
-            "-m",
-            "braid.cli",
-            "daemon",
-            "--cleanup",
-            "--state-dir",
-            str(world.workdir / "state"),
-        ],
-        capture_output=True,
-    )
+    assert BraidStack(world).cleanup_daemon(world.workdir / "state").returncode == 0
     assert world.network_state() == pristine
 
 

@@ -457,97 +457,12 @@ class World:
         laptop, inet, server = self.ns("laptop"), self.ns("inet"), self.ns("server")
         for i, link in enumerate(self.links, 1):
             wire_ns, isp = self.ns(f"wire-{i}"), self.ns(f"isp-{i}")
-            command(
-                [
-                    "ip",
-                    "-n",
-                    laptop,
-                    "link",
-                    "add",
-                    "dev",
-                    link.name,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "lap",
-                    "netns",
-                    wire_ns,
-                ]
-            )
-            command(
-                [
-                    "ip",
-                    "-n",
-                    isp,
-                    "link",
-                    "add",
-                    "dev",
-                    "down",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "isp",
-                    "netns",
-                    wire_ns,
-                ]
-            )
-            command(
-                [
-                    "ip",
-                    "-n",
-                    isp,
-                    "link",
-                    "add",
-                    "dev",
-                    "up",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    f"isp{i}",
-                    "netns",
-                    inet,
-                ]
-            )
+            self._veth(laptop, link.name, "lap", wire_ns)
+            self._veth(isp, "down", "isp", wire_ns)
+            self._veth(isp, "up", f"isp{i}", inet)
             for k in range(2, self.laptops + 1):
-                command(
-                    [
-                        "ip",
-                        "-n",
-                        self.ns(self.laptop_role(k)),
-                        "link",
-                        "add",
-                        "dev",
-                        link.name,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        self._access_dev(k),
-                        "netns",
-                        isp,
-                    ]
-                )
-        command(
-            [
-                "ip",
-                "-n",
-                inet,
-                "link",
-                "add",
-                "dev",
-                "srv",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                server,
-            ]
-        )
+                self._veth(self.ns(self.laptop_role(k)), link.name, self._access_dev(k), isp)
+        self._veth(inet, "srv", "eth0", server)
 
         self._offloads_off("laptop", [link.name for link in self.links])
         self._offloads_off("server", ["eth0"])
@@ -652,6 +567,28 @@ class World:
             helper.wait_ready()
         self._wait_reachable()
         self._ready_at = time.time()
+
+    @staticmethod
+    def _veth(ns: str, dev: str, peer: str, peer_ns: str) -> None:
+        """A veth pair: ``dev`` in namespace ``ns``, its other end ``peer`` in ``peer_ns``."""
+        command(
+            [
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "add",
+                "dev",
+                dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                peer_ns,
+            ]
+        )
 
     def _sysctl(self, role: str, settings: Sequence[str]) -> None:
         command(["ip", "netns", "exec", self.ns(role), "sysctl", "-q", "-w", *settings])
