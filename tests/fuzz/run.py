@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,7 @@ def fuzz(
         args += [str(p) for p in inputs]
     command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--", *args]
     start = time.monotonic()
+    scratch = tempfile.TemporaryDirectory(prefix="braid-fuzz-")  # for the file loaders
     try:
         proc = subprocess.run(
             command,
@@ -153,6 +155,7 @@ def fuzz(
             stderr=subprocess.STDOUT,
             timeout=seconds + GRACE,
             cwd=ROOT,
+            env={**os.environ, "BRAID_FUZZ_SCRATCH": scratch.name},
         )
         log = proc.stdout.decode(errors="replace")
         returncode = proc.returncode
@@ -160,6 +163,8 @@ def fuzz(
         log = (exc.stdout or b"").decode(errors="replace")
         result.findings.append(Finding("hang", None, f"still running {seconds + GRACE:g} s later"))
         returncode = None
+    finally:
+        scratch.cleanup()
     result.seconds = time.monotonic() - start
     parse_log(result, log)
     if returncode and not result.findings:

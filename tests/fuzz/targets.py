@@ -88,11 +88,18 @@ _scratch: Path | None = None
 
 
 def scratch_dir() -> Path:
-    """An empty directory for the file loaders, one per process, removed at exit."""
+    """An empty directory for the file loaders, one per process.
+
+    run.py names one in BRAID_FUZZ_SCRATCH and removes it after the child: libFuzzer
+    ends the process without running Python's exit handlers.
+    """
     global _scratch
     if _scratch is None:
-        _scratch = Path(tempfile.mkdtemp(prefix="braid-fuzz-"))
-        atexit.register(shutil.rmtree, _scratch, True)
+        if given := os.environ.get("BRAID_FUZZ_SCRATCH"):
+            _scratch = Path(given)
+        else:
+            _scratch = Path(tempfile.mkdtemp(prefix="braid-fuzz-"))
+            atexit.register(shutil.rmtree, _scratch, True)
     for entry in os.scandir(_scratch):  # files moved aside by the previous input
         os.unlink(entry.path)
     return _scratch
