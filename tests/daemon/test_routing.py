@@ -99,3 +99,34 @@ def test_two_links_sharing_a_subnet_get_a_table_rule_and_endpoint_each(netns, tm
     run(netns, sys.executable, "-c", SCRIPT, str(tmp_path), "remove")
     assert run(netns, "ip", "rule") + run(netns, "ip", "mptcp", "endpoint") == pristine
     assert run(netns, "ip", "route", "show", "table", "18400") == ""
+
+
+@pytest.mark.parametrize(
+    "saved",
+    ['{"subflows": "eight"}', "[1, 2]", '{"subflows": 1e400, "add_addr_accepted": 0}', "\xff"],
+)
+def test_damaged_limits_record_is_reported_and_dropped(netns, tmp_path, saved: str) -> None:
+    from braid.daemon.routing.policy import LIMITS_FILE
+
+    (tmp_path / LIMITS_FILE).write_text(saved, errors="surrogateescape")
+    before = run(netns, "ip", "mptcp", "limits")
+    done = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from braid.daemon.routing.policy import Routing;"
+            "r = Routing(Path(sys.argv[1])); r.restore_limits(); r.close()",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "is damaged" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / LIMITS_FILE).exists()
+    assert run(netns, "ip", "mptcp", "limits") == before

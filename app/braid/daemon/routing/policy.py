@@ -225,14 +225,24 @@ class Routing:
         saved = self._state_dir / LIMITS_FILE
         try:
             old = json.loads(saved.read_text())
+            subflows, accepted = int(old["subflows"]), int(old["add_addr_accepted"])
+            if not (0 <= subflows <= 255 and 0 <= accepted <= 255):
+                raise ValueError("limits out of range")
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             log.warning("cannot read %s (%s); leaving the MPTCP limits as they are", saved, exc)
             return
-        self._mptcp.limits(
-            "set", subflows=int(old["subflows"]), add_addr_accepted=int(old["add_addr_accepted"])
-        )
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+            log.warning(
+                "%s is damaged (%r); leaving the MPTCP limits as they are (see: ip mptcp limits)",
+                saved,
+                exc,
+            )
+            with contextlib.suppress(OSError):
+                saved.unlink()  # unusable: the next run records the limits it finds
+            return
+        self._mptcp.limits("set", subflows=subflows, add_addr_accepted=accepted)
         saved.unlink(missing_ok=True)
         log.info("MPTCP limits restored to subflows %s", old["subflows"])
 
