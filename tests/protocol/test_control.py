@@ -57,3 +57,22 @@ def test_deeply_nested_json_is_a_control_error(decode):
     with pytest.raises(ControlError) as info:
         decode(line)
     assert info.value.code == ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (
+            {"code": "forbidden", "message": "join the braid group"},
+            "forbidden",
+            "join the braid group",
+        ),
+        ("just text", "failed", "just text"),
+        ([1, 2], "failed", "[1, 2]"),
+        ({"code": 7, "message": None}, "7", "the request failed"),
+        (None, "failed", "the request failed"),
+    ],
+)
+def test_error_replies_always_carry_a_text_code_and_message(error, code, message) -> None:
+    line = json.dumps({"v": 1, "id": 1, "ok": False, "error": error}).encode()
+    assert control.decode_reply(line)["error"] == {"code": code, "message": message}

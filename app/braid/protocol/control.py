@@ -80,4 +80,11 @@ def decode_reply(line: bytes) -> dict[str, Any]:
             ErrorCode.UNSUPPORTED_VERSION,
             "the daemon speaks another protocol version: update Braid so both sides match",
         )
+    if "error" in message:  # callers read error.code and error.message as text
+        error = message["error"]
+        error = error if isinstance(error, dict) else {"message": error}
+        message["error"] = {
+            "code": str(error.get("code") or ErrorCode.FAILED),
+            "message": str(error.get("message") or "the request failed"),
+        }
     return message
