@@ -7,14 +7,17 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +137,7 @@ class Daemon:
         return await asyncio.get_running_loop().run_in_executor(self._netlink, fn, *args)
 
     async def run(self) -> None:
-        self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_state_dir(self.config.state_dir)
         self.store.load()
         self.settings.load()
         self._routing = await self._in_netlink(Routing, self.config.state_dir)
@@ -143,10 +146,16 @@ class Daemon:
         await self._in_netlink(_remove_capture_table)
         await self._in_netlink(self._routing.raise_limits)
         try:
-            await self.socks.start()
-            await self.transparent_tcp.start()
-            await self.transparent_udp.start()
-            await self.control.start()
+            host, port = self.config.socks
+            socks = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            await _starting(self.socks.start(), f"cannot listen for SOCKS5 on {socks}", "--socks")
+            await _starting(self.transparent_tcp.start(), "cannot start system-wide TCP capture")
+            await _starting(self.transparent_udp.start(), "cannot start system-wide UDP capture")
+            await _starting(
+                self.control.start(),
+                f"cannot create the control socket {self.config.control_path}",
+                "--control",
+            )
             await self._refresh_links()
             self._watch_netlink()
             self._tasks = [
@@ -870,6 +879,32 @@ class Daemon:
         return dict(self.settings.values)
 
 
+class StartupError(Exception):
+    """braidd cannot start; the message says why and what to do."""
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    """The state directory exists (made 0700) and takes files, or a StartupError says why."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=state_dir):
+            pass
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use the state directory {state_dir}: {exc.strerror or exc} — fix its "
+            "permissions or free some space, or choose another with --state-dir"
+        ) from None
+
+
+async def _starting(step: Coroutine[Any, Any, None], what: str, option: str = "") -> None:
+    try:
+        await step
+    except OSError as exc:
+        hint = " — is another braidd or proxy running?" if exc.errno == errno.EADDRINUSE else ""
+        hint += f" ({option} chooses another)" if option else ""
+        raise StartupError(f"{what}: {exc.strerror or exc}{hint}") from None
+
+
 def run_daemon(config: DaemonConfig) -> int:
     """Run in the foreground until SIGTERM or SIGINT; returns the exit code."""
     daemon = Daemon(config)
@@ -882,8 +917,12 @@ def run_daemon(config: DaemonConfig) -> int:
             _trace_memory(loop, Path(os.environ["BRAID_TRACEMALLOC"]))
         await daemon.run()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 
