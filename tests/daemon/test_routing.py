@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 
@@ -33,43 +31,34 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to build network namespaces")
-    name = f"brdrt{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        ip = ["ip", "-n", name]
-        subprocess.run([*ip, "link", "set", "dev", "lo", "up"], check=True)
-        for i, device in enumerate(("usb0", "usb1")):
-            subprocess.run(
-                [*ip, "link", "add", device, "type", "veth", "peer", "name", f"phone{i}"],
-                check=True,
-            )
-            subprocess.run([*ip, "link", "set", "dev", device, "up"], check=True)
-            subprocess.run([*ip, "link", "set", "dev", f"phone{i}", "up"], check=True)
-            # Two phones hand out the same subnet and gateway (as Android tethering does).
-            subprocess.run(
-                [*ip, "addr", "add", f"198.18.42.{10 + i}/24", "dev", device], check=True
-            )
-            subprocess.run(
-                [
-                    *ip,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    "198.18.42.129",
-                    "dev",
-                    device,
-                    "metric",
-                    str(700 + i),
-                ],
-                check=True,
-            )
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def netns(empty_netns: str) -> str:
+    name = empty_netns
+    ip = ["ip", "-n", name]
+    for i, device in enumerate(("usb0", "usb1")):
+        subprocess.run(
+            [*ip, "link", "add", device, "type", "veth", "peer", "name", f"phone{i}"],
+            check=True,
+        )
+        subprocess.run([*ip, "link", "set", "dev", device, "up"], check=True)
+        subprocess.run([*ip, "link", "set", "dev", f"phone{i}", "up"], check=True)
+        # Two phones hand out the same subnet and gateway (as Android tethering does).
+        subprocess.run([*ip, "addr", "add", f"198.18.42.{10 + i}/24", "dev", device], check=True)
+        subprocess.run(
+            [
+                *ip,
+                "route",
+                "add",
+                "default",
+                "via",
+                "198.18.42.129",
+                "dev",
+                device,
+                "metric",
+                str(700 + i),
+            ],
+            check=True,
+        )
+    return name
 
 
 def run(netns: str, *argv: str) -> str:

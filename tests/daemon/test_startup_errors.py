@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,27 +12,13 @@ pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to build network namespaces")
-    name = f"brdstart{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def netns(empty_netns: str) -> str:
+    return empty_netns
 
 
 @pytest.fixture
-def read_only(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def read_only(tmpfs) -> Path:
+    return tmpfs(read_only=True)
 
 
 def braidd(netns: str, *argv: str, before: str = "") -> subprocess.CompletedProcess[str]:

@@ -94,20 +94,9 @@ def test_settings_validate_and_persist(tmp_path) -> None:
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A tiny tmpfs that is already full (a mount, not a network change; removed after)."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "full"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def full_disk(tmpfs):
+    """A 64 kB tmpfs, which the test fills."""
+    return tmpfs()
 
 
 def _fill(directory) -> None:

@@ -1,0 +1,47 @@
+"""Scratch places for the daemon's tests: an empty network namespace and small tmpfs mounts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def empty_netns() -> Iterator[str]:
+    """A new network namespace with only loopback up, deleted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to build network namespaces")
+    name = f"brdscratch{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "dev", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``tmpfs(size="64k", read_only=False)`` mounts a tiny tmpfs under tmp_path (a mount, not a
+    network change) and returns it; every mount is removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounts: list[Path] = []
+
+    def mount(size: str = "64k", read_only: bool = False) -> Path:
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    try:
+        yield mount
+    finally:
+        for path in mounts:
+            subprocess.run(["umount", "-l", str(path)], check=False)
