@@ -1,7 +1,7 @@
 """What the two Debian packages hold: files, control fields, maintainer scripts, units.
 
 Read with dpkg-deb (--contents, --field, --ctrl-tarfile) from the packages packaging/build
-made in this session; nothing is installed on this machine.
+made by this test run; nothing is installed on the machine.
 """
 
 from __future__ import annotations
