@@ -47,6 +47,24 @@ def write_json(path: Path, data: Any, mode: int = 0o600) -> None:
     write_atomic(path, json.dumps(data, indent=2).encode(), mode)
 
 
+def load_json(text: str | bytes) -> Any:
+    """``json.loads``, with JSON nested too deeply for the parser a ValueError like any other
+    malformed JSON (json raises RecursionError for arrays nested thousands deep)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def object_field(data: dict | None, key: str, path: Path, problems: list[str]) -> dict:
+    """``data[key]`` when it is a JSON object; else an empty one, and a problem if it was there."""
+    value = (data or {}).get(key) or {}
+    if not isinstance(value, dict):
+        problems.append(f"{path}: {key} ignored: not a JSON object")
+        return {}
+    return value
+
+
 def read_versioned_json(path: Path, version: int, problems: list[str]) -> dict | None:
     """The file's object if its ``version`` is ``version``; None if absent or unreadable.
 
@@ -54,10 +72,7 @@ def read_versioned_json(path: Path, version: int, problems: list[str]) -> dict |
     ``<name>.unreadable-<time>`` and a sentence saying so is appended to ``problems``.
     """
     try:
-        try:
-            data = json.loads(path.read_text())
-        except RecursionError:  # arrays or objects nested thousands deep
-            raise ValueError("JSON nested too deeply") from None
+        data = load_json(path.read_text())
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         if data.get("version") != version:

@@ -9,7 +9,6 @@ import concurrent.futures
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -49,7 +48,7 @@ from braid.daemon.tunnel.transparent import (
     TransparentUdp,
     serve_dns_over_tcp,
 )
-from braid.files import write_json
+from braid.files import load_json, write_json
 from braid.protocol import control
 from braid.protocol.address import Address
 from braid.protocol.control import ControlError, ErrorCode
@@ -146,9 +145,9 @@ class Daemon:
         await self._in_netlink(_remove_capture_table)
         await self._in_netlink(self._routing.raise_limits)
         try:
-            host, port = self.config.socks
-            socks = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            await _starting(self.socks.start(), f"cannot listen for SOCKS5 on {socks}", "--socks")
+            await _starting(
+                self.socks.start(), f"cannot listen for SOCKS5 on {self.socks.address}", "--socks"
+            )
             await _starting(self.transparent_tcp.start(), "cannot start system-wide TCP capture")
             await _starting(self.transparent_udp.start(), "cannot start system-wide UDP capture")
             await _starting(
@@ -742,14 +741,14 @@ class Daemon:
     def saved_pairing(self) -> Pairing | None:
         path = self.config.state_dir / PAIRING_FILE
         try:
-            data = json.loads(path.read_text())
+            data = load_json(path.read_text())
             uri = data.get("uri") if isinstance(data, dict) else None
             if not isinstance(uri, str):
                 raise ValueError("no pairing URI (uri) in it")
             return parse_pairing(uri)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, RecursionError) as exc:  # PairingError is a ValueError
+        except (OSError, ValueError) as exc:  # PairingError is a ValueError
             log.warning("ignoring unreadable %s: %s", path, exc)
             return None
 

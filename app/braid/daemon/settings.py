@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from braid.files import read_versioned_json, write_json
+from braid.files import object_field, read_versioned_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,8 @@ class Settings:
         self.problems: list[str] = []
 
     def load(self) -> Settings:
-        data = read_versioned_json(self.path, FORMAT_VERSION, self.problems) or {}
-        saved = data.get("settings") or {}
-        if not isinstance(saved, dict):
-            self.problems.append(f"{self.path}: settings ignored: not a JSON object")
-            saved = {}
+        data = read_versioned_json(self.path, FORMAT_VERSION, self.problems)
+        saved = object_field(data, "settings", self.path, self.problems)
         for key, value in saved.items():
             if key in BY_KEY:
                 try:

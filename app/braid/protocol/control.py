@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from braid.files import load_json
+
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
 DEFAULT_SOCKET = "/run/braid/control.sock"
@@ -44,8 +46,8 @@ def decode_request(line: bytes) -> dict[str, Any]:
     if len(line) > MAX_LINE:
         raise ControlError(ErrorCode.BAD_REQUEST, "request line too long")
     try:
-        message = json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
+        message = load_json(line)
+    except ValueError:
         raise ControlError(ErrorCode.BAD_REQUEST, "request is not valid JSON") from None
     if not isinstance(message, dict):
         raise ControlError(ErrorCode.BAD_REQUEST, "request must be a JSON object")
@@ -70,8 +72,8 @@ def error(request_id: Any, code: str, message: str) -> bytes:
 
 def decode_reply(line: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(line)
-    except (ValueError, RecursionError):
+        message = load_json(line)
+    except ValueError:
         raise ControlError(
             ErrorCode.BAD_REQUEST, "the daemon sent something that is not JSON"
         ) from None

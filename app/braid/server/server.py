@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import signal
@@ -43,7 +42,6 @@ from braid.server.state import (
     StateDir,
     StateError,
     format_hostport,
-    is_positive_seconds,
     token_matches,
 )
 from braid.server.system import OwnAddresses
@@ -136,28 +134,10 @@ class Stats:
         self.datagrams_down += counters.datagrams_down
 
 
-def udp_idle_timeout(config: ServerConfig, state: StateDir | None) -> float:
-    """``timeouts.udp_idle`` in seconds: from the configuration, else from server.json, else 120.
-
-    ServerConfig's Timeouts does not carry this setting (yet), and it ignores
-    keys it does not know, so server.json is read for it here; files without
-    it keep loading. Raises StateError on a bad value, like any bad setting.
-    """
-    value = getattr(config.timeouts, "udp_idle", None)
-    if value is None and state is not None:
-        try:
-            data = json.loads(state.config_path.read_text())
-            value = data.get("timeouts", {}).get("udp_idle")
-        except (OSError, ValueError, AttributeError, RecursionError):
-            value = None  # StateDir.load has already reported a broken file
-    if value is None:
-        return UDP_IDLE
-    if not is_positive_seconds(value):
-        where = state.config_path if state is not None else "the configuration"
-        raise StateError(
-            f"{where} is invalid: timeouts.udp_idle must be a positive number of seconds"
-        )
-    return float(value)
+def udp_idle_timeout(config: ServerConfig, state: StateDir | None = None) -> float:
+    """``timeouts.udp_idle`` in seconds (120 unless server.json says otherwise; a bad value is
+    a StateError from :meth:`StateDir.load` already)."""
+    return config.timeouts.udp_idle
 
 
 class WarningLimiter:

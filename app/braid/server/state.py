@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from braid.files import write_atomic
+from braid.files import load_json, write_atomic
 from braid.server.policy import Policy, PolicyError
 from braid.transport import fingerprint
 
@@ -268,11 +268,9 @@ class StateDir:
         except UnicodeDecodeError as exc:
             raise StateError(f"{self.config_path} is not UTF-8 text: {exc}") from None
         try:
-            return ServerConfig.from_json(json.loads(text))
-        except ValueError as exc:  # JSONDecodeError included
+            return ServerConfig.from_json(load_json(text))
+        except ValueError as exc:  # JSONDecodeError and nesting too deep included
             raise StateError(f"{self.config_path} is invalid: {exc}") from None
-        except RecursionError:
-            raise StateError(f"{self.config_path} is invalid: JSON nested too deeply") from None
 
     def certificate_der(self) -> bytes:
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from braid.daemon.links.model import KINDS, Priority
-from braid.files import read_versioned_json, write_json
+from braid.files import object_field, read_versioned_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +140,6 @@ class Usage:
     bytes: int = 0
 
 
-def _entries(data: dict | None, key: str, path: Path, problems: list[str]) -> list[tuple]:
-    """The (name, value) pairs of the object ``data[key]``; none, and a problem, if not an object."""
-    entries = (data or {}).get(key) or {}
-    if not isinstance(entries, dict):
-        problems.append(f"{path}: {key} ignored: not a JSON object")
-        return []
-    return list(entries.items())
-
-
 @dataclass
 class LinkStore:
     state_dir: Path
@@ -158,13 +149,15 @@ class LinkStore:
 
     def load(self) -> LinkStore:
         data = read_versioned_json(self.state_dir / LINKS_FILE, FORMAT_VERSION, self.problems)
-        for name, raw in _entries(data, "links", self.state_dir / LINKS_FILE, self.problems):
+        links = object_field(data, "links", self.state_dir / LINKS_FILE, self.problems)
+        for name, raw in links.items():
             try:
                 self.choices[name] = LinkChoice.from_json(raw)
             except StoreError as exc:
                 self.problems.append(f"settings of link {name} ignored: {exc}")
         data = read_versioned_json(self.state_dir / USAGE_FILE, FORMAT_VERSION, self.problems)
-        for name, raw in _entries(data, "usage", self.state_dir / USAGE_FILE, self.problems):
+        usage = object_field(data, "usage", self.state_dir / USAGE_FILE, self.problems)
+        for name, raw in usage.items():
             with contextlib.suppress(KeyError, TypeError, ValueError, OverflowError):
                 self.usage[name] = Usage(str(raw["period"]), int(raw["bytes"]))
         return self

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import socket
 import struct
@@ -37,7 +36,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.mptcp import MPTCP_PM_CMD_SET_FLAGS, mptcp_msg
 
-from braid.files import write_json
+from braid.files import load_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ class Routing:
             return
         saved = self._state_dir / LIMITS_FILE
         try:
-            old = json.loads(saved.read_text())
+            old = load_json(saved.read_text())
             subflows, accepted = int(old["subflows"]), int(old["add_addr_accepted"])
             if not (0 <= subflows <= 255 and 0 <= accepted <= 255):
                 raise ValueError("limits out of range")
@@ -233,7 +232,7 @@ class Routing:
         except OSError as exc:
             log.warning("cannot read %s (%s); leaving the MPTCP limits as they are", saved, exc)
             return
-        except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             log.warning(
                 "%s is damaged (%r); leaving the MPTCP limits as they are (see: ip mptcp limits)",
                 saved,
