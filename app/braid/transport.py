@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from braid.protocol.tunnel import EOF_FRAME, FRAME_MAX, FrameDecoder, frame_header
+from braid.stall import GUARD
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +129,27 @@ async def relay(
     counters: RelayCounters | None = None,
     tunnel_is_client_side: bool = True,
     before_tunnel_data: Coroutine[Any, Any, None] | None = None,
+    label: str = "flow",
 ) -> None:
     """Carry bytes both ways between a plain TCP stream and a framed tunnel stream.
 
     Returns when both directions have ended cleanly; on an error in either
     direction both connections are closed at once, so the far end sees a
-    reset instead of a silently truncated stream.
+    reset instead of a silently truncated stream. Meanwhile the stall guard
+    watches the tunnel's socket (see :mod:`braid.stall`); ``label`` names the
+    flow in what it logs.
     """
+    with GUARD.watching(tunnel[1].get_extra_info("socket"), label):
+        await _relay(plain, tunnel, counters, tunnel_is_client_side, before_tunnel_data)
+
+
+async def _relay(
+    plain: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    tunnel: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    counters: RelayCounters | None,
+    tunnel_is_client_side: bool,
+    before_tunnel_data: Coroutine[Any, Any, None] | None,
+) -> None:
     counters = counters or RelayCounters()
     into_tunnel = [0]
     out_of_tunnel = [0]

@@ -532,7 +532,13 @@ class BraidServer:
         writer.write(encode_reply(Reply.SUCCEEDED, Address(str(normalise(host)), port)))
         counters = RelayCounters()
         try:
-            await relay(plain, (reader, writer), counters, tunnel_is_client_side=False)
+            await relay(
+                plain,
+                (reader, writer),
+                counters,
+                tunnel_is_client_side=False,
+                label=f"{label}: {dest}",
+            )
         finally:
             self.stats.bytes_up += counters.up
             self.stats.bytes_down += counters.down

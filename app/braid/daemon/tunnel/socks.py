@@ -158,6 +158,7 @@ class SocksServer:
                 (tunnel.reader, tunnel.writer),
                 self.counters,
                 before_tunnel_data=self._check_reply(tunnel, address),
+                label=f"flow to {address}",
             )
         except TunnelError as exc:
             self.flows_failed += 1

@@ -1,0 +1,165 @@
+"""The stall guard: spots a tunnel socket the kernel has wedged and gives it a larger buffer.
+
+The wedge itself (Linux 6.18 leaving an MPTCP connection with a receive buffer full of
+out-of-order data) comes from timing, so it cannot be made to order; the load test in
+test_reliability_e2e.py, 500 concurrent downloads, is where the guard meets it. Here the
+signature is fed in and what the guard does with it is checked on real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from braid import stall
+from braid.stall import StallGuard, autotune_max, grow_receive_buffer, is_stalled, receive_memory
+from braid.transport import IPPROTO_MPTCP
+
+
+@pytest.fixture
+def connection() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """An MPTCP connection over loopback (plain TCP where the kernel has no MPTCP)."""
+    try:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    except OSError:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client = socket.socket(listener.family, socket.SOCK_STREAM, listener.proto)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    with client, server:
+        yield client, server
+
+
+def test_only_a_full_buffer_with_nothing_readable_is_a_stall() -> None:
+    assert is_stalled(rmem=131328, rcvbuf=131072, readable=0)
+    assert is_stalled(rmem=131072, rcvbuf=131072, readable=0)
+    assert not is_stalled(rmem=131328, rcvbuf=131072, readable=1)  # a slow reader, not a stall
+    assert not is_stalled(rmem=90000, rcvbuf=131072, readable=0)  # room left for the missing data
+    assert not is_stalled(rmem=0, rcvbuf=0, readable=0)
+
+
+def test_receive_memory_reads_the_kernels_figures(connection) -> None:
+    client, server = connection
+    server.sendall(b"x" * 10000)
+    deadline = time.monotonic() + 5
+    while receive_memory(client)[2] < 10000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rmem, rcvbuf, readable = receive_memory(client)
+    assert readable == 10000
+    assert rmem >= 10000  # what the queued data costs the kernel, overhead included
+    assert rcvbuf == client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def test_growing_the_buffer_returns_what_the_kernel_granted(connection) -> None:
+    client, _ = connection
+    granted = grow_receive_buffer(client, 8 << 20)
+    assert granted == client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if os.geteuid() == 0:
+        assert granted == 8 << 20  # SO_RCVBUFFORCE goes past net.core.rmem_max
+    else:
+        assert granted > 0
+
+
+def test_the_autotuning_ceiling_is_the_third_field_of_tcp_rmem(tmp_path) -> None:
+    path = tmp_path / "tcp_rmem"
+    path.write_text("4096\t131072\t33554432\n")
+    assert autotune_max(str(path)) == 33554432
+    path.write_text("garbage\n")
+    assert autotune_max(str(path)) == stall.AUTOTUNE_MAX_DEFAULT
+    assert autotune_max(str(tmp_path / "missing")) == stall.AUTOTUNE_MAX_DEFAULT
+
+
+def wedged(rcvbuf_of: socket.socket):
+    """receive_memory as the kernel reports a wedged socket: full, nothing readable."""
+
+    def report(sock: socket.socket) -> tuple[int, int, int]:
+        rcvbuf = rcvbuf_of.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        return rcvbuf + 256, rcvbuf, 0
+
+    return report
+
+
+def test_a_wedged_socket_seen_twice_gets_the_autotuning_ceiling(
+    connection, monkeypatch, caplog
+) -> None:
+    client, _ = connection
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    before = client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    monkeypatch.setattr(stall, "receive_memory", wedged(client))
+    monkeypatch.setattr(stall, "autotune_max", lambda: 4 << 20)
+    guard = StallGuard()
+
+    async def scenario() -> list[int]:
+        with guard.watching(client, "flow to 198.18.0.9:80"):
+            return [guard.sweep(), guard.sweep()]
+
+    caplog.set_level(logging.INFO, logger="braid.stall")
+    assert asyncio.run(scenario()) == [0, 1]  # once could be a moment; twice is a wedge
+    grown = client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert grown > before
+    if os.geteuid() == 0:
+        assert grown == 4 << 20
+    assert guard.freed == 1
+    assert "flow to 198.18.0.9:80" in caplog.text
+    assert f"raised from {before >> 10} to {grown >> 10} KiB" in caplog.text
+
+
+def test_a_buffer_that_cannot_grow_is_reported_once_and_left_alone(
+    connection, monkeypatch, caplog
+) -> None:
+    client, _ = connection
+    monkeypatch.setattr(stall, "receive_memory", wedged(client))
+    # What an unprivileged process meets at net.core.rmem_max: the kernel grants no more.
+    monkeypatch.setattr(
+        stall,
+        "grow_receive_buffer",
+        lambda sock, want: sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+    )
+    guard = StallGuard()
+
+    async def scenario() -> list[int]:
+        with guard.watching(client, "flow one"), guard.watching(client, "flow two"):
+            return [guard.sweep() for _ in range(6)]
+
+    caplog.set_level(logging.INFO, logger="braid.stall")
+    assert asyncio.run(scenario()) == [0] * 6
+    assert guard.freed == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "net.core.rmem_max" in warnings[0].getMessage()
+
+
+def test_the_sweeper_runs_while_sockets_are_watched_and_then_ends(connection) -> None:
+    client, _ = connection
+    guard = StallGuard(interval=0.01)
+
+    async def scenario() -> asyncio.Task:
+        with guard.watching(client, "flow"):
+            task = guard._task
+            assert task is not None and not task.done()
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(task, 1)  # nothing watched any more: it ends by itself
+        return task
+
+    assert asyncio.run(scenario()).done()
+    # A second event loop (as after a restart in tests) gets a sweeper of its own.
+    assert asyncio.run(scenario()).done()
+
+
+def test_a_stream_without_a_socket_is_not_watched() -> None:
+    guard = StallGuard()
+
+    async def scenario() -> None:
+        with guard.watching(None, "flow"):
+            assert guard._task is None
+
+    asyncio.run(scenario())
