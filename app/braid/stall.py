@@ -13,8 +13,9 @@ size while not one byte is readable. :class:`StallGuard` looks at every relayed 
 a second; a socket that shows the signature twice in a row gets a larger buffer: the largest that
 receive autotuning could have given it (``net.ipv4.tcp_rmem``), at least twice the old one. A
 buffer set by hand no longer autotunes, so it must not be left small. The next segment on any
-subflow (the peer keeps retransmitting) then moves the missing range in, and the connection goes
-on where it stopped.
+subflow (the peer keeps retransmitting) then moves the missing range in and wakes the reader, and
+the connection goes on where it stopped. The guard itself never reads or peeks: data the kernel
+pulls in for a read on the guard's behalf would wake nobody.
 
 Past ``net.core.rmem_max`` only a process with CAP_NET_ADMIN can raise a buffer; braidd runs as
 root, braid-server does not, so on a server the guard can fail, and says so once.
@@ -24,11 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
+import select
 import socket
 import struct
-import termios
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -53,16 +53,22 @@ class _Watch:
     given_up: bool = False
 
 
-def receive_memory(sock: socket.socket) -> tuple[int, int, int]:
-    """(bytes of receive memory in use, receive buffer size, bytes readable now)."""
+def receive_memory(sock: socket.socket) -> tuple[int, int, bool]:
+    """(bytes of receive memory in use, receive buffer size, whether anything is readable now).
+
+    Readability comes from poll(), which only looks. FIONREAD would not do: on an MPTCP socket
+    it first pulls waiting data in from the subflows, and data pulled in that way wakes no
+    reader, so the event loop would never learn it is there.
+    """
     rmem, rcvbuf = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 9 * 4)[:8])
-    readable = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-    return rmem, rcvbuf, readable
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return rmem, rcvbuf, bool(poller.poll(0))
 
 
-def is_stalled(rmem: int, rcvbuf: int, readable: int) -> bool:
+def is_stalled(rmem: int, rcvbuf: int, readable: bool) -> bool:
     """The receive buffer is full and none of it can be read: it holds only out-of-order data."""
-    return readable == 0 and rcvbuf > 0 and rmem >= rcvbuf
+    return not readable and rcvbuf > 0 and rmem >= rcvbuf
 
 
 def autotune_max(path: str = "/proc/sys/net/ipv4/tcp_rmem") -> int:
@@ -82,13 +88,6 @@ def grow_receive_buffer(sock: socket.socket, want: int) -> int:
     except PermissionError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, half)
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-
-
-def nudge(sock: socket.socket) -> None:
-    """Peek at the socket without waiting: a read makes the kernel pull waiting data in from the
-    subflows at once, instead of at the next segment to arrive. Nothing is consumed."""
-    with contextlib.suppress(OSError), sock.dup() as twin:
-        twin.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class StallGuard:
@@ -155,8 +154,6 @@ class StallGuard:
                 self._autotune_max = autotune_max()
             want = min(max(2 * rcvbuf, self._autotune_max), self.cap)
             granted = grow_receive_buffer(watch.sock, want) if want > rcvbuf else rcvbuf
-            if granted > rcvbuf:
-                nudge(watch.sock)
         except OSError:
             return False  # closed under us, or not a socket the kernel reports on
         watch.strikes = 0

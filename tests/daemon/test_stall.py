@@ -40,23 +40,28 @@ def connection() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 
 def test_only_a_full_buffer_with_nothing_readable_is_a_stall() -> None:
-    assert is_stalled(rmem=131328, rcvbuf=131072, readable=0)
-    assert is_stalled(rmem=131072, rcvbuf=131072, readable=0)
-    assert not is_stalled(rmem=131328, rcvbuf=131072, readable=1)  # a slow reader, not a stall
-    assert not is_stalled(rmem=90000, rcvbuf=131072, readable=0)  # room left for the missing data
-    assert not is_stalled(rmem=0, rcvbuf=0, readable=0)
+    assert is_stalled(rmem=131328, rcvbuf=131072, readable=False)
+    assert is_stalled(rmem=131072, rcvbuf=131072, readable=False)
+    assert not is_stalled(rmem=131328, rcvbuf=131072, readable=True)  # a slow reader, not a stall
+    assert not is_stalled(rmem=90000, rcvbuf=131072, readable=False)  # room for the missing data
+    assert not is_stalled(rmem=0, rcvbuf=0, readable=False)
 
 
-def test_receive_memory_reads_the_kernels_figures(connection) -> None:
+def test_receive_memory_reads_the_kernels_figures_and_consumes_nothing(connection) -> None:
     client, server = connection
+    assert receive_memory(client)[2] is False
     server.sendall(b"x" * 10000)
     deadline = time.monotonic() + 5
-    while receive_memory(client)[2] < 10000 and time.monotonic() < deadline:
+    while not receive_memory(client)[2] and time.monotonic() < deadline:
         time.sleep(0.01)
     rmem, rcvbuf, readable = receive_memory(client)
-    assert readable == 10000
+    assert readable
     assert rmem >= 10000  # what the queued data costs the kernel, overhead included
     assert rcvbuf == client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    received = b""
+    while len(received) < 10000:
+        received += client.recv(65536)
+    assert received == b"x" * 10000
 
 
 def test_growing_the_buffer_returns_what_the_kernel_granted(connection) -> None:
@@ -83,7 +88,7 @@ def wedged(rcvbuf_of: socket.socket):
 
     def report(sock: socket.socket) -> tuple[int, int, int]:
         rcvbuf = rcvbuf_of.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        return rcvbuf + 256, rcvbuf, 0
+        return rcvbuf + 256, rcvbuf, False
 
     return report
 
