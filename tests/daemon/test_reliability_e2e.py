@@ -155,6 +155,44 @@ def test_many_concurrent_connections_all_complete_intact(world: World, stack: Br
     assert report["peak_open"] >= CONNECTIONS * 0.8, report  # really open at the same time
 
 
+def test_clients_giving_up_mid_download_leave_no_error_behind(
+    world: World, stack: BraidStack
+) -> None:
+    """Applications close or reset connections whenever they like; that is not braidd's error."""
+    daemon_offset = stack.daemon_log.stat().st_size
+    server_offset = stack.server_log.stat().st_size
+    done = world.run(
+        "laptop",
+        [
+            sys.executable,
+            "-m",
+            "braid.netbed.load",
+            "--socks",
+            SOCKS,
+            "--host",
+            world.target_v4,
+            "--connections",
+            "100",
+            "--max-bytes",
+            str(4 << 20),
+            "--timeout",
+            "0.5",  # every client gives up in the middle of its download
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])  # exit status 1: some failed
+    assert report["failed"] > 50, report  # most really were abandoned
+    time.sleep(2)  # let braidd and the server notice
+    for path, offset in ((stack.daemon_log, daemon_offset), (stack.server_log, server_offset)):
+        text = path.read_bytes()[offset:].decode(errors="replace")
+        assert "Traceback" not in text and " ERROR " not in text, text[-4000:]
+    result = download(world, 1 << 20, "after-abandoned")
+    assert result["ok"] and result["sha256"] == result["expected_sha256"]
+
+
 def test_the_token_never_appears_in_logs_or_status(world: World, stack: BraidStack) -> None:
     token = stack.pairing_uri.split("token=")[1]
     assert token not in json.dumps(stack.status())

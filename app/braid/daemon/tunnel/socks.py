@@ -88,7 +88,9 @@ class SocksServer:
         self._flows.add(task)
         try:
             await self._serve(reader, writer)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            # The application or the tunnel went away (reset, timeout, or ENOTCONN when the
+            # stream is ended after the application has already gone).
             log.debug("flow ended: %s", exc)
         finally:
             self._flows.discard(task)

@@ -125,7 +125,7 @@ class TransparentTcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             await self._carry(reader, writer, address)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        except (OSError, asyncio.IncompleteReadError) as exc:
             log.debug("transparent flow to %s ended: %s", address, exc)
         finally:
             with contextlib.suppress(Exception):
