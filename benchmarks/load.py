@@ -13,42 +13,13 @@ without such a guard, shows what happens without it).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from braid.netbed import World, unavailable_reason
-from braid.netbed.stack import BraidStack
+from braid.netbed.stack import BraidStack, run_load
 from common import SS_SOCKS, Reference, links_for
 
 FREED = "of out-of-order data in a full receive buffer; buffer raised"
-
-
-def one_round(world: World, socks: str, connections: int, timeout: float, seed: int) -> dict:
-    done = world.run(
-        "laptop",
-        [
-            sys.executable,
-            "-m",
-            "braid.netbed.load",
-            "--socks",
-            socks,
-            "--host",
-            world.target_v4,
-            "--connections",
-            str(connections),
-            "--max-bytes",
-            "200000",
-            "--timeout",
-            str(timeout),
-            "--seed",
-            str(seed),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout + 120,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -74,7 +45,14 @@ def main() -> int:
                 Reference(world)
             for i in range(args.rounds):
                 for name, socks in stacks.items():
-                    report = one_round(world, socks, args.connections, args.timeout, 1000 + i)
+                    report = run_load(
+                        world, socks, args.connections, timeout=args.timeout, seed=1000 + i
+                    )
+                    if "error" in report:
+                        print(f"{i + 1:>5}{name:>11}  {report['error']}", flush=True)
+                        totals[name]["failed"] += args.connections
+                        totals[name]["rounds_with_failures"] += 1
+                        continue
                     totals[name]["ok"] += report["ok"]
                     totals[name]["failed"] += report["failed"]
                     totals[name]["rounds_with_failures"] += bool(report["failed"])

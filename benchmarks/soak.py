@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 from braid.netbed import World, unavailable_reason
-from braid.netbed.stack import BraidStack, run_traffic
+from braid.netbed.stack import BraidStack, run_load, run_traffic
 from common import links_for
 
 SAMPLE_EVERY = 5.0
@@ -69,35 +69,17 @@ class Soak:
 
     def churn(self) -> None:
         while self.running():
-            done = self.world.run(
-                "laptop",
-                [
-                    sys.executable,
-                    "-m",
-                    "braid.netbed.load",
-                    "--socks",
-                    "127.0.0.1:1080",
-                    "--host",
-                    self.world.target_v4,
-                    "--connections",
-                    "50",
-                    "--max-bytes",
-                    "100000",
-                    "--seed",
-                    str(self.churn_rounds),
-                    "--timeout",
-                    "60",
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=120,
+            report = run_load(
+                self.world,
+                "127.0.0.1:1080",
+                50,
+                max_bytes=100_000,
+                timeout=60,
+                seed=self.churn_rounds,
             )
             self.churn_rounds += 1
-            try:
-                report = json.loads(done.stdout.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                self.failures.append(f"churn round {self.churn_rounds}: no report")
+            if "error" in report:
+                self.failures.append(f"churn round {self.churn_rounds}: {report['error']}")
                 continue
             self.transfers += report["ok"]
             if report["failed"]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import random
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import BraidStack, run_traffic
+from braid.netbed.stack import BraidStack, run_load, run_traffic
 
 pytestmark = pytest.mark.netns
 
@@ -127,30 +126,9 @@ def test_clients_reconnect_by_themselves_after_the_server_restarts(
 
 
 def test_many_concurrent_connections_all_complete_intact(world: World, stack: BraidStack) -> None:
-    done = world.run(
-        "laptop",
-        [
-            sys.executable,
-            "-m",
-            "braid.netbed.load",
-            "--socks",
-            SOCKS,
-            "--host",
-            world.target_v4,
-            "--connections",
-            # At 500 the kernel wedges a tunnel or two in most runs; braid.stall frees them.
-            str(CONNECTIONS),
-            "--max-bytes",
-            "200000",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["failed"] == 0, f"{report}\n{stack.logs()}"
+    # At 500 the kernel wedges a tunnel or two in most runs; braid.stall frees them.
+    report = run_load(world, SOCKS, CONNECTIONS, max_bytes=200_000, timeout=120)
+    assert report.get("failed") == 0, f"{report}\n{stack.logs()}"
     assert report["ok"] == CONNECTIONS
     assert report["peak_open"] >= CONNECTIONS * 0.8, report  # really open at the same time
 
@@ -161,30 +139,9 @@ def test_clients_giving_up_mid_download_leave_no_error_behind(
     """Applications close or reset connections whenever they like; that is not braidd's error."""
     daemon_offset = stack.daemon_log.stat().st_size
     server_offset = stack.server_log.stat().st_size
-    done = world.run(
-        "laptop",
-        [
-            sys.executable,
-            "-m",
-            "braid.netbed.load",
-            "--socks",
-            SOCKS,
-            "--host",
-            world.target_v4,
-            "--connections",
-            "100",
-            "--max-bytes",
-            str(4 << 20),
-            "--timeout",
-            "0.5",  # every client gives up in the middle of its download
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    report = json.loads(done.stdout.strip().splitlines()[-1])  # exit status 1: some failed
-    assert report["failed"] > 50, report  # most really were abandoned
+    # Every client gives up half a second in, in the middle of its download.
+    report = run_load(world, SOCKS, 100, max_bytes=4 << 20, timeout=0.5)
+    assert report.get("failed", 0) > 50, report  # most really were abandoned
     time.sleep(2)  # let braidd and the server notice
     for path, offset in ((stack.daemon_log, daemon_offset), (stack.server_log, server_offset)):
         text = path.read_bytes()[offset:].decode(errors="replace")

@@ -47,6 +47,48 @@ def run_traffic(world, *args: str, timeout: float = 120, role: str = "laptop") -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_load(
+    world,
+    socks: str,
+    connections: int,
+    max_bytes: int = 200_000,
+    timeout: float = 120,
+    seed: str | int = 0,
+    role: str = "laptop",
+) -> dict:
+    """``connections`` concurrent downloads through ``socks`` (braid.netbed.load) from the
+    namespace of ``role``; its JSON report, or ``{"error": ...}`` if it printed none. A client
+    gives up after ``timeout`` seconds."""
+    done = world.run(
+        role,
+        [
+            sys.executable,
+            "-m",
+            "braid.netbed.load",
+            "--socks",
+            socks,
+            "--host",
+            world.target_v4,
+            "--connections",
+            str(connections),
+            "--max-bytes",
+            str(max_bytes),
+            "--timeout",
+            str(timeout),
+            "--seed",
+            str(seed),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout + 120,
+    )
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": f"the load client printed no report: {done.stderr[-2000:]}"}
+
+
 def start_traffic(world, *args: str, role: str = "laptop") -> subprocess.Popen:
     """Start the traffic client in the namespace of ``role``; read its JSON lines from stdout
     (progress ticks with ``--progress``, then the result)."""
