@@ -1,4 +1,5 @@
-"""Scratch places for the daemon's tests: an empty network namespace and small tmpfs mounts."""
+"""Shared by the daemon's tests: the module's test world, an empty network namespace, small
+tmpfs mounts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from braid.netbed import World, unavailable_reason
+
+
+@pytest.fixture(scope="module")
+def world(request) -> Iterator[World]:
+    """The test world of the requesting module, built from its ``LINKS`` (and ``LAPTOPS``, if it
+    sets one); skipped with the reason when namespaces cannot be built here."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with World(request.module.LINKS, laptops=getattr(request.module, "LAPTOPS", 1)) as w:
+        yield w
 
 
 @pytest.fixture

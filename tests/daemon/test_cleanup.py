@@ -27,9 +27,7 @@ def world() -> Iterator[World]:
 
 def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
     pristine = world.network_state()
-    braid = BraidStack(world)
-    try:
-        braid.start()
+    with BraidStack(world) as braid:
         running = world.network_state()
         assert "lookup 18400" in running and "lookup 18401" in running
         assert "subflows 8" in running
@@ -53,11 +51,6 @@ def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
         braid.up()
         assert braid.stop_daemon() == 0
         assert world.network_state() == pristine
-    except BaseException:
-        print(braid.logs())
-        raise
-    finally:
-        braid.stop()
 
 
 def test_cleanup_leaves_foreign_rules_and_endpoints_alone(world: World) -> None:
@@ -80,9 +73,7 @@ def test_sigkill_mid_transfer_then_restart_restores_service(world: World) -> Non
     pristine = world.network_state()
     for spec in world.links:
         world.set_rate(spec.name, 20)
-    braid = BraidStack(world)
-    try:
-        braid.start()
+    with BraidStack(world) as braid:
         transfer = start_traffic(
             world,
             "download",
@@ -130,10 +121,3 @@ def test_sigkill_mid_transfer_then_restart_restores_service(world: World) -> Non
         braid.stop_daemon(signal.SIGKILL)
         assert braid.cleanup_daemon().returncode == 0
         assert world.network_state() == pristine
-    except BaseException:
-        print(braid.logs())
-        raise
-    finally:
-        braid.stop()
-        for spec in world.links:
-            world.set_rate(spec.name, None)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import BraidStack, run_traffic, start_traffic
+from braid.netbed import LinkSpec, World
+from braid.netbed.stack import BraidStack, run_traffic, start_traffic, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -30,15 +30,6 @@ SOCKS = "127.0.0.1:1080"
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with World(LINKS) as w:
-        yield w
-
-
-@pytest.fixture(scope="module")
 def stack(world: World, tmp_path_factory) -> Iterator[BraidStack]:
     braid = BraidStack(world)
     # A control socket any user can reach (pytest's own temp dirs are root-only).
@@ -46,13 +37,9 @@ def stack(world: World, tmp_path_factory) -> Iterator[BraidStack]:
     public.chmod(0o755)
     braid.control_path = public / "control.sock"
     try:
-        braid.start()
-        yield braid
-    except BaseException:
-        print(braid.logs())
-        raise
+        with braid:
+            yield braid
     finally:
-        braid.stop()
         shutil.rmtree(public, ignore_errors=True)
 
 
@@ -63,16 +50,6 @@ def reset(world: World, stack: BraidStack) -> Iterator[None]:
         world.restore(link.name)
         stack.call("set-link", link=link.name, priority="always", cap=None)
     wait_for(lambda: all(link["alive"] is not False for link in stack.call("links")), 5)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def link(stack: BraidStack, name: str) -> dict:

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import Braidd, BraidStack, run_traffic
+from braid.netbed import LinkSpec, World
+from braid.netbed.stack import Braidd, BraidStack, run_traffic, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -37,15 +37,6 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with World(LINKS, laptops=LAPTOPS) as w:
-        yield w
-
-
-@pytest.fixture(scope="module")
 def pristine(world: World) -> dict[str, str]:
     """Each laptop namespace's network state before any braidd ran."""
     return {role: world.network_state(role) for role in world.laptop_roles()}
@@ -53,28 +44,15 @@ def pristine(world: World) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(world: World, pristine: dict[str, str]) -> Iterator[BraidStack]:
-    with BraidStack(world) as braid:
-        try:
-            for role in world.laptop_roles()[1:]:
-                braid.add_laptop(role).start()
-        except BaseException:
-            print(braid.logs())
-            raise
+    with BraidStack(world) as braid:  # prints the logs if a daemon fails to start
+        for role in world.laptop_roles()[1:]:
+            braid.add_laptop(role).start()
         yield braid
 
 
 def daemons(stack: BraidStack) -> dict[int, BraidStack | Braidd]:
     """Laptop number -> what answers its braidd's status (the stack itself for laptop 1)."""
     return {1: stack, **{k: other for k, other in enumerate(stack.laptops, 2)}}
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def server_peers(world: World, port: int) -> set[str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from braid.netbed import LinkSpec, World, unavailable_reason
-from braid.netbed.stack import BraidStack, run_load, run_traffic
+from braid.netbed import LinkSpec, World
+from braid.netbed.stack import BraidStack, run_load, run_traffic, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -29,27 +29,9 @@ CONNECTIONS = 500
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with World(LINKS) as w:
-        yield w
-
-
-@pytest.fixture(scope="module")
 def stack(world: World) -> Iterator[BraidStack]:
     with BraidStack(world) as braid:
         yield braid
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def download(world: World, size: int, seed: str) -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from braid.netbed import LinkSpec, World, unavailable_reason
+from braid.netbed import LinkSpec, World
 from braid.netbed.payload import expected_sha256
 from braid.netbed.stack import BraidStack, run_traffic
 
@@ -28,32 +28,16 @@ LINKS = [
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with World(LINKS) as w:
-        yield w
-
-
-@pytest.fixture(scope="module")
 def pristine(world: World) -> str:
     return world.network_state()
 
 
 @pytest.fixture(scope="module")
 def stack(world: World, pristine: str) -> Iterator[BraidStack]:
-    braid = BraidStack(world)
-    try:
-        braid.start()
+    with BraidStack(world) as braid:
         status = braid.call("up", pairing=braid.pairing_uri, mode="system")
         assert status["capture"]["in_force"] == "tunnel", status
         yield braid
-    except BaseException:
-        print(braid.logs())
-        raise
-    finally:
-        braid.stop()
 
 
 def laptop(world: World, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from braid.netbed import LinkSpec, World, unavailable_reason
+from braid.netbed import LinkSpec, World
 from braid.netbed.stack import BraidStack, run_traffic
 
 pytestmark = pytest.mark.netns
@@ -26,15 +26,6 @@ LINKS = [
     LinkSpec("usb0", "cellular", rate_mbit=20, rtt_ms=10),
 ]
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with World(LINKS) as w:
-        yield w
 
 
 @pytest.fixture(scope="module")

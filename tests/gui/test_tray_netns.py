@@ -69,13 +69,9 @@ def stack(world: World) -> Iterator[BraidStack]:
     public.chmod(0o755)  # the tray, like any user, must reach the socket
     braid.control_path = public / "control.sock"
     try:
-        braid.start()
-        yield braid
-    except BaseException:
-        print(braid.logs())
-        raise
+        with braid:
+            yield braid
     finally:
-        braid.stop()
         shutil.rmtree(public, ignore_errors=True)
 
 

@@ -31,6 +31,18 @@ SERVER_PORT = 7443
 SOCKS_PORT = 1080
 
 
+def wait_for(predicate, timeout: float, interval: float = 0.1):
+    """Call ``predicate`` every ``interval`` seconds until it returns something true or ``timeout``
+    seconds have passed; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
 def run_traffic(world, *args: str, timeout: float = 120, role: str = "laptop") -> dict:
     """Run the traffic client (braid.netbed.traffic) in the namespace of ``role`` (default: the
     laptop); its JSON result."""
@@ -373,5 +385,7 @@ class BraidStack:
             self.stop()
             raise
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not issubclass(exc_type, GeneratorExit):
+            print(self.logs(), file=sys.stderr)  # why the block failed, seen from the processes
         self.stop()
