@@ -25,6 +25,7 @@ import pytest
 
 from braid.netbed import LinkSpec, World, unavailable_reason
 from braid.netbed.stack import BraidStack, run_traffic
+from braid.netbed.stack import wait_for as netbed_wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -39,13 +40,7 @@ X_TOOLS = ("Xvfb", "trayer", "import", "xwininfo")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    value = predicate()
+    value = netbed_wait_for(predicate, timeout, interval)
     assert value, f"timed out after {timeout:g} s waiting for {what}"
     return value
 
