@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -10,7 +11,14 @@ import pytest
 
 from braid.netbed import traffic
 from braid.netbed.payload import CHUNK, chunks, expected_sha256
-from braid.netbed.target import AccessLog, TargetServer, UdpEcho
+from braid.netbed.target import (
+    SCRIPT_CODE,
+    SCRIPT_MIN,
+    AccessLog,
+    TargetServer,
+    UdpEcho,
+    script_body,
+)
 
 
 def _ipv6_loopback() -> bool:
@@ -182,3 +190,68 @@ def test_cli_sizes_and_endpoints() -> None:
     assert traffic.parse_size("123") == 123
     assert traffic.parse_endpoint("[::1]:1080") == ("::1", 1080)
     assert traffic.parse_endpoint("127.0.0.1:1080") == ("127.0.0.1", 1080)
+
+
+@pytest.mark.parametrize("through_socks", [False, True])
+def test_fetch_many_over_keep_alive_connections(
+    target: tuple[int, int], through_socks: bool
+) -> None:
+    proxy = MiniSocks5() if through_socks else None
+    try:
+        result = traffic.fetch_many(
+            "127.0.0.1",
+            target[0],
+            sizes=[1000, CHUNK + 3],
+            objects=9,
+            connections=3,
+            socks=("127.0.0.1", proxy.port) if proxy else None,
+        )
+        assert result.ok, result
+        assert result.fetched == 9 and result.bytes == 5 * 1000 + 4 * (CHUNK + 3)
+        assert sum(result.per_connection) == 9
+        assert 0 < max(result.connect_times) <= result.elapsed
+        if proxy:  # one CONNECT per connection, not per object: they are kept alive
+            assert len(proxy.requests) == 3
+    finally:
+        if proxy:
+            proxy.close()
+
+
+def test_fetch_many_reports_failures(target: tuple[int, int]) -> None:
+    result = traffic.fetch_many("127.0.0.1", 1, sizes=[10], objects=4, connections=2, timeout=1)
+    assert not result.ok and result.fetched == 0
+    assert len(result.errors) == 2 and all("connect" in e for e in result.errors)
+    cli = traffic.main(
+        ["fetch-many", "127.0.0.1", "--port", str(target[0]), "--objects", "4", "--sizes", "1k,2k"]
+    )
+    assert cli == 0
+
+
+def test_page_and_scripts(target: tuple[int, int]) -> None:
+    port = target[0]
+
+    def get(path: str) -> tuple[int, dict[str, str], bytes]:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        return int(lines[0].split()[1]), headers, body
+
+    status, headers, page = get("/page/3?size=5000&v=run%201")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert headers["cache-control"] == "no-store"
+    scripts = re.findall(rb'<script src="([^"]+)"></script>', page)
+    assert scripts == [f"/script/{i}.js?size=5000&v=run%201".encode() for i in range(3)]
+    status, headers, script = get(scripts[0].decode())
+    assert status == 200 and headers["content-type"] == "text/javascript"
+    assert len(script) == 5000 == int(headers["content-length"])
+    assert script.startswith(SCRIPT_CODE) and script.endswith(b"*/\n")
+    assert script.count(b"*/") == 1  # one comment, closed only at the end
+    assert script_body(1) == SCRIPT_CODE + b"/**/\n" and len(script_body(SCRIPT_MIN)) == SCRIPT_MIN
+    assert get("/script/1.js?size=big")[0] == 400
+    assert get("/page/x")[0] == 404
+    assert b"<script" not in get("/page/0")[2]

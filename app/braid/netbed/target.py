@@ -8,7 +8,11 @@ Run inside the world's ``inet`` namespace as ``python -m braid.netbed.target --l
   - ``GET /bytes/<n>?seed=<s>`` streams the first n bytes of the deterministic stream of
     :mod:`braid.netbed.payload` (check with :func:`expected_sha256`), with Content-Length;
   - ``POST /upload`` reads the body (Content-Length) and answers ``{"bytes": n, "sha256": hex}``;
-  - ``GET /health`` answers ``ok``.
+  - ``GET /health`` answers ``ok``;
+  - ``GET /page/<n>?size=<bytes>&v=<tag>`` answers an HTML page loading n scripts
+    ``/script/<i>.js?size=<bytes>&v=<tag>`` in its head (``tag``, any text, busts caches), each a
+    valid JavaScript file of exactly that size (at least :data:`SCRIPT_MIN`): it counts itself in
+    ``window.braidScripts`` and is filled to size with a comment. Both are sent ``no-store``.
 
 * UDP echo on port 7 (RFC 862), IPv4 and IPv6; with ``--quic-port``, a UDP responder that
   answers every datagram with ``quic`` (standing for HTTP/3). Replies leave from the address the
@@ -43,7 +47,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from braid.netbed.dns import DnsServer, braid_zone
 from braid.netbed.payload import chunks, expected_sha256
@@ -61,6 +65,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _BYTES_PATH = re.compile(r"^/bytes/(\d+)$")
+_PAGE_PATH = re.compile(r"^/page/(\d+)$")
+_SCRIPT_PATH = re.compile(r"^/script/(\d+)\.js$")
+#: What each script of a page runs; the rest of the file is a comment.
+SCRIPT_CODE = b"window.braidScripts = (window.braidScripts || 0) + 1;\n"
+SCRIPT_MIN = len(SCRIPT_CODE) + len(b"/**/\n")
+#: Script size of a page when its URL gives none.
+DEFAULT_SCRIPT_SIZE = 70_000
+#: At most this many scripts per page, and this large each.
+MAX_SCRIPTS = 10_000
+MAX_SCRIPT_SIZE = 64 << 20
 #: Idle or stalled connections are dropped after this long, so a blackholed client does not
 #: pin a thread forever.
 CONNECTION_TIMEOUT = 60.0
@@ -70,6 +84,32 @@ READ_CHUNK = 1 << 20
 def plain_address(address: str) -> str:
     """``::ffff:198.18.1.2`` (how a dual-stack socket shows IPv4 peers) -> ``198.18.1.2``."""
     return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+
+def script_body(size: int) -> bytes:
+    """A JavaScript file of ``max(size, SCRIPT_MIN)`` bytes: :data:`SCRIPT_CODE`, then a comment
+    filled with text to size."""
+    filler = max(0, size - SCRIPT_MIN)
+    line = b"lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor\n"
+    text = (line * (filler // len(line) + 1))[:filler]
+    return SCRIPT_CODE + b"/*" + text + b"*/\n"
+
+
+def page_html(n: int, size: int, tag: str = "") -> bytes:
+    """The HTML page of ``GET /page/<n>``: ``n`` scripts of ``size`` bytes in its head."""
+    query = f"size={size}" + (f"&v={quote(tag, safe='')}" if tag else "")
+    scripts = "".join(f'<script src="/script/{i}.js?{query}"></script>\n' for i in range(n))
+    return (
+        '<!doctype html>\n<html><head><meta charset="utf-8">'
+        f"<title>{n} scripts of {size} bytes</title>\n{scripts}</head>\n"
+        f"<body><p>{n} scripts of {size} bytes</p></body></html>\n"
+    ).encode()
+
+
+def _query_int(query: dict[str, list[str]], name: str, default: int) -> int | None:
+    """``name`` from a parsed query string as an int; None if it is not a number."""
+    value = query.get(name, [str(default)])[0]
+    return int(value) if value.isdigit() else None
 
 
 class AccessLog:
@@ -117,9 +157,13 @@ class _Handler(BaseHTTPRequestHandler):
             duration=round(time.monotonic() - started, 6),
         )
 
-    def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+    def _reply(
+        self, status: int, body: bytes, content_type: str = "text/plain", no_store: bool = False
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if no_store:
+            self.send_header("Cache-Control", "no-store")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -133,8 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._access(HTTPStatus.OK, 3, started)
             return
         if not match:
-            self._reply(HTTPStatus.NOT_FOUND, b"not found\n")
-            self._access(HTTPStatus.NOT_FOUND, 0, started)
+            self._page_or_script(url.path, parse_qs(url.query), started)
             return
         n = int(match.group(1))
         seed = parse_qs(url.query).get("seed", ["0"])[0]
@@ -151,6 +194,26 @@ class _Handler(BaseHTTPRequestHandler):
             log.debug("GET %s aborted after %d bytes: %s", self.path, sent, exc)
             self.close_connection = True
         self._access(HTTPStatus.OK, sent, started)
+
+    def _page_or_script(self, path: str, query: dict[str, list[str]], started: float) -> None:
+        """``/page/<n>`` and ``/script/<i>.js`` (404 for anything else)."""
+        page, script = _PAGE_PATH.match(path), _SCRIPT_PATH.match(path)
+        if not (page and int(page.group(1)) <= MAX_SCRIPTS) and not script:
+            self._reply(HTTPStatus.NOT_FOUND, b"not found\n")
+            self._access(HTTPStatus.NOT_FOUND, 0, started)
+            return
+        size = _query_int(query, "size", DEFAULT_SCRIPT_SIZE)
+        if size is None or size > MAX_SCRIPT_SIZE:
+            self._reply(HTTPStatus.BAD_REQUEST, b"bad size\n")
+            self._access(HTTPStatus.BAD_REQUEST, 0, started)
+            return
+        if page:
+            body = page_html(int(page.group(1)), size, query.get("v", [""])[0])
+            kind = "text/html; charset=utf-8"
+        else:
+            body, kind = script_body(size), "text/javascript"
+        self._reply(HTTPStatus.OK, body, kind, no_store=True)
+        self._access(HTTPStatus.OK, len(body), started)
 
     def do_POST(self) -> None:
         started = time.monotonic()

@@ -11,6 +11,11 @@ As a program (run inside a namespace, e.g. ``world.run("laptop", ...)``)::
     python -m braid.netbed.traffic download 198.19.0.1 --bytes 10M [--device eth0] [--progress]
     python -m braid.netbed.traffic upload files.braid.test --bytes 10M --socks 127.0.0.1:1080
     python -m braid.netbed.traffic echo 2001:db8:ff::1 --count 20 --interval 0.05
+    python -m braid.netbed.traffic fetch-many 198.19.0.1 --connections 6 --objects 60 \
+        --sizes 8k,30k,120k --socks 127.0.0.1:1080
+
+``fetch-many`` is what a browser does with one site over HTTP/1.1: a few persistent connections
+(keep-alive) that fetch many objects between them, each taking the next object as it finishes one.
 
 It prints one JSON object with the result (after one JSON line per tick with ``--progress``) and
 exits with status 0 when the transfer completed and its digest matched, 1 otherwise.
@@ -30,6 +35,7 @@ import socket
 import statistics
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -473,6 +479,162 @@ def upload(
     return result
 
 
+@dataclass
+class FetchManyResult:
+    """What :func:`fetch_many` measured. Times are seconds since it started (before connecting)."""
+
+    host: str
+    port: int
+    connections: int
+    objects: int
+    requested: int  # bytes of all objects
+    bytes: int = 0
+    fetched: int = 0  # objects received whole with the right digest
+    elapsed: float = 0.0  # until the last object's last byte
+    connect_times: list[float] = field(default_factory=list)
+    per_connection: list[int] = field(default_factory=list)  # objects fetched by each
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.fetched == self.objects and self.bytes == self.requested
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["mbit_per_s"] = round(self.bytes * 8 / self.elapsed / 1e6, 3) if self.elapsed else 0
+        return data
+
+
+def _http_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response head from a keep-alive connection: status, lower-cased headers and the
+    body bytes that came with it (a request is sent only after the previous body was read, so
+    nothing of a later response can be among them)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        if not got:
+            raise TransferError("connection closed before the response")
+        data += got
+        if len(data) > 65536 + CHUNK:
+            raise TransferError("response head too long")
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("iso-8859-1").split("\r\n")
+    match = re.match(r"HTTP/1\.[01] (\d{3})", lines[0])
+    if not match:
+        raise TransferError(f"bad status line {lines[0]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(match.group(1)), headers, body
+
+
+def fetch_many(
+    url_host: str,
+    port: int = 80,
+    sizes: list[int] | tuple[int, ...] = (8 << 10, 30 << 10, 120 << 10),
+    objects: int = 60,
+    connections: int = 6,
+    seed: str = "many",
+    *,
+    socks: tuple[str, int] | None = None,
+    bind: str | None = None,
+    device: str | None = None,
+    timeout: float = 10.0,
+    mptcp: bool = False,
+) -> FetchManyResult:
+    """Fetch ``objects`` objects (object i: ``GET /bytes/<sizes[i % len(sizes)]>?seed=<seed>-<i>``)
+    over ``connections`` persistent HTTP/1.1 connections opened at once, directly or through
+    ``socks``; each connection takes the next object as soon as it has read the previous one.
+
+    ``timeout`` bounds each connection set-up and any stretch without progress. A connection that
+    fails records an error and stops; the others go on with the remaining objects. Digests are
+    checked after the clock stopped.
+    """
+    wanted = [sizes[i % len(sizes)] for i in range(objects)]
+    result = FetchManyResult(url_host, port, connections, objects, sum(wanted))
+    result.connect_times = [0.0] * connections
+    result.per_connection = [0] * connections
+    lock = threading.Lock()
+    pending = iter(range(objects))
+    digests: dict[int, str] = {}
+    finished = [0.0]
+    started = time.monotonic()
+
+    def next_object() -> int | None:
+        with lock:
+            return next(pending, None)
+
+    def worker(k: int) -> None:
+        try:
+            if socks is None:
+                sock = open_connection(
+                    url_host, port, bind=bind, device=device, timeout=timeout, mptcp=mptcp
+                )
+            else:
+                sock = open_connection(
+                    socks[0], socks[1], bind=bind, device=device, timeout=timeout, mptcp=mptcp
+                )
+        except OSError as exc:
+            with lock:
+                result.errors.append(f"connection {k}: connect: {exc}")
+            return
+        with sock:
+            try:
+                if socks is not None:
+                    socks5_connect(sock, url_host, port)
+                result.connect_times[k] = round(time.monotonic() - started, 6)
+                sock.settimeout(timeout)
+                buffer = bytearray(CHUNK)
+                view = memoryview(buffer)
+                while (i := next_object()) is not None:
+                    n = wanted[i]
+                    sock.sendall(
+                        f"GET /bytes/{n}?seed={seed}-{i} HTTP/1.1\r\n"
+                        f"Host: {_host_header(url_host, port)}\r\n\r\n".encode()
+                    )
+                    status, headers, body = _http_response(sock)
+                    if status != 200:
+                        raise TransferError(f"object {i}: HTTP status {status}")
+                    length = int(headers.get("content-length", n))
+                    digest = hashlib.sha256(body)
+                    got_total = len(body)
+                    while got_total < length:
+                        got = sock.recv_into(view, min(CHUNK, length - got_total))
+                        if not got:
+                            raise TransferError(f"object {i}: connection closed early")
+                        digest.update(view[:got])
+                        got_total += got
+                    now = time.monotonic()
+                    with lock:
+                        digests[i] = digest.hexdigest()
+                        result.bytes += got_total
+                        result.per_connection[k] += 1
+                        finished[0] = max(finished[0], now)
+            except (OSError, TransferError) as exc:
+                with lock:
+                    result.errors.append(f"connection {k}: {exc or type(exc).__name__}")
+
+    threads = [
+        threading.Thread(target=worker, args=(k,), name=f"fetch-{k}", daemon=True)
+        for k in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.elapsed = round((finished[0] or time.monotonic()) - started, 6)
+    for i, digest in digests.items():
+        if digest == expected_sha256(wanted[i], f"{seed}-{i}"):
+            result.fetched += 1
+        else:
+            result.errors.append(f"object {i}: wrong digest")
+    if len(digests) < objects and not result.errors:
+        result.errors.append(f"only {len(digests)} of {objects} objects fetched")
+    return result
+
+
 # --- UDP echo ----------------------------------------------------------------------------------
 
 
@@ -580,6 +742,23 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--progress", action="store_true", help='print {"t": wall-clock, "bytes": n} per tick'
         )
+    sub = commands.add_parser("fetch-many", help="many objects over a few keep-alive connections")
+    sub.add_argument("host")
+    sub.add_argument("--port", type=int, default=80)
+    sub.add_argument("--connections", type=int, default=6)
+    sub.add_argument("--objects", type=int, default=60)
+    sub.add_argument(
+        "--sizes",
+        type=lambda text: [parse_size(part) for part in text.split(",")],
+        default=[8 << 10, 30 << 10, 120 << 10],
+        help="object sizes, cycled through (default 8k,30k,120k)",
+    )
+    sub.add_argument("--seed", default="many")
+    sub.add_argument("--socks", type=parse_endpoint, help="SOCKS5 proxy HOST:PORT")
+    sub.add_argument("--bind", help="local source address")
+    sub.add_argument("--device", help="leave through this interface (SO_BINDTODEVICE)")
+    sub.add_argument("--mptcp", action="store_true", help="use MPTCP sockets")
+    sub.add_argument("--timeout", type=float, default=10.0, help="connect timeout, longest stall")
     sub = commands.add_parser("echo")
     sub.add_argument("host")
     sub.add_argument("--port", type=int, default=7)
@@ -612,6 +791,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         _emit(outcome.to_dict())
         return 0 if outcome.received else 1
+
+    if args.command == "fetch-many":
+        many = fetch_many(
+            args.host,
+            args.port,
+            args.sizes,
+            args.objects,
+            args.connections,
+            args.seed,
+            socks=args.socks,
+            bind=args.bind,
+            device=args.device,
+            timeout=args.timeout,
+            mptcp=args.mptcp,
+        )
+        _emit(many.to_dict())
+        return 0 if many.ok else 1
 
     def tick(nbytes: int, wall: float) -> None:
         _emit({"t": round(wall, 6), "bytes": nbytes})
