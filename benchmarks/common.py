@@ -62,13 +62,17 @@ def traffic(world: World, *args: str) -> dict:
     return result
 
 
-def download(world: World, n: int, via: str) -> dict:
-    args = ["download", world.target_v4, "--bytes", str(n), "--timeout", "30"]
+def via_args(world: World, via: str) -> list[str]:
+    """The traffic client's options for a contender: "best link" (bound to the first link's
+    address and device), "braid" (braidd's SOCKS5 port) or "reference" (ss-local's)."""
     if via == "best link":
         best = world.links[0].name
-        args += ["--device", best, "--bind", world.laptop_addr(best)]
-    elif via == "braid":
-        args += ["--socks", "127.0.0.1:1080"]
-    else:
-        args += ["--socks", f"127.0.0.1:{SS_SOCKS}"]
-    return traffic(world, *args)
+        return ["--device", best, "--bind", world.laptop_addr(best)]
+    if via == "braid":
+        return ["--socks", "127.0.0.1:1080"]
+    return ["--socks", f"127.0.0.1:{SS_SOCKS}"]
+
+
+def download(world: World, n: int, via: str) -> dict:
+    args = ["download", world.target_v4, "--bytes", str(n), "--timeout", "30"]
+    return traffic(world, *args, *via_args(world, via))
