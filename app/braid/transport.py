@@ -9,7 +9,7 @@ import hashlib
 import logging
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +85,18 @@ class RelayCounters:
     down: int = 0  # destination -> client
 
 
+OnData = Callable[[int], None]
+
+
+def _ignore(count: int) -> None:
+    pass
+
+
 async def _plain_to_tunnel(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: list[int]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    count: list[int],
+    on_data: OnData = _ignore,
 ) -> None:
     while True:
         data = await reader.read(READ_SIZE)
@@ -95,6 +105,7 @@ async def _plain_to_tunnel(
             await writer.drain()
             return
         count[0] += len(data)
+        on_data(len(data))
         writer.writelines((frame_header(len(data)), data))
         await writer.drain()
 
@@ -104,6 +115,7 @@ async def _tunnel_to_plain(
     writer: asyncio.StreamWriter,
     count: list[int],
     first: Coroutine[Any, Any, None] | None = None,
+    on_data: OnData = _ignore,
 ) -> None:
     if first is not None:
         await first  # e.g. the server's REPLY, which precedes the frames
@@ -116,6 +128,7 @@ async def _tunnel_to_plain(
         if chunks:
             for chunk in chunks:
                 count[0] += len(chunk)
+            on_data(len(data))
             writer.writelines(chunks)
             await writer.drain()
     if writer.can_write_eof():
@@ -130,6 +143,7 @@ async def relay(
     tunnel_is_client_side: bool = True,
     before_tunnel_data: Coroutine[Any, Any, None] | None = None,
     label: str = "flow",
+    on_data: OnData | None = None,
 ) -> None:
     """Carry bytes both ways between a plain TCP stream and a framed tunnel stream.
 
@@ -137,10 +151,13 @@ async def relay(
     direction both connections are closed at once, so the far end sees a
     reset instead of a silently truncated stream. Meanwhile the stall guard
     watches the tunnel's socket (see :mod:`braid.stall`); ``label`` names the
-    flow in what it logs.
+    flow in what it logs. ``on_data`` hears the size of every chunk carried, either way (braidd
+    spreads a flow onto more links once it is busy).
     """
     with GUARD.watching(tunnel[1].get_extra_info("socket"), label):
-        await _relay(plain, tunnel, counters, tunnel_is_client_side, before_tunnel_data)
+        await _relay(
+            plain, tunnel, counters, tunnel_is_client_side, before_tunnel_data, on_data or _ignore
+        )
 
 
 async def _relay(
@@ -149,14 +166,15 @@ async def _relay(
     counters: RelayCounters | None,
     tunnel_is_client_side: bool,
     before_tunnel_data: Coroutine[Any, Any, None] | None,
+    on_data: OnData,
 ) -> None:
     counters = counters or RelayCounters()
     into_tunnel = [0]
     out_of_tunnel = [0]
     tasks = [
-        asyncio.ensure_future(_plain_to_tunnel(plain[0], tunnel[1], into_tunnel)),
+        asyncio.ensure_future(_plain_to_tunnel(plain[0], tunnel[1], into_tunnel, on_data)),
         asyncio.ensure_future(
-            _tunnel_to_plain(tunnel[0], plain[1], out_of_tunnel, before_tunnel_data)
+            _tunnel_to_plain(tunnel[0], plain[1], out_of_tunnel, before_tunnel_data, on_data)
         ),
     ]
     clean = False

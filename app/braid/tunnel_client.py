@@ -106,6 +106,8 @@ class Tunnel:
         self._requested = False
         self._frames = FrameDecoder()  # for the datagram helpers only
         self._datagrams: collections.deque[bytes] = collections.deque()
+        #: Told the size of every chunk the flow carries (braidd's path management).
+        self.on_data: Callable[[int], None] | None = None
 
     @property
     def mptcp(self) -> bool:

@@ -8,6 +8,7 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -30,6 +31,7 @@ from braid.daemon.links.classify import CachedClassifier
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkStore, StoreError
 from braid.daemon.routing import capture
+from braid.daemon.routing.paths import PathManager, PathManagerUnavailable
 from braid.daemon.routing.policy import (
     SLOTS,
     DeviceView,
@@ -41,6 +43,7 @@ from braid.daemon.settings import SETTINGS, Settings
 from braid.daemon.stats.subflows import count_subflows
 from braid.daemon.tunnel.pool import TunnelPool
 from braid.daemon.tunnel.socks import SocksServer
+from braid.daemon.tunnel.spread import PathLink, Spreading
 from braid.daemon.tunnel.transparent import (
     DnsRelay,
     SocksUdp,
@@ -95,6 +98,9 @@ class Daemon:
         # One worker thread: routing changes never interleave, and netlink never blocks the loop.
         self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._routing: Routing | None = None
+        self._paths = PathManager(config.state_dir)
+        self.spreading = Spreading(self._paths, self._path_links, self._in_netlink)
+        self._path_signature: tuple = ()
         self.pool: TunnelPool | None = None
         self.pairing: Pairing | None = None
         self.prober = None
@@ -145,6 +151,11 @@ class Daemon:
         await self._in_netlink(_remove_capture_table)
         await self._in_netlink(self._routing.raise_limits)
         try:
+            await self._in_netlink(self._paths.enable)
+        except (PathManagerUnavailable, OSError) as exc:
+            # The in-kernel path manager then opens every link's subflow on every connection.
+            log.warning("%s: every connection uses every link from its start", exc)
+        try:
             await _starting(
                 self.socks.start(), f"cannot listen for SOCKS5 on {self.socks.address}", "--socks"
             )
@@ -193,6 +204,8 @@ class Daemon:
         if self._routing is not None:
             await self._in_netlink(self._routing.remove_all)
             await self._in_netlink(self._routing.close)
+        await self._in_netlink(self._paths.restore)
+        await self._in_netlink(self._paths.close)
         self._netlink.shutdown(wait=True)
 
     # -- links ----------------------------------------------------------------
@@ -390,6 +403,43 @@ class Daemon:
             self._best = name
             if self.pool is not None:
                 self.pool.refresh()
+        self._reconcile_paths()
+
+    def _path_links(self) -> list[PathLink]:
+        """The links as path management sees them, best first (see best_link)."""
+        applied = self._routing.applied() if self._routing is not None else {}
+        out = []
+        for wanted in (Priority.ALWAYS, Priority.BACKUP):
+            for link in self._ordered():
+                routing = applied.get(link.name)
+                if link.effective is not wanted or routing is None:
+                    continue
+                out.append(
+                    PathLink(
+                        name=link.name,
+                        ifindex=routing.ifindex,
+                        addresses=tuple(link.addresses),
+                        local_ids=(
+                            routing.endpoint_id(socket.AF_INET),
+                            routing.endpoint_id(socket.AF_INET6),
+                        ),
+                        backup=wanted is Priority.BACKUP,
+                        usable=link.usable,
+                        rtt_ms=link.health.get("rtt_ms"),
+                    )
+                )
+        return out
+
+    def _reconcile_paths(self) -> None:
+        """When a link's use changes (dead, back, priority, address), fix every open flow."""
+        if not self.spreading.active:
+            return
+        signature = tuple(
+            (p.name, p.ifindex, p.addresses, p.backup, p.usable) for p in self._path_links()
+        )
+        if signature != self._path_signature:
+            self._path_signature = signature
+            spawn(self.spreading.reconcile(), name="reconcile-paths")
 
     def best_link(self, family: int | None = None) -> Link | None:
         """The link new connections start on: ``always`` before ``backup``, then the order."""
@@ -495,6 +545,7 @@ class Daemon:
         last_save = time.monotonic()
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
+            await self.spreading.shrink_idle()
             try:
                 self._sample_counters()
                 if time.monotonic() - last_save > USAGE_SAVE_INTERVAL:
@@ -577,7 +628,11 @@ class Daemon:
     async def _take_tunnel(self) -> Tunnel:
         if self.pool is None:
             raise TunnelError("Braid is not connected (run: braid up)")
-        return await self.pool.take()
+        tunnel = await self.pool.take()
+        flow = self.spreading.adopt(tunnel.sock, tunnel.local[0])
+        if flow is not None:
+            tunnel.on_data = functools.partial(self.spreading.carried, flow)
+        return tunnel
 
     def _pool_changed(self) -> None:
         self._links_changed.set()  # re-decide capture (fallback to direct, or block)
@@ -960,4 +1015,5 @@ def cleanup(state_dir: Path) -> None:
         routing.cleanup()
     finally:
         routing.close()
+    PathManager(state_dir).restore()
     _remove_capture_table()

@@ -161,6 +161,7 @@ class SocksServer:
                 self.counters,
                 before_tunnel_data=self._check_reply(tunnel, address),
                 label=f"flow to {address}",
+                on_data=tunnel.on_data,
             )
         except TunnelError as exc:
             self.flows_failed += 1

@@ -1,0 +1,343 @@
+"""Which links each tunnel connection uses: one to start, the others once they help.
+
+A new flow starts on one link, the best healthy one (its pooled tunnel was opened from that
+link's address). It spreads onto another link only once it has carried ``SPREAD_BYTES`` and has
+been busy for ``SPREAD_RTTS`` round trips of that link: a join costs about one and a half round
+trips of the new link before it carries anything, so a short answer is over before a slow link
+could help, and would only wait for it. Bulk flows thus get every ``always`` link (and the
+``backup`` links as backup subflows, ready for failover), short ones stay where they started.
+
+The decisions are pure functions (:func:`links_to_join`, :func:`plan`) over :class:`PathLink`
+and :class:`Flow`; :class:`Spreading` keeps the open flows and carries the decisions out through
+:class:`braid.daemon.routing.paths.PathManager` on braidd's netlink thread. When the links
+change (one dies, comes back, changes priority) every open flow is reconciled: subflows on
+links that may no longer carry are closed, a flow left with no usable subflow gets one on the
+best link first, and bulk flows get the links that came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from braid.aio import spawn
+from braid.daemon.routing import paths as pm
+
+log = logging.getLogger(__name__)
+
+#: A flow spreads only once it has carried this much (both directions together).
+SPREAD_BYTES = 128 << 10
+#: ... and has been carrying data for this many round trips of the link that would join.
+SPREAD_RTTS = 2.0
+#: The round trip assumed for a link the probes have not measured yet.
+DEFAULT_RTT_MS = 100.0
+#: How often a busy flow re-evaluates (seconds): bounds the cost per chunk relayed.
+CHECK_INTERVAL = 0.01
+#: A spread flow idle this long (seconds) goes back to one subflow, and spreads afresh when busy
+#: again: subflows that sat idle carry stale TCP timestamps, which freeze the receiver's window.
+IDLE_SHRINK = 5.0
+
+
+@dataclass(frozen=True)
+class PathLink:
+    """A link as path management sees it."""
+
+    name: str
+    ifindex: int
+    addresses: tuple[str, ...]
+    local_ids: tuple[int, int]  # MPTCP address ids for its IPv4 and IPv6 address
+    backup: bool = False  # priority backup: joins as a backup subflow
+    usable: bool = True  # up, allowed, and answering the probes
+    rtt_ms: float | None = None  # from the probes, so under load
+
+    def address(self, family: int) -> str | None:
+        v6 = family == socket.AF_INET6
+        return next((a for a in self.addresses if (":" in a) == v6), None)
+
+    def local_id(self, family: int) -> int:
+        return self.local_ids[1 if family == socket.AF_INET6 else 0]
+
+
+@dataclass
+class Flow:
+    """One tunnel connection carrying a flow, and the links it has subflows on."""
+
+    token: int
+    sock: socket.socket
+    remote: tuple[str, int]
+    family: int
+    links: set[str] = field(default_factory=set)
+    ids: dict[str, int] = field(default_factory=dict)  # link -> its address id in this flow
+    bytes: int = 0
+    started: float | None = None  # when its first byte was carried (since it last idled)
+    last: float = 0.0  # when it last carried a byte
+    spread: bool = False  # it has been judged bulk: every usable link belongs in it
+    next_check: float = 0.0
+
+    @property
+    def open(self) -> bool:
+        return self.sock.fileno() >= 0
+
+
+def links_to_join(flow: Flow, links: list[PathLink], now: float) -> list[PathLink]:
+    """The links a busy flow should add now (pure)."""
+    if flow.bytes < SPREAD_BYTES or flow.started is None:
+        return []
+    busy = now - flow.started
+    out = []
+    for link in links:
+        if link.name in flow.links or not link.usable or link.address(flow.family) is None:
+            continue
+        rtt = (link.rtt_ms if link.rtt_ms is not None else DEFAULT_RTT_MS) / 1000
+        if busy >= SPREAD_RTTS * rtt:
+            out.append(link)
+    return out
+
+
+@dataclass
+class Plan:
+    """What reconciling one flow with the links asks for."""
+
+    create: list[PathLink] = field(default_factory=list)
+    #: Subflows to close, with the address id to withdraw (None: unknown, close it alone).
+    destroy: list[tuple[pm.Subflow, int | None]] = field(default_factory=list)
+    backup: list[tuple[pm.Subflow, bool]] = field(default_factory=list)
+
+
+def plan(
+    flow: Flow,
+    subflows: list[pm.Subflow],
+    links: list[PathLink],
+    backup_now: dict[str, bool],
+) -> tuple[Plan, set[str]]:
+    """Reconcile one flow: its plan, and the links it will have subflows on (pure).
+
+    ``links`` is in order of preference (the best first); ``backup_now`` is the backup flag
+    each link's subflows of this flow last got.
+    """
+    by_address = {a: link for link in links for a in link.addresses}
+    result = Plan()
+    kept: dict[str, list[pm.Subflow]] = {}
+    for sub in subflows:
+        link = by_address.get(sub.local[0])
+        if link is None or not link.usable:
+            result.destroy.append((sub, flow.ids.get(link.name) if link else None))
+        else:
+            kept.setdefault(link.name, []).append(sub)
+    usable = [link for link in links if link.usable and link.address(flow.family)]
+    carrying = [link for link in usable if link.name in kept and not link.backup]
+    if not carrying:
+        # Nothing left that may carry it: the best link first (an always link if any works).
+        best = next((link for link in usable if not link.backup), None)
+        best = best or next((link for link in usable if link.name not in kept), None)
+        if best is not None and best.name not in kept:
+            result.create.append(best)
+    if flow.spread:
+        result.create += [
+            link for link in usable if link.name not in kept and link not in result.create
+        ]
+    for name, subs in kept.items():
+        link = next(link for link in links if link.name == name)
+        if backup_now.get(name, False) != link.backup:
+            result.backup += [(sub, link.backup) for sub in subs]
+    will_have = set(kept) | {link.name for link in result.create}
+    return result, will_have
+
+
+class Spreading:
+    """The open tunnel connections and their subflows, kept as the links and flows want."""
+
+    def __init__(
+        self,
+        manager: pm.PathManager,
+        links: Callable[[], list[PathLink]],
+        run: Callable[..., Awaitable],
+    ) -> None:
+        self._pm = manager
+        self._links = links
+        self._run = run  # runs a blocking call on braidd's netlink thread
+        self._flows: dict[int, Flow] = {}
+        self._backup: dict[int, dict[str, bool]] = {}
+        self.joins = 0  # subflows added to flows, for the status and the tests
+        self._reconciling = asyncio.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self._pm.active
+
+    def flows(self) -> list[Flow]:
+        self._prune()
+        return list(self._flows.values())
+
+    def _prune(self) -> None:
+        for token in [t for t, f in self._flows.items() if not f.open]:
+            del self._flows[token]
+            self._backup.pop(token, None)
+
+    def adopt(self, sock: socket.socket, local: str) -> Flow | None:
+        """Follow a tunnel connection that now carries a flow; None without path management."""
+        if not self._pm.active:
+            return None
+        token = pm.token(sock)
+        if token is None:
+            return None
+        try:
+            remote = sock.getpeername()
+        except OSError:
+            return None
+        self._prune()
+        family = socket.AF_INET6 if ":" in local else socket.AF_INET
+        flow = Flow(token, sock, (pm._plain(remote[0]), remote[1]), family)
+        start = next((link for link in self._links() if local in link.addresses), None)
+        if start is not None:
+            flow.links.add(start.name)
+            flow.ids[start.name] = 0  # the initial subflow's address id
+            self._backup[token] = {start.name: False}
+        self._flows[token] = flow
+        return flow
+
+    def carried(self, flow: Flow, count: int) -> None:
+        """The relay moved ``count`` bytes of ``flow`` (either direction)."""
+        flow.bytes += count
+        now = time.monotonic()
+        flow.last = now
+        if flow.started is None:
+            flow.started = now
+        if flow.spread and flow.next_check == float("inf"):
+            return
+        if now < flow.next_check or flow.bytes < SPREAD_BYTES:
+            return
+        flow.next_check = now + CHECK_INTERVAL
+        links = self._links()
+        joining = links_to_join(flow, links, now)
+        if not joining:
+            return
+        flow.spread = True
+        for link in joining:
+            flow.links.add(link.name)
+            spawn(self._join(flow, link), name=f"join-{link.name}")
+        if all(link.name in flow.links for link in links if link.usable):
+            flow.next_check = float("inf")  # every link is in: nothing more to decide
+
+    async def _join(self, flow: Flow, link: PathLink) -> None:
+        address = link.address(flow.family)
+        if address is None:
+            return
+        try:
+            await self._run(
+                self._pm.create,
+                flow.token,
+                address,
+                link.local_id(flow.family),
+                link.ifindex,
+                flow.remote,
+                link.backup,
+            )
+        except NetlinkError as exc:
+            flow.links.discard(link.name)
+            if not pm.gone(exc):
+                log.warning("cannot add %s to a flow: %s", link.name, exc)
+            return
+        self.joins += 1
+        flow.ids[link.name] = link.local_id(flow.family)
+        self._backup.setdefault(flow.token, {})[link.name] = link.backup
+
+    async def reconcile(self) -> None:
+        """The links changed: bring every open flow's subflows in line with them."""
+        if not self._pm.active:
+            return
+        async with self._reconciling:
+            links = self._links()
+            for flow in self.flows():
+                await self._run(self._reconcile_one, flow, links)
+
+    async def shrink_idle(self, now: float | None = None) -> None:
+        """Spread flows that went quiet keep only their best subflow (see IDLE_SHRINK)."""
+        if not self._pm.active:
+            return
+        now = time.monotonic() if now is None else now
+        quiet = [f for f in self.flows() if f.spread and now - f.last > IDLE_SHRINK]
+        if not quiet:
+            return
+        async with self._reconciling:
+            links = self._links()
+            for flow in quiet:
+                await self._run(self._shrink_one, flow, links)
+
+    def _shrink_one(self, flow: Flow, links: list[PathLink]) -> None:
+        subflows = pm.subflows(flow.sock)
+        by_address = {a: link for link in links for a in link.addresses}
+        if pm.unacknowledged(flow.sock) or any(
+            not (link := by_address.get(sub.local[0])) or not link.usable for sub in subflows
+        ):
+            return  # stalled, not idle: a dead link is reconcile's to handle
+        ranked = sorted(
+            subflows,
+            key=lambda sub: next(
+                (i for i, link in enumerate(links) if link is by_address.get(sub.local[0])),
+                len(links),
+            ),
+        )
+        flow.spread = False
+        flow.bytes = 0
+        flow.started = None
+        flow.next_check = 0.0
+        if len(ranked) <= 1:
+            return
+        keep = ranked[0]
+        try:
+            for sub in ranked[1:]:
+                self._pm.destroy(flow.token, sub)
+        except NetlinkError as exc:
+            if not pm.gone(exc):
+                log.warning("cannot close an idle flow's subflow: %s", exc)
+        kept = by_address.get(keep.local[0])
+        flow.links = {kept.name} if kept else set()
+
+    def _reconcile_one(self, flow: Flow, links: list[PathLink]) -> None:
+        """On the netlink thread: one flow's plan, carried out; new subflows before closing."""
+        subflows = pm.subflows(flow.sock)
+        if not subflows:
+            return  # closed meanwhile, or not MPTCP
+        backup_now = self._backup.setdefault(flow.token, {})
+        todo, will_have = plan(flow, subflows, links, backup_now)
+        try:
+            for link in todo.create:
+                address = link.address(flow.family)
+                assert address is not None
+                self._pm.create(
+                    flow.token,
+                    address,
+                    link.local_id(flow.family),
+                    link.ifindex,
+                    flow.remote,
+                    link.backup,
+                )
+                backup_now[link.name] = link.backup
+                flow.ids[link.name] = link.local_id(flow.family)
+                self.joins += 1
+            for sub, backup in todo.backup:
+                self._pm.set_backup(flow.token, sub, backup)
+                name = next((link.name for link in links if sub.local[0] in link.addresses), None)
+                if name:
+                    backup_now[name] = backup
+            for sub, local_id in todo.destroy:
+                if local_id is None:
+                    self._pm.destroy(flow.token, sub)
+                else:
+                    self._pm.remove(flow.token, local_id)
+        except NetlinkError as exc:
+            if not pm.gone(exc):
+                log.warning("cannot adjust a flow's subflows: %s", exc)
+        flow.links = will_have
+        if flow.spread:
+            flow.next_check = 0.0  # links may have come back: look again
+
+
+__all__ = ["Flow", "PathLink", "Plan", "Spreading", "links_to_join", "plan"]
