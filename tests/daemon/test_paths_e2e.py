@@ -179,3 +179,65 @@ def test_a_spread_flow_that_idles_goes_back_to_one_link_and_spreads_again(
     finally:
         proc.kill()
         proc.wait()
+
+
+SINK = textwrap.dedent(
+    """
+    import socket, sys
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", int(sys.argv[1])))
+    listener.listen()
+    print("ready", flush=True)
+    conn, _ = listener.accept()
+    conn.settimeout(60)
+    total = 0
+    while data := conn.recv(1 << 16):
+        total += len(data)
+    conn.sendall(str(total).encode())
+    conn.close()
+    """
+)
+SOURCE = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    s.settimeout(60)
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    block = bytes(1 << 16)
+    for _ in range(int(sys.argv[3]) >> 16):
+        s.sendall(block)
+    s.shutdown(socket.SHUT_WR)
+    print(s.recv(100).decode(), flush=True)
+    """
+)
+
+
+def test_other_programs_mptcp_connections_still_get_every_link(
+    world: World, stack: BraidStack
+) -> None:
+    """braidd runs the userspace path manager; an MPTCP program it does not carry must still
+    get one subflow per link, as the kernel's own path manager would give it."""
+    port, size = 9400, 6 << 20
+    sink = world.popen(
+        "server", [sys.executable, "-c", SINK, str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sink.stdout.readline().strip() == "ready"
+        sent, bytes_by_link = moved(
+            world,
+            lambda: world.run(
+                "laptop",
+                [sys.executable, "-c", SOURCE, world.server_v4, str(port), str(size)],
+                capture_output=True,
+                text=True,
+                timeout=90,
+            ),
+        )
+        assert sent.stdout.strip() == str(size), sent.stderr
+        total = sum(bytes_by_link.values())
+        for name, count in bytes_by_link.items():
+            assert count > 0.05 * total, (name, bytes_by_link)
+    finally:
+        sink.kill()
+        sink.wait()

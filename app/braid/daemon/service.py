@@ -31,7 +31,7 @@ from braid.daemon.links.classify import CachedClassifier
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkStore, StoreError
 from braid.daemon.routing import capture
-from braid.daemon.routing.paths import PathManager, PathManagerUnavailable
+from braid.daemon.routing.paths import PathManager, PathManagerUnavailable, watch_connections
 from braid.daemon.routing.policy import (
     SLOTS,
     DeviceView,
@@ -99,7 +99,9 @@ class Daemon:
         self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._routing: Routing | None = None
         self._paths = PathManager(config.state_dir)
-        self.spreading = Spreading(self._paths, self._path_links, self._in_netlink)
+        self.spreading = Spreading(
+            self._paths, self._path_links, self._in_netlink, own=self._is_tunnel
+        )
         self._path_signature: tuple = ()
         self.pool: TunnelPool | None = None
         self.pairing: Pairing | None = None
@@ -152,6 +154,7 @@ class Daemon:
         await self._in_netlink(self._routing.raise_limits)
         try:
             await self._in_netlink(self._paths.enable)
+            self._watch_connections()
         except (PathManagerUnavailable, OSError) as exc:
             # The in-kernel path manager then opens every link's subflow on every connection.
             log.warning("%s: every connection uses every link from its start", exc)
@@ -229,6 +232,34 @@ class Daemon:
                     log.warning("netlink events unavailable (%s); polling links every second", exc)
 
         threading.Thread(target=watch, name="netlink-events", daemon=True).start()
+
+    def _watch_connections(self) -> None:
+        """Hear of every new MPTCP connection on the laptop (see Spreading.established)."""
+        loop = asyncio.get_running_loop()
+
+        def on_established(event) -> None:
+            loop.call_soon_threadsafe(self.spreading.established, event)
+
+        def watch() -> None:
+            try:
+                watch_connections(on_established, self._stopping.is_set)
+            except Exception as exc:
+                if not self._stopping.is_set():
+                    log.warning(
+                        "MPTCP events unavailable (%s): other programs' MPTCP connections "
+                        "get no extra subflows",
+                        exc,
+                    )
+
+        threading.Thread(target=watch, name="mptcp-events", daemon=True).start()
+
+    def _is_tunnel(self, remote: tuple[str, int]) -> bool:
+        """Is a connection to ``remote`` one of braidd's tunnels to the paired server?"""
+        return (
+            self.pairing is not None
+            and remote[1] == self.pairing.port
+            and remote[0] in {a.removeprefix("::ffff:") for a in self._server_addresses}
+        )
 
     async def _link_loop(self) -> None:
         while True:

@@ -17,7 +17,9 @@ connection (see :mod:`braid.daemon.tunnel.spread`) and asks for each one here:
   tells the server through MP_PRIO.
 
 ``subflows(sock)`` lists a connection's subflows (MPTCP_SUBFLOW_ADDRS) and ``token(sock)`` reads
-its token (MPTCP_INFO). The sysctl is per network namespace; its old value is recorded in the
+its token (MPTCP_INFO). ``watch_connections`` follows the kernel's MPTCP events, so that braidd
+also opens subflows for the laptop's other MPTCP connections, which the userspace path manager
+leaves alone otherwise. The sysctl is per network namespace; its old value is recorded in the
 state directory before it is changed, and put back on stop and by ``cleanup`` after a crash.
 
 The netlink calls block for a few microseconds; braidd makes them on its netlink thread.
@@ -88,6 +90,84 @@ class pm_msg(genlmsg):
             ("MPTCP_PM_ADDR_ATTR_FLAGS", "uint32"),
             ("MPTCP_PM_ADDR_ATTR_IF_IDX", "int32"),
         )
+
+
+class event_msg(genlmsg):
+    """An MPTCP event of the mptcp_pm_events group (include/uapi/linux/mptcp_pm.h)."""
+
+    prefix = "MPTCP_ATTR_"
+    nla_map = (
+        ("MPTCP_ATTR_UNSPEC", "none"),
+        ("MPTCP_ATTR_TOKEN", "uint32"),
+        ("MPTCP_ATTR_FAMILY", "uint16"),
+        ("MPTCP_ATTR_LOC_ID", "uint8"),
+        ("MPTCP_ATTR_REM_ID", "uint8"),
+        ("MPTCP_ATTR_SADDR4", "ip4addr"),
+        ("MPTCP_ATTR_SADDR6", "ip6addr"),
+        ("MPTCP_ATTR_DADDR4", "ip4addr"),
+        ("MPTCP_ATTR_DADDR6", "ip6addr"),
+        ("MPTCP_ATTR_SPORT", "be16"),  # network order in events
+        ("MPTCP_ATTR_DPORT", "be16"),
+        ("MPTCP_ATTR_BACKUP", "uint8"),
+        ("MPTCP_ATTR_ERROR", "uint8"),
+        ("MPTCP_ATTR_FLAGS", "uint16"),
+        ("MPTCP_ATTR_TIMEOUT", "uint32"),
+        ("MPTCP_ATTR_IF_IDX", "int32"),
+        ("MPTCP_ATTR_RESET_REASON", "uint32"),
+        ("MPTCP_ATTR_RESET_FLAGS", "uint32"),
+        ("MPTCP_ATTR_SERVER_SIDE", "uint8"),
+    )
+
+
+EVENT_ESTABLISHED = 2
+
+
+@dataclass(frozen=True)
+class Established:
+    """A connection of this namespace became fully established (MPTCP_EVENT_ESTABLISHED)."""
+
+    token: int
+    family: int
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    server_side: bool
+
+
+def parse_event(msg) -> Established | None:
+    """The ESTABLISHED event in a message of the events group; None for any other event."""
+    if msg.get("cmd") != EVENT_ESTABLISHED:
+        return None
+    family = msg.get_attr("MPTCP_ATTR_FAMILY")
+    token = msg.get_attr("MPTCP_ATTR_TOKEN")
+    v6 = family == socket.AF_INET6
+    saddr = msg.get_attr("MPTCP_ATTR_SADDR6" if v6 else "MPTCP_ATTR_SADDR4")
+    daddr = msg.get_attr("MPTCP_ATTR_DADDR6" if v6 else "MPTCP_ATTR_DADDR4")
+    if token is None or saddr is None or daddr is None:
+        return None
+    return Established(
+        token=token,
+        family=socket.AF_INET6 if v6 else socket.AF_INET,
+        local=(_plain(saddr), msg.get_attr("MPTCP_ATTR_SPORT") or 0),
+        remote=(_plain(daddr), msg.get_attr("MPTCP_ATTR_DPORT") or 0),
+        server_side=bool(msg.get_attr("MPTCP_ATTR_SERVER_SIDE")),
+    )
+
+
+def watch_connections(on_established, stopping) -> None:
+    """Blocking: call ``on_established(Established)`` for every new connection until
+    ``stopping()`` is true (checked after each batch of events)."""
+    nl = GenericNetlinkSocket()
+    try:
+        nl.bind("mptcp_pm", event_msg)
+        nl.add_membership("mptcp_pm_events")
+        while not stopping():
+            for msg in nl.get():
+                event = parse_event(msg)
+                if event is not None:
+                    on_established(event)
+    finally:
+        with contextlib.suppress(Exception):
+            nl.close()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ and :class:`Flow`; :class:`Spreading` keeps the open flows and carries the decis
 :class:`braid.daemon.routing.paths.PathManager` on braidd's netlink thread. When the links
 change (one dies, comes back, changes priority) every open flow is reconciled: subflows on
 links that may no longer carry are closed, a flow left with no usable subflow gets one on the
-best link first, and bulk flows get the links that came back.
+best link first, and bulk flows get the links that came back. A spread flow that goes quiet
+keeps only its best subflow, and spreads afresh when busy again.
+
+The laptop's other MPTCP connections (not braidd's tunnels) get what the in-kernel path manager
+would have given them: a subflow from every other usable link as soon as they are established.
 """
 
 from __future__ import annotations
@@ -158,8 +162,10 @@ class Spreading:
         manager: pm.PathManager,
         links: Callable[[], list[PathLink]],
         run: Callable[..., Awaitable],
+        own: Callable[[tuple[str, int]], bool] = lambda remote: False,
     ) -> None:
         self._pm = manager
+        self._own = own  # is a connection to this remote end one of braidd's tunnels?
         self._links = links
         self._run = run  # runs a blocking call on braidd's netlink thread
         self._flows: dict[int, Flow] = {}
@@ -256,6 +262,32 @@ class Spreading:
             links = self._links()
             for flow in self.flows():
                 await self._run(self._reconcile_one, flow, links)
+
+    def established(self, event: pm.Established) -> None:
+        """Another program's MPTCP connection is up: give it every other usable link, as the
+        in-kernel path manager would have (braidd's own tunnels are managed per flow)."""
+        if not self._pm.active or event.server_side or self._own(event.remote):
+            return
+        for link in self._links():
+            address = link.address(event.family)
+            if not link.usable or address is None or address == event.local[0]:
+                continue
+            spawn(self._join_foreign(event, link, address), name=f"join-foreign-{link.name}")
+
+    async def _join_foreign(self, event: pm.Established, link: PathLink, address: str) -> None:
+        try:
+            await self._run(
+                self._pm.create,
+                event.token,
+                address,
+                link.local_id(event.family),
+                link.ifindex,
+                event.remote,
+                link.backup,
+            )
+        except NetlinkError as exc:
+            if not pm.gone(exc):
+                log.info("cannot add %s to a connection to %s: %s", link.name, event.remote, exc)
 
     async def shrink_idle(self, now: float | None = None) -> None:
         """Spread flows that went quiet keep only their best subflow (see IDLE_SHRINK)."""
