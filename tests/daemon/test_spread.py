@@ -35,7 +35,8 @@ def test_a_short_flow_stays_on_its_first_link() -> None:
     assert links_to_join(f, LINKS, now=10.0) == []
 
 
-def test_a_busy_flow_adds_a_link_after_round_trips_of_that_link() -> None:
+def test_a_busy_flow_adds_a_link_after_round_trips_of_that_link(monkeypatch) -> None:
+    monkeypatch.setattr(spread, "SPREAD_RTTS", 2.0)
     f = flow(bytes=spread.SPREAD_BYTES, started=0.0)
     # 2 round trips of wlan0 (40 ms) have passed, not 2 of usb0 (100 ms).
     assert links_to_join(f, LINKS, now=0.09) == [WLAN]
@@ -48,7 +49,13 @@ def test_dead_links_and_links_without_the_family_never_join() -> None:
     assert links_to_join(f, [ETH, dead, USB], now=100.0) == []  # usb0 has no IPv6 address
 
 
-def test_an_unmeasured_link_is_taken_as_slow() -> None:
+def test_with_the_default_a_flow_spreads_as_soon_as_it_carried_enough() -> None:
+    f = flow(bytes=spread.SPREAD_BYTES, started=0.0)
+    assert links_to_join(f, LINKS, now=0.0) == [WLAN, USB]
+
+
+def test_an_unmeasured_link_is_taken_as_slow(monkeypatch) -> None:
+    monkeypatch.setattr(spread, "SPREAD_RTTS", 2.0)
     unknown = PathLink("wlan0", 3, ("198.18.2.2",), (182, 183))
     f = flow(bytes=spread.SPREAD_BYTES, started=0.0)
     assert links_to_join(f, [ETH, unknown], now=0.1) == []

@@ -2,10 +2,15 @@
 
 A new flow starts on one link, the best healthy one (its pooled tunnel was opened from that
 link's address). It spreads onto another link only once it has carried ``SPREAD_BYTES`` and has
-been busy for ``SPREAD_RTTS`` round trips of that link: a join costs about one and a half round
-trips of the new link before it carries anything, so a short answer is over before a slow link
-could help, and would only wait for it. Bulk flows thus get every ``always`` link (and the
-``backup`` links as backup subflows, ready for failover), short ones stay where they started.
+been busy for ``SPREAD_RTTS`` round trips of that link. A join costs about one and a half round
+trips of the new link before that link carries anything, so an answer shorter than that is over
+before the join completes and never waits for the slow link; what the pool must not do is keep
+joined subflows ready before the first byte (the kernel then spreads even a 30 KiB answer over
+the slowest link). Measured (docs/ARCHITECTURE.md): joining once a flow has carried 16 KiB, with
+no further wait, beat 32 KiB or 128 KiB and waiting one or two round trips of the new link, for
+500 KiB and 4 MiB answers and for pages of many objects, and cost nothing for 1 to 120 KiB. Bulk
+flows thus get every ``always`` link (and the ``backup`` links as backup subflows, ready for
+failover); API calls and other flows under 16 KiB stay on their first link and cost no joins.
 
 The decisions are pure functions (:func:`links_to_join`, :func:`plan`) over :class:`PathLink`
 and :class:`Flow`; :class:`Spreading` keeps the open flows and carries the decisions out through
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -35,10 +41,11 @@ from braid.daemon.routing import paths as pm
 
 log = logging.getLogger(__name__)
 
-#: A flow spreads only once it has carried this much (both directions together).
-SPREAD_BYTES = 128 << 10
+#: A flow spreads only once it has carried this much (both directions together) ...
+SPREAD_BYTES = int(os.environ.get("BRAID_SPREAD_BYTES", 16 << 10))
 #: ... and has been carrying data for this many round trips of the link that would join.
-SPREAD_RTTS = 2.0
+#: (The environment variables are for the benchmarks that chose these values.)
+SPREAD_RTTS = float(os.environ.get("BRAID_SPREAD_RTTS", 0.0))
 #: The round trip assumed for a link the probes have not measured yet.
 DEFAULT_RTT_MS = 100.0
 #: How often a busy flow re-evaluates (seconds): bounds the cost per chunk relayed.
