@@ -22,7 +22,7 @@ def flow(**kw) -> Flow:
     base = {"token": 1, "sock": sock, "remote": SERVER, "family": socket.AF_INET}
     f = Flow(**(base | kw))
     f.links.add("eth0")
-    f.ids["eth0"] = 0
+    f.ids["198.18.1.2"] = 0
     return f
 
 
@@ -103,6 +103,12 @@ def test_reconcile_flips_the_backup_flag_when_a_priority_changes() -> None:
     assert links == {"eth0", "wlan0"}
 
 
-def test_a_link_that_is_gone_from_the_list_is_closed() -> None:
-    todo, _ = plan(flow(), [sub("198.18.1.2"), sub("198.18.9.9")], LINKS, {})
-    assert todo.destroy == [(sub("198.18.9.9"), None)]
+def test_a_link_that_is_gone_from_the_list_is_withdrawn_by_its_id() -> None:
+    """A link that went down leaves the list; its subflow is still withdrawn by address id, so
+    the server hears of it (RM_ADDR) instead of sending into the dead link."""
+    f = flow()
+    f.ids["198.18.3.2"] = 184
+    subs = [sub("198.18.2.2"), sub("198.18.3.2"), sub("198.18.9.9")]
+    todo, links = plan(f, subs, [WLAN], {})
+    assert todo.destroy == [(sub("198.18.3.2"), 184), (sub("198.18.9.9"), None)]
+    assert links == {"wlan0"}

@@ -147,8 +147,8 @@ def parse_event(msg) -> Established | None:
     return Established(
         token=token,
         family=socket.AF_INET6 if v6 else socket.AF_INET,
-        local=(_plain(saddr), msg.get_attr("MPTCP_ATTR_SPORT") or 0),
-        remote=(_plain(daddr), msg.get_attr("MPTCP_ATTR_DPORT") or 0),
+        local=(plain_address(saddr), msg.get_attr("MPTCP_ATTR_SPORT") or 0),
+        remote=(plain_address(daddr), msg.get_attr("MPTCP_ATTR_DPORT") or 0),
         server_side=bool(msg.get_attr("MPTCP_ATTR_SERVER_SIDE")),
     )
 
@@ -182,7 +182,8 @@ class PathManagerUnavailable(OSError):
     """This kernel has no userspace path manager (before Linux 5.19)."""
 
 
-def _plain(address: str) -> str:
+def plain_address(address: str) -> str:
+    """``::ffff:198.18.1.2`` -> ``198.18.1.2``; other addresses unchanged."""
     return address.removeprefix("::ffff:") if "." in address else address
 
 
@@ -225,7 +226,7 @@ def _sockaddr(raw: bytes) -> tuple[str, int] | None:
     if family == socket.AF_INET:
         return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
     if family == socket.AF_INET6:
-        return _plain(socket.inet_ntop(socket.AF_INET6, raw[8:24])), port
+        return plain_address(socket.inet_ntop(socket.AF_INET6, raw[8:24])), port
     return None
 
 

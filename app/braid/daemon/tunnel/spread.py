@@ -32,7 +32,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -84,7 +84,10 @@ class Flow:
     remote: tuple[str, int]
     family: int
     links: set[str] = field(default_factory=set)
-    ids: dict[str, int] = field(default_factory=dict)  # link -> its address id in this flow
+    #: Local address -> its MPTCP address id in this flow (0: the initial subflow's). Kept by
+    #: address, not link: a link that went down is no longer in the list, and its subflows must
+    #: still be withdrawn by id, which tells the server (RM_ADDR).
+    ids: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
     started: float | None = None  # when its first byte was carried (since it last idled)
     last: float = 0.0  # when it last carried a byte
@@ -138,7 +141,7 @@ def plan(
     for sub in subflows:
         link = by_address.get(sub.local[0])
         if link is None or not link.usable:
-            result.destroy.append((sub, flow.ids.get(link.name) if link else None))
+            result.destroy.append((sub, flow.ids.get(sub.local[0])))
         else:
             kept.setdefault(link.name, []).append(sub)
     usable = [link for link in links if link.usable and link.address(flow.family)]
@@ -206,11 +209,11 @@ class Spreading:
             return None
         self._prune()
         family = socket.AF_INET6 if ":" in local else socket.AF_INET
-        flow = Flow(token, sock, (pm._plain(remote[0]), remote[1]), family)
+        flow = Flow(token, sock, (pm.plain_address(remote[0]), remote[1]), family)
         start = next((link for link in self._links() if local in link.addresses), None)
         if start is not None:
             flow.links.add(start.name)
-            flow.ids[start.name] = 0  # the initial subflow's address id
+            flow.ids[local] = 0  # the initial subflow's address id
             self._backup[token] = {start.name: False}
         self._flows[token] = flow
         return flow
@@ -258,7 +261,7 @@ class Spreading:
                 log.warning("cannot add %s to a flow: %s", link.name, exc)
             return
         self.joins += 1
-        flow.ids[link.name] = link.local_id(flow.family)
+        flow.ids[address] = link.local_id(flow.family)
         self._backup.setdefault(flow.token, {})[link.name] = link.backup
 
     async def reconcile(self) -> None:
@@ -268,7 +271,15 @@ class Spreading:
         async with self._reconciling:
             links = self._links()
             for flow in self.flows():
-                await self._run(self._reconcile_one, flow, links)
+                view = _snapshot(flow)
+                backup = dict(self._backup.get(flow.token, {}))
+                joins = await self._run(self._reconcile_one, view, backup, links)
+                # Flow state changes here, on the event loop; the netlink thread saw copies.
+                flow.links, flow.ids = view.links, view.ids
+                self._backup[flow.token] = backup
+                self.joins += joins
+                if flow.spread:
+                    flow.next_check = 0.0  # links may have come back: look again
 
     def established(self, event: pm.Established) -> None:
         """Another program's MPTCP connection is up: give it every other usable link, as the
@@ -307,15 +318,23 @@ class Spreading:
         async with self._reconciling:
             links = self._links()
             for flow in quiet:
-                await self._run(self._shrink_one, flow, links)
+                kept = await self._run(self._shrink_one, _snapshot(flow), links)
+                if kept is None or flow.last > now:
+                    continue  # stalled rather than idle, or busy again meanwhile
+                flow.spread = False
+                flow.bytes = 0
+                flow.started = None
+                flow.next_check = 0.0
+                flow.links = kept
 
-    def _shrink_one(self, flow: Flow, links: list[PathLink]) -> None:
+    def _shrink_one(self, flow: Flow, links: list[PathLink]) -> set[str] | None:
+        """On the netlink thread: close all but the best subflow; the links left, or None."""
         subflows = pm.subflows(flow.sock)
         by_address = {a: link for link in links for a in link.addresses}
         if pm.unacknowledged(flow.sock) or any(
             not (link := by_address.get(sub.local[0])) or not link.usable for sub in subflows
         ):
-            return  # stalled, not idle: a dead link is reconcile's to handle
+            return None  # stalled, not idle: a dead link is reconcile's to handle
         ranked = sorted(
             subflows,
             key=lambda sub: next(
@@ -323,29 +342,25 @@ class Spreading:
                 len(links),
             ),
         )
-        flow.spread = False
-        flow.bytes = 0
-        flow.started = None
-        flow.next_check = 0.0
-        if len(ranked) <= 1:
-            return
-        keep = ranked[0]
+        if not ranked:
+            return None
         try:
             for sub in ranked[1:]:
                 self._pm.destroy(flow.token, sub)
         except NetlinkError as exc:
             if not pm.gone(exc):
                 log.warning("cannot close an idle flow's subflow: %s", exc)
-        kept = by_address.get(keep.local[0])
-        flow.links = {kept.name} if kept else set()
+        kept = by_address.get(ranked[0].local[0])
+        return {kept.name} if kept else set()
 
-    def _reconcile_one(self, flow: Flow, links: list[PathLink]) -> None:
-        """On the netlink thread: one flow's plan, carried out; new subflows before closing."""
+    def _reconcile_one(self, flow: Flow, backup_now: dict[str, bool], links: list[PathLink]) -> int:
+        """On the netlink thread, on copies: one flow's plan, carried out, new subflows before
+        closing; returns how many subflows it added."""
         subflows = pm.subflows(flow.sock)
         if not subflows:
-            return  # closed meanwhile, or not MPTCP
-        backup_now = self._backup.setdefault(flow.token, {})
+            return 0  # closed meanwhile, or not MPTCP
         todo, will_have = plan(flow, subflows, links, backup_now)
+        joins = 0
         try:
             for link in todo.create:
                 address = link.address(flow.family)
@@ -359,8 +374,8 @@ class Spreading:
                     link.backup,
                 )
                 backup_now[link.name] = link.backup
-                flow.ids[link.name] = link.local_id(flow.family)
-                self.joins += 1
+                flow.ids[address] = link.local_id(flow.family)
+                joins += 1
             for sub, backup in todo.backup:
                 self._pm.set_backup(flow.token, sub, backup)
                 name = next((link.name for link in links if sub.local[0] in link.addresses), None)
@@ -375,8 +390,12 @@ class Spreading:
             if not pm.gone(exc):
                 log.warning("cannot adjust a flow's subflows: %s", exc)
         flow.links = will_have
-        if flow.spread:
-            flow.next_check = 0.0  # links may have come back: look again
+        return joins
+
+
+def _snapshot(flow: Flow) -> Flow:
+    """A copy of ``flow`` whose sets and dicts the netlink thread may change."""
+    return replace(flow, links=set(flow.links), ids=dict(flow.ids))
 
 
 __all__ = ["Flow", "PathLink", "Plan", "Spreading", "links_to_join", "plan"]
