@@ -241,20 +241,16 @@ class Spreading:
         if all(link.name in flow.links for link in links if link.usable):
             flow.next_check = float("inf")  # every link is in: nothing more to decide
 
+    def _add(self, token: int, link: PathLink, family: int, remote: tuple[str, int]) -> str:
+        """On the netlink thread: a subflow of connection ``token`` on ``link``; its address."""
+        address = link.address(family)
+        assert address is not None
+        self._pm.create(token, address, link.local_id(family), link.ifindex, remote, link.backup)
+        return address
+
     async def _join(self, flow: Flow, link: PathLink) -> None:
-        address = link.address(flow.family)
-        if address is None:
-            return
         try:
-            await self._run(
-                self._pm.create,
-                flow.token,
-                address,
-                link.local_id(flow.family),
-                link.ifindex,
-                flow.remote,
-                link.backup,
-            )
+            address = await self._run(self._add, flow.token, link, flow.family, flow.remote)
         except NetlinkError as exc:
             flow.links.discard(link.name)
             if not pm.gone(exc):
@@ -290,19 +286,11 @@ class Spreading:
             address = link.address(event.family)
             if not link.usable or address is None or address == event.local[0]:
                 continue
-            spawn(self._join_foreign(event, link, address), name=f"join-foreign-{link.name}")
+            spawn(self._join_foreign(event, link), name=f"join-foreign-{link.name}")
 
-    async def _join_foreign(self, event: pm.Established, link: PathLink, address: str) -> None:
+    async def _join_foreign(self, event: pm.Established, link: PathLink) -> None:
         try:
-            await self._run(
-                self._pm.create,
-                event.token,
-                address,
-                link.local_id(event.family),
-                link.ifindex,
-                event.remote,
-                link.backup,
-            )
+            await self._run(self._add, event.token, link, event.family, event.remote)
         except NetlinkError as exc:
             if not pm.gone(exc):
                 log.info("cannot add %s to a connection to %s: %s", link.name, event.remote, exc)
@@ -363,16 +351,7 @@ class Spreading:
         joins = 0
         try:
             for link in todo.create:
-                address = link.address(flow.family)
-                assert address is not None
-                self._pm.create(
-                    flow.token,
-                    address,
-                    link.local_id(flow.family),
-                    link.ifindex,
-                    flow.remote,
-                    link.backup,
-                )
+                address = self._add(flow.token, link, flow.family, flow.remote)
                 backup_now[link.name] = link.backup
                 flow.ids[address] = link.local_id(flow.family)
                 joins += 1
