@@ -68,11 +68,15 @@ def test_a_short_flows_bytes_all_travel_on_its_first_link(
 def test_a_bulk_flows_bytes_travel_on_every_always_link(
     world: World, stack: BraidStack, kind: str
 ) -> None:
+    joins_before = stack.status()["tunnel"]["paths"]["joins"]
     result, bytes_by_link = moved(world, lambda: transfer(world, kind, "8M"))
     total = sum(bytes_by_link.values())
     for name, count in bytes_by_link.items():
         assert count > 0.05 * total, (name, bytes_by_link)
     assert result["bytes"] == 8 << 20
+    paths = stack.status()["tunnel"]["paths"]
+    assert paths["per_flow"] is True
+    assert paths["joins"] >= joins_before + 2  # braidd added wlan0 and usb0 to this flow
 
 
 def test_an_upload_after_the_pool_idled_reaches_the_bulk_figure(

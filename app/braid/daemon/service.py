@@ -812,6 +812,7 @@ class Daemon:
                 "bytes_down": self.socks.counters.down,
                 "rx_bps": sum(link.rx_bps for link in self.links.values() if link.carrying),
                 "tx_bps": sum(link.tx_bps for link in self.links.values() if link.carrying),
+                "paths": self.spreading.summary(),
             },
         }
         if not brief:

@@ -50,6 +50,8 @@ SPREAD_RTTS = float(os.environ.get("BRAID_SPREAD_RTTS", 0.0))
 DEFAULT_RTT_MS = 100.0
 #: How often a busy flow re-evaluates (seconds): bounds the cost per chunk relayed.
 CHECK_INTERVAL = 0.01
+#: How long the busy flows' view of the links is reused (seconds); link changes also renew it.
+LINKS_TTL = 0.5
 #: A spread flow idle this long (seconds) goes back to one subflow, and spreads afresh when busy
 #: again: subflows that sat idle carry stale TCP timestamps, which freeze the receiver's window.
 IDLE_SHRINK = 5.0
@@ -176,7 +178,8 @@ class Spreading:
     ) -> None:
         self._pm = manager
         self._own = own  # is a connection to this remote end one of braidd's tunnels?
-        self._links = links
+        self._all_links = links
+        self._links_cache: tuple[float, list[PathLink]] = (-1e9, [])
         self._run = run  # runs a blocking call on braidd's netlink thread
         self._flows: dict[int, Flow] = {}
         self._backup: dict[int, dict[str, bool]] = {}
@@ -186,6 +189,25 @@ class Spreading:
     @property
     def active(self) -> bool:
         return self._pm.active
+
+    def _links(self, fresh: bool = False) -> list[PathLink]:
+        """The links, best first; busy flows reuse one view for LINKS_TTL seconds."""
+        now = time.monotonic()
+        taken, links = self._links_cache
+        if fresh or now - taken > LINKS_TTL:
+            links = self._all_links()
+            self._links_cache = (now, links)
+        return links
+
+    def summary(self) -> dict:
+        """For ``braid status``: whether braidd manages the paths, and how many flows spread."""
+        flows = self.flows()
+        return {
+            "per_flow": self._pm.active,
+            "flows": len(flows),
+            "spread": sum(1 for f in flows if f.spread),
+            "joins": self.joins,
+        }
 
     def flows(self) -> list[Flow]:
         self._prune()
@@ -265,7 +287,7 @@ class Spreading:
         if not self._pm.active:
             return
         async with self._reconciling:
-            links = self._links()
+            links = self._links(fresh=True)
             for flow in self.flows():
                 view = _snapshot(flow)
                 backup = dict(self._backup.get(flow.token, {}))
