@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -29,9 +28,9 @@ from pathlib import Path
 
 import psutil
 
-from braid.netbed import World, unavailable_reason
+from braid.netbed import World
 from braid.netbed.stack import BraidStack
-from common import Reference, download, links_for
+from common import Reference, download, links_for, side_by_side_possible
 
 RATES = (50, 30, 20)
 SCENARIOS = {
@@ -135,12 +134,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per contender (median)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/aggregate.json"))
     args = parser.parse_args()
-    reason = unavailable_reason()
-    if reason or shutil.which("ss-server") is None:
-        print(
-            f"cannot run: {reason or 'ss-server missing (Debian: shadowsocks-libev)'}",
-            file=sys.stderr,
-        )
+    if not side_by_side_possible():
         return 1
     results: dict = {"scenarios": {}}
     for name, rtts in SCENARIOS.items():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 import time
 
-from braid.netbed import LinkSpec, World
+from braid.netbed import LinkSpec, World, unavailable_reason
 from braid.netbed.stack import run_traffic
 
 SS_PORT = 8388
@@ -13,6 +15,18 @@ SS_SOCKS = 1090
 SS_METHOD = "chacha20-ietf-poly1305"
 SS_KEY = "benchmark-only-key"
 MIB = 1 << 20
+
+
+def side_by_side_possible() -> bool:
+    """Whether the test world and the reference stack can run here; if not, says why."""
+    reason = unavailable_reason()
+    if reason or shutil.which("ss-server") is None:
+        print(
+            f"cannot run: {reason or 'ss-server missing (Debian: shadowsocks-libev)'}",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def links_for(rtts, rates) -> list[LinkSpec]:

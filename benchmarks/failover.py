@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import threading
 import time
 from pathlib import Path
 
-from braid.netbed import World, unavailable_reason
+from braid.netbed import World
 from braid.netbed.stack import BraidStack, start_traffic
-from common import Reference, links_for
+from common import Reference, links_for, side_by_side_possible
 
 RATES = (50, 30, 20)
 RTTS = (10, 20, 30)
@@ -128,12 +127,7 @@ def main() -> int:
     parser.add_argument("--png", type=Path, default=Path("benchmarks/out/failover.png"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/failover.json"))
     args = parser.parse_args()
-    reason = unavailable_reason()
-    if reason or shutil.which("ss-server") is None:
-        print(
-            f"cannot run: {reason or 'ss-server missing (Debian: shadowsocks-libev)'}",
-            file=sys.stderr,
-        )
+    if not side_by_side_possible():
         return 1
     results: dict = {}
     with World(links_for(RTTS, RATES)) as world:

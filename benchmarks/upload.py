@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from braid.netbed import World, unavailable_reason
+from braid.netbed import World
 from braid.netbed.stack import BraidStack, run_traffic, wait_for
-from common import Reference, links_for, via_args
+from common import Reference, links_for, side_by_side_possible, via_args
 
 RATES = (20, 12, 6)
 SCENARIOS = {
@@ -199,12 +198,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.size_mib, args.idle, args.scenario = 8, 20.0, "unequal"
-    reason = unavailable_reason()
-    if reason or shutil.which("ss-server") is None:
-        print(
-            f"cannot run: {reason or 'ss-server missing (Debian: shadowsocks-libev)'}",
-            file=sys.stderr,
-        )
+    if not side_by_side_possible():
         return 1
     keys = list(SCENARIOS) if args.scenario == "both" else [args.scenario]
     results: dict = {

@@ -36,17 +36,16 @@ import argparse
 import json
 import math
 import re
-import shutil
 import statistics
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from braid.netbed import World, python_argv, unavailable_reason
+from braid.netbed import World, python_argv
 from braid.netbed import browser as browser_mod
 from braid.netbed.stack import BraidStack, run_traffic, wait_for
-from common import SS_SOCKS, Reference, links_for, via_args
+from common import SS_SOCKS, Reference, links_for, side_by_side_possible, via_args
 
 RATES = (20, 12, 6)
 SCENARIOS = {
@@ -315,12 +314,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/web.json"))
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/out/web.png"))
     args = parser.parse_args()
-    reason = unavailable_reason()
-    if reason or shutil.which("ss-server") is None:
-        print(
-            f"cannot run: {reason or 'ss-server missing (Debian: shadowsocks-libev)'}",
-            file=sys.stderr,
-        )
+    if not side_by_side_possible():
         return 1
     browser_skip = "--no-browser" if args.no_browser else browser_mod.unavailable_reason()
     if browser_skip:
