@@ -31,6 +31,8 @@ def test_stop_and_crash_cleanup_restore_routing(world: World) -> None:
         running = world.network_state()
         assert "lookup 18400" in running and "lookup 18401" in running
         assert "subflows 8" in running
+        # The path manager's line: braidd decides each connection's subflows while it runs.
+        assert "\nuserspace\n" in running and "\nkernel\n" in pristine
 
         assert braid.stop_daemon() == 0
         assert world.network_state() == pristine

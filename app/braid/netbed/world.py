@@ -915,7 +915,8 @@ table inet {NFT_TABLE} {{
 
     def network_state(self, role: str = "laptop") -> str:
         """Everything a daemon may change in a namespace, as text to compare before and after:
-        rules, every routing table, MPTCP endpoints and limits, and the nftables ruleset."""
+        rules, every routing table, MPTCP endpoints, limits and path manager, and the nftables
+        ruleset."""
         return "\n".join(
             self.run(role, argv, capture_output=True, text=True).stdout
             for argv in (
@@ -925,6 +926,7 @@ table inet {NFT_TABLE} {{
                 ["ip", "-6", "route", "show", "table", "all"],
                 ["ip", "mptcp", "endpoint"],
                 ["ip", "mptcp", "limits"],
+                ["sysctl", "-n", "net.mptcp.path_manager"],
                 ["nft", "list", "ruleset"],
             )
         )
