@@ -112,3 +112,18 @@ def test_a_link_that_is_gone_from_the_list_is_withdrawn_by_its_id() -> None:
     todo, links = plan(f, subs, [WLAN], {})
     assert todo.destroy == [(sub("198.18.3.2"), 184), (sub("198.18.9.9"), None)]
     assert links == {"wlan0"}
+
+
+def test_a_failure_in_path_management_never_breaks_the_flow(caplog) -> None:
+    def broken_links():
+        raise RuntimeError("boom")
+
+    class Inactive:
+        active = True
+
+    spreading = spread.Spreading(Inactive(), broken_links, run=None)  # type: ignore[arg-type]
+    f = flow(bytes=0, started=0.0)
+    spreading.carried(f, spread.SPREAD_BYTES)  # must not raise
+    assert f.next_check == float("inf")
+    assert "path management failed" in caplog.text
+    spreading.carried(f, 1 << 20)  # and is quiet afterwards

@@ -247,10 +247,16 @@ class Spreading:
         flow.last = now
         if flow.started is None:
             flow.started = now
-        if flow.spread and flow.next_check == float("inf"):
-            return
         if now < flow.next_check or flow.bytes < SPREAD_BYTES:
             return
+        try:
+            self._decide(flow, now)
+        except Exception:
+            # Path management must never break the flow it serves: stop deciding for this one.
+            flow.next_check = float("inf")
+            log.exception("path management failed for a flow; it keeps the links it has")
+
+    def _decide(self, flow: Flow, now: float) -> None:
         flow.next_check = now + CHECK_INTERVAL
         links = self._links()
         joining = links_to_join(flow, links, now)
