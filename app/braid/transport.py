@@ -41,14 +41,20 @@ def mptcp_socket(family: int) -> socket.socket:
         raise
 
 
+MPTCP_INFO = 1
+
+
+def mptcp_info(sock: socket.socket) -> bytes | None:
+    """The connection's struct mptcp_info, or None if it is not (or no longer) MPTCP."""
+    try:
+        return sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 256)
+    except OSError:
+        return None
+
+
 def is_mptcp(sock: socket.socket) -> bool:
     """True while the connection really runs MPTCP (no fallback to plain TCP)."""
-    mptcp_info = 1
-    try:
-        sock.getsockopt(SOL_MPTCP, mptcp_info, 256)
-    except OSError:
-        return False
-    return True
+    return mptcp_info(sock) is not None
 
 
 def fingerprint(der: bytes) -> str:
@@ -126,9 +132,9 @@ async def _tunnel_to_plain(
             raise ConnectionResetError("the tunnel closed without ending the stream")
         chunks = decoder.feed(data)
         if chunks:
-            for chunk in chunks:
-                count[0] += len(chunk)
-            on_data(len(data))
+            carried = sum(map(len, chunks))
+            count[0] += carried
+            on_data(carried)
             writer.writelines(chunks)
             await writer.drain()
     if writer.can_write_eof():

@@ -23,6 +23,7 @@ def flow(**kw) -> Flow:
     f = Flow(**(base | kw))
     f.links.add("eth0")
     f.ids["198.18.1.2"] = 0
+    f.backup["eth0"] = False
     return f
 
 
@@ -65,7 +66,7 @@ def test_an_unmeasured_link_is_taken_as_slow(monkeypatch) -> None:
 def test_reconcile_moves_a_short_flow_off_a_dead_link_new_subflow_first() -> None:
     dead_eth = PathLink("eth0", 2, ETH.addresses, ETH.local_ids, usable=False)
     f = flow()
-    todo, links = plan(f, [sub("198.18.1.2")], [dead_eth, WLAN, USB], {"eth0": False})
+    todo, links = plan(f, [sub("198.18.1.2")], [dead_eth, WLAN, USB])
     assert todo.create == [WLAN]  # the best working always link
     assert todo.destroy == [(sub("198.18.1.2"), 0)]  # withdraws address id 0: RM_ADDR
     assert links == {"wlan0"}
@@ -74,21 +75,21 @@ def test_reconcile_moves_a_short_flow_off_a_dead_link_new_subflow_first() -> Non
 def test_reconcile_uses_a_backup_link_when_no_always_link_works() -> None:
     dead = [PathLink(p.name, p.ifindex, p.addresses, p.local_ids, usable=False) for p in LINKS[:2]]
     f = flow()
-    todo, links = plan(f, [sub("198.18.1.2")], [*dead, USB], {})
+    todo, links = plan(f, [sub("198.18.1.2")], [*dead, USB])
     assert todo.create == [USB]
     assert links == {"usb0"}
 
 
 def test_reconcile_gives_a_bulk_flow_back_the_links_that_returned() -> None:
     f = flow(spread=True)
-    todo, links = plan(f, [sub("198.18.1.2")], LINKS, {"eth0": False})
+    todo, links = plan(f, [sub("198.18.1.2")], LINKS)
     assert todo.create == [WLAN, USB]
     assert not todo.destroy
     assert links == {"eth0", "wlan0", "usb0"}
 
 
 def test_reconcile_leaves_a_healthy_short_flow_alone() -> None:
-    todo, links = plan(flow(), [sub("198.18.1.2")], LINKS, {"eth0": False})
+    todo, links = plan(flow(), [sub("198.18.1.2")], LINKS)
     assert (todo.create, todo.destroy, todo.backup) == ([], [], [])
     assert links == {"eth0"}
 
@@ -96,7 +97,7 @@ def test_reconcile_leaves_a_healthy_short_flow_alone() -> None:
 def test_reconcile_flips_the_backup_flag_when_a_priority_changes() -> None:
     eth_backup = PathLink("eth0", 2, ETH.addresses, ETH.local_ids, backup=True)
     f = flow()
-    todo, links = plan(f, [sub("198.18.1.2")], [WLAN, eth_backup], {"eth0": False})
+    todo, links = plan(f, [sub("198.18.1.2")], [WLAN, eth_backup])
     assert todo.backup == [(sub("198.18.1.2"), True)]
     # eth0 may no longer carry on its own: the always link joins.
     assert todo.create == [WLAN]
@@ -109,7 +110,7 @@ def test_a_link_that_is_gone_from_the_list_is_withdrawn_by_its_id() -> None:
     f = flow()
     f.ids["198.18.3.2"] = 184
     subs = [sub("198.18.2.2"), sub("198.18.3.2"), sub("198.18.9.9")]
-    todo, links = plan(f, subs, [WLAN], {})
+    todo, links = plan(f, subs, [WLAN])
     assert todo.destroy == [(sub("198.18.3.2"), 184), (sub("198.18.9.9"), None)]
     assert links == {"wlan0"}
 
@@ -118,10 +119,10 @@ def test_a_failure_in_path_management_never_breaks_the_flow(caplog) -> None:
     def broken_links():
         raise RuntimeError("boom")
 
-    class Inactive:
+    class Active:
         active = True
 
-    spreading = spread.Spreading(Inactive(), broken_links, run=None)  # type: ignore[arg-type]
+    spreading = spread.Spreading(Active(), broken_links, run=None)  # type: ignore[arg-type]
     f = flow(bytes=0, started=0.0)
     spreading.carried(f, spread.SPREAD_BYTES)  # must not raise
     assert f.next_check == float("inf")

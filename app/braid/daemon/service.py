@@ -31,7 +31,12 @@ from braid.daemon.links.classify import CachedClassifier
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkStore, StoreError
 from braid.daemon.routing import capture
-from braid.daemon.routing.paths import PathManager, PathManagerUnavailable, watch_connections
+from braid.daemon.routing.paths import (
+    PathManager,
+    PathManagerUnavailable,
+    plain_address,
+    watch_connections,
+)
 from braid.daemon.routing.policy import (
     SLOTS,
     DeviceView,
@@ -258,7 +263,7 @@ class Daemon:
         return (
             self.pairing is not None
             and remote[1] == self.pairing.port
-            and remote[0] in {a.removeprefix("::ffff:") for a in self._server_addresses}
+            and remote[0] in {plain_address(a) for a in self._server_addresses}
         )
 
     async def _link_loop(self) -> None:

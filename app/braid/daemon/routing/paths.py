@@ -42,6 +42,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
 from braid.files import load_json, write_json
+from braid.transport import SOL_MPTCP, mptcp_info
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,10 @@ CMD_SUBFLOW_DESTROY = 11
 FLAG_BACKUP = 4
 NLA_F_NESTED = 0x8000
 
-SOL_MPTCP = 284
-MPTCP_INFO = 1
 MPTCP_SUBFLOW_ADDRS = 3
-_TOKEN_OFFSET = 12  # struct mptcp_info: six u8 counters, u32 flags, then u32 token
+# struct mptcp_info: six u8 counters, u32 flags, u32 token, then u64 write_seq and snd_una.
+_TOKEN = struct.Struct("=12xI")
+_SEQS = struct.Struct("=16xQQ")
 _HEADER = struct.Struct("=IIII")  # struct mptcp_subflow_data
 _SOCKADDR_STORAGE = 128
 _ENTRY = 2 * _SOCKADDR_STORAGE  # struct mptcp_subflow_addrs: local, remote
@@ -189,24 +190,18 @@ def plain_address(address: str) -> str:
 
 def token(sock: socket.socket) -> int | None:
     """The connection's MPTCP token, or None if it is not (or no longer) MPTCP."""
-    try:
-        info = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 96)
-    except OSError:
+    info = mptcp_info(sock)
+    if info is None or len(info) < _TOKEN.size:
         return None
-    if len(info) < _TOKEN_OFFSET + 4:
-        return None
-    return struct.unpack_from("=I", info, _TOKEN_OFFSET)[0] or None
+    return _TOKEN.unpack_from(info)[0] or None
 
 
 def unacknowledged(sock: socket.socket) -> bool:
     """True while data sent on the connection waits for the peer's acknowledgement."""
-    try:
-        info = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 96)
-    except OSError:
+    info = mptcp_info(sock)
+    if info is None or len(info) < _SEQS.size:
         return False
-    if len(info) < 32:
-        return False
-    write_seq, snd_una = struct.unpack_from("=QQ", info, 16)
+    write_seq, snd_una = _SEQS.unpack_from(info)
     return write_seq != snd_una
 
 

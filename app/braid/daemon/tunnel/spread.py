@@ -95,6 +95,7 @@ class Flow:
     last: float = 0.0  # when it last carried a byte
     spread: bool = False  # it has been judged bulk: every usable link belongs in it
     next_check: float = 0.0
+    backup: dict[str, bool] = field(default_factory=dict)  # link -> the flag its subflows got
 
     @property
     def open(self) -> bool:
@@ -126,17 +127,12 @@ class Plan:
     backup: list[tuple[pm.Subflow, bool]] = field(default_factory=list)
 
 
-def plan(
-    flow: Flow,
-    subflows: list[pm.Subflow],
-    links: list[PathLink],
-    backup_now: dict[str, bool],
-) -> tuple[Plan, set[str]]:
+def plan(flow: Flow, subflows: list[pm.Subflow], links: list[PathLink]) -> tuple[Plan, set[str]]:
     """Reconcile one flow: its plan, and the links it will have subflows on (pure).
 
-    ``links`` is in order of preference (the best first); ``backup_now`` is the backup flag
-    each link's subflows of this flow last got.
+    ``links`` is in order of preference (the best first).
     """
+    by_name = {link.name: link for link in links}
     by_address = {a: link for link in links for a in link.addresses}
     result = Plan()
     kept: dict[str, list[pm.Subflow]] = {}
@@ -159,8 +155,8 @@ def plan(
             link for link in usable if link.name not in kept and link not in result.create
         ]
     for name, subs in kept.items():
-        link = next(link for link in links if link.name == name)
-        if backup_now.get(name, False) != link.backup:
+        link = by_name[name]
+        if flow.backup.get(name, False) != link.backup:
             result.backup += [(sub, link.backup) for sub in subs]
     will_have = set(kept) | {link.name for link in result.create}
     return result, will_have
@@ -182,7 +178,6 @@ class Spreading:
         self._links_cache: tuple[float, list[PathLink]] = (-1e9, [])
         self._run = run  # runs a blocking call on braidd's netlink thread
         self._flows: dict[int, Flow] = {}
-        self._backup: dict[int, dict[str, bool]] = {}
         self.joins = 0  # subflows added to flows, for the status and the tests
         self._reconciling = asyncio.Lock()
 
@@ -216,7 +211,6 @@ class Spreading:
     def _prune(self) -> None:
         for token in [t for t, f in self._flows.items() if not f.open]:
             del self._flows[token]
-            self._backup.pop(token, None)
 
     def adopt(self, sock: socket.socket, local: str) -> Flow | None:
         """Follow a tunnel connection that now carries a flow; None without path management."""
@@ -236,7 +230,7 @@ class Spreading:
         if start is not None:
             flow.links.add(start.name)
             flow.ids[local] = 0  # the initial subflow's address id
-            self._backup[token] = {start.name: False}
+            flow.backup[start.name] = False
         self._flows[token] = flow
         return flow
 
@@ -286,7 +280,7 @@ class Spreading:
             return
         self.joins += 1
         flow.ids[address] = link.local_id(flow.family)
-        self._backup.setdefault(flow.token, {})[link.name] = link.backup
+        flow.backup[link.name] = link.backup
 
     async def reconcile(self) -> None:
         """The links changed: bring every open flow's subflows in line with them."""
@@ -296,11 +290,9 @@ class Spreading:
             links = self._links(fresh=True)
             for flow in self.flows():
                 view = _snapshot(flow)
-                backup = dict(self._backup.get(flow.token, {}))
-                joins = await self._run(self._reconcile_one, view, backup, links)
+                joins = await self._run(self._reconcile_one, view, links)
                 # Flow state changes here, on the event loop; the netlink thread saw copies.
-                flow.links, flow.ids = view.links, view.ids
-                self._backup[flow.token] = backup
+                flow.links, flow.ids, flow.backup = view.links, view.ids, view.backup
                 self.joins += joins
                 if flow.spread:
                     flow.next_check = 0.0  # links may have come back: look again
@@ -351,13 +343,8 @@ class Spreading:
             not (link := by_address.get(sub.local[0])) or not link.usable for sub in subflows
         ):
             return None  # stalled, not idle: a dead link is reconcile's to handle
-        ranked = sorted(
-            subflows,
-            key=lambda sub: next(
-                (i for i, link in enumerate(links) if link is by_address.get(sub.local[0])),
-                len(links),
-            ),
-        )
+        rank = {a: i for i, link in enumerate(links) for a in link.addresses}
+        ranked = sorted(subflows, key=lambda sub: rank.get(sub.local[0], len(links)))
         if not ranked:
             return None
         try:
@@ -369,25 +356,24 @@ class Spreading:
         kept = by_address.get(ranked[0].local[0])
         return {kept.name} if kept else set()
 
-    def _reconcile_one(self, flow: Flow, backup_now: dict[str, bool], links: list[PathLink]) -> int:
+    def _reconcile_one(self, flow: Flow, links: list[PathLink]) -> int:
         """On the netlink thread, on copies: one flow's plan, carried out, new subflows before
         closing; returns how many subflows it added."""
         subflows = pm.subflows(flow.sock)
         if not subflows:
             return 0  # closed meanwhile, or not MPTCP
-        todo, will_have = plan(flow, subflows, links, backup_now)
+        todo, will_have = plan(flow, subflows, links)
+        by_address = {a: link for link in links for a in link.addresses}
         joins = 0
         try:
             for link in todo.create:
                 address = self._add(flow.token, link, flow.family, flow.remote)
-                backup_now[link.name] = link.backup
+                flow.backup[link.name] = link.backup
                 flow.ids[address] = link.local_id(flow.family)
                 joins += 1
             for sub, backup in todo.backup:
                 self._pm.set_backup(flow.token, sub, backup)
-                name = next((link.name for link in links if sub.local[0] in link.addresses), None)
-                if name:
-                    backup_now[name] = backup
+                flow.backup[by_address[sub.local[0]].name] = backup
             for sub, local_id in todo.destroy:
                 if local_id is None:
                     self._pm.destroy(flow.token, sub)
@@ -402,7 +388,7 @@ class Spreading:
 
 def _snapshot(flow: Flow) -> Flow:
     """A copy of ``flow`` whose sets and dicts the netlink thread may change."""
-    return replace(flow, links=set(flow.links), ids=dict(flow.ids))
+    return replace(flow, links=set(flow.links), ids=dict(flow.ids), backup=dict(flow.backup))
 
 
 __all__ = ["Flow", "PathLink", "Plan", "Spreading", "links_to_join", "plan"]
