@@ -18,7 +18,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from braid.protocol.address import Address
@@ -260,6 +260,20 @@ async def _candidates(
     return out
 
 
+def numeric_candidates(
+    addresses: Sequence[str], port: int, family: int, family_hint: int | None
+) -> list[tuple[int, tuple]]:
+    """Connect candidates from numeric addresses, of ``family`` (AF_UNSPEC: any)."""
+    out: list[tuple[int, tuple]] = []
+    for address in addresses:
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        if family in (socket.AF_UNSPEC, fam):
+            out.append((fam, (address, port) if fam == socket.AF_INET else (address, port, 0, 0)))
+    if family_hint is not None:
+        out.sort(key=lambda c: c[0] != family_hint)
+    return out
+
+
 async def sock_connect(sock: socket.socket, sockaddr: tuple) -> None:
     """Connect a non-blocking socket to a numeric address.
 
@@ -300,6 +314,7 @@ async def _connect(
     bind: tuple[str, int] | None,
     bind_device: str | None,
     use_mptcp: bool,
+    mark: int | None = None,
 ) -> socket.socket:
     """Connect to the first candidate that answers, giving each a fair share of the time left."""
     loop = asyncio.get_running_loop()
@@ -311,6 +326,8 @@ async def _connect(
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             if bind_device:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bind_device.encode())
             if bind:
@@ -350,13 +367,18 @@ async def open_tunnel(
     bind_device: str | None = None,
     timeout: float = 10.0,
     mptcp: bool = True,
+    addresses: Sequence[str] | None = None,
+    mark: int | None = None,
 ) -> Tunnel:
     """Connect to the paired server and authenticate; raises TunnelError.
 
     ``family_hint`` (AF_INET or AF_INET6) puts that family's addresses first.
     ``bind`` fixes the local address of the initial subflow, and with it the
     link it leaves from; then only server addresses of the same family are
-    tried. ``mptcp=False`` forces plain TCP.
+    tried. ``mptcp=False`` forces plain TCP. ``addresses`` are the server's addresses, already
+    resolved: the name is then not looked up again (braidd resolves it once, so that its tunnels
+    never depend on a lookup that system-wide mode would send through them). ``mark`` is set
+    with SO_MARK on the socket (braidd's own mark, which system-wide capture lets pass).
     """
     loop = asyncio.get_running_loop()
     server = pairing.server
@@ -373,13 +395,16 @@ async def open_tunnel(
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            candidates = await _candidates(pairing.host, pairing.port, family, family_hint)
+            if addresses is None:
+                candidates = await _candidates(pairing.host, pairing.port, family, family_hint)
+            else:
+                candidates = numeric_candidates(addresses, pairing.port, family, family_hint)
             if not candidates:
                 kind = "IPv4" if family == socket.AF_INET else "IPv6"
                 local = bind[0] if bind else ""
                 raise TunnelError(f"{pairing.host} has no {kind} address to reach from {local}")
             phase = f"connecting to {server}"
-            sock = await _connect(candidates, server, deadline, bind, bind_device, mptcp)
+            sock = await _connect(candidates, server, deadline, bind, bind_device, mptcp, mark)
             phase = f"in the TLS handshake with {server}"
             reader, writer = await asyncio.open_connection(
                 sock=sock,

@@ -20,7 +20,7 @@ from braid.protocol import control
 from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.pairing import PairingError, parse_pairing
 
-CHANGES = {"up", "down", "set-link", "set-order", "set-settings"}
+CHANGES = {"up", "down", "test-pairing", "set-link", "set-order", "set-settings"}
 SCHEMA = [
     {
         "key": "discover_links",
@@ -292,6 +292,24 @@ class FakeBraidd:
             status = self.status()
         self.push_event("connected", None, f"connected to {server}")
         return status
+
+    def _cmd_test_pairing(self, conn: socket.socket, request: dict) -> dict:
+        """As braidd: one tunnel opened and closed, nothing saved or switched."""
+        uri = request.get("pairing")
+        if not uri:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "give the pairing to test")
+        try:
+            pairing = parse_pairing(uri)
+        except PairingError as exc:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        if self.up_error:
+            raise ControlError(ErrorCode.FAILED, self.up_error)
+        return {
+            "server": pairing.server,
+            "address": [pairing.host],
+            "elapsed_ms": 21.0,
+            "link": "eth0",
+        }
 
     def _cmd_down(self, conn: socket.socket, request: dict) -> dict:
         with self._lock:

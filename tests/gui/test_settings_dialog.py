@@ -155,9 +155,12 @@ def test_test_connection_reports_success_and_the_exact_error(qtbot, daemon, dial
     page.uri.setPlainText(URI)
     page.test_button.click()
     qtbot.waitUntil(
-        lambda: "Connected to vps.example.net:7443" in page.test_result.text(), timeout=3000
+        lambda: "Reached vps.example.net:7443 in 21 ms over eth0" in page.test_result.text(),
+        timeout=3000,
     )
-    assert daemon.commands("up")[-1]["pairing"] == URI
+    assert daemon.commands("test-pairing")[-1]["pairing"] == URI
+    # A test switches nothing: the live tunnel and the saved pairing stay as they were.
+    assert not daemon.commands("up")
 
     daemon.up_error = "wrong token: the server refused it (was the server initialised again?)"
     page.test_button.click()

@@ -182,6 +182,10 @@ class DaemonClient(QObject):
     def down(self) -> int:
         return self._send("down")
 
+    def test_pairing(self, pairing: str | None = None) -> int:
+        """Open one tunnel with ``pairing`` (or the saved one) and close it: nothing changes."""
+        return self._send("test-pairing", **({"pairing": pairing} if pairing else {}))
+
     def links(self) -> int:
         return self._send("links")
 

@@ -22,6 +22,7 @@ from braid.gui.colours import LinkColours
 from braid.gui.graphs import RateHistory
 from braid.gui.preferences import Preferences
 from braid.gui.tokens import TokenStore
+from braid.protocol.events import EventKind
 from braid.protocol.pairing import Pairing
 from braid.units import format_duration, format_rate
 
@@ -45,14 +46,7 @@ STATE_LABELS = {
 }
 
 # Events that deserve a bubble: a change the user feels (or pays for), not routine.
-NOTIFY_TITLES = {
-    "failover": "New connections moved to another link",
-    "no-link": "No link reaches the server",
-    "link-lost": "A link stopped answering",
-    "link-back": "A link is back",
-    "cap-reached": "Data cap reached",
-    "server-unreachable": "Lost the server",
-}
+NOTIFY_TITLES = {str(kind): kind.title for kind in EventKind if kind.notify}
 LOG_SIZE = 200
 
 
@@ -65,15 +59,7 @@ class LogEntry:
     level: str = "info"  # info | warning | error: how the log colours it
 
 
-_EVENT_LEVELS = {
-    "link-lost": "warning",
-    "link-down": "warning",
-    "link-removed": "warning",
-    "cap-reached": "warning",
-    "failover": "warning",
-    "no-link": "warning",
-    "server-unreachable": "error",
-}
+_EVENT_LEVELS = {str(kind): str(kind.level) for kind in EventKind if kind.level != "info"}
 
 
 class Session(QObject):
@@ -196,6 +182,10 @@ class Session(QObject):
         self._add_log("up", None, "connecting…")
         self._refresh()
         return request
+
+    def test_pairing(self, pairing: str | None = None) -> int:
+        """Try a pairing without switching the tunnel or saving anything."""
+        return self.client.test_pairing(pairing or self.pairing_uri())
 
     def disconnect_tunnel(self) -> int:
         self._up_request = None

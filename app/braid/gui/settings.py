@@ -466,7 +466,7 @@ class ServerPage(QWidget):
         uri = self.pairing.uri() if self.pairing else None
         self.test_button.setEnabled(False)
         self.test_result.setText("Connecting…")
-        self._test_request = self.session.connect_tunnel(uri)
+        self._test_request = self.session.test_pairing(uri)
 
     def _on_reply(self, request_id: int, ok: bool, result: object) -> None:
         if request_id != self._test_request:
@@ -474,9 +474,12 @@ class ServerPage(QWidget):
         self._test_request = None
         self.test_button.setEnabled(True)
         if ok:
-            state = result.get("state") if isinstance(result, dict) else None
-            server = result.get("server") if isinstance(result, dict) else None
-            text = f"✓ Connected to {server}" if state in ("connected", "degraded") else "✓ Up"
+            reply = result if isinstance(result, dict) else {}
+            text = f"✓ Reached {reply.get('server', 'the server')}"
+            if isinstance(reply.get("elapsed_ms"), (int, float)):
+                text += f" in {reply['elapsed_ms']:.0f} ms"
+            if reply.get("link"):
+                text += f" over {reply['link']}"
             self.test_result.setText(f"<span style='color:{OK_COLOUR}'>{text}</span>")
         else:
             message = result.get("message") if isinstance(result, dict) else str(result)

@@ -100,6 +100,7 @@ class Prober:
         interval: float = 0.2,
         dead_after: float = 0.6,
         alive_after: int = 2,
+        mark: int | None = None,
     ) -> None:
         ip = ipaddress.ip_address(server[0])  # ValueError for a name
         self._key = key
@@ -107,6 +108,7 @@ class Prober:
         self._server = (str(ip), server[1])
         self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         self._on_change = on_change
+        self._mark = mark  # SO_MARK on the probe sockets: system-wide capture lets them pass
         self.interval = interval
         self.dead_after = dead_after
         self.alive_after = alive_after
@@ -176,6 +178,8 @@ class Prober:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            if self._mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
             if link.device:
                 # Leave by this link's device (and its routes), whatever the main table prefers.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, link.device.encode())

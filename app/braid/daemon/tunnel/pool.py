@@ -5,6 +5,10 @@ pool pays them ahead of time so a new flow costs only its own request.
 Connections are replaced when they age (the server drops idle ones after five
 minutes) or when the best link changes, so new flows start their initial
 subflow on the best healthy link.
+
+The pool connects to the server's addresses as braidd resolved them when it paired (or
+started): it never looks the name up again. In system-wide mode braidd's own lookups would be
+captured and need a tunnel, and a tunnel that needs a lookup would then never open.
 """
 
 from __future__ import annotations
@@ -42,8 +46,12 @@ class TunnelPool:
         source: Callable[[int], str | None],
         size: int = POOL_SIZE,
         on_change: Callable[[], None] | None = None,
+        addresses: list[str] | None = None,
+        mark: int | None = None,
     ) -> None:
         self.pairing = pairing
+        self.addresses = addresses  # the server's, resolved once (None: look the name up)
+        self._mark = mark
         self._source = source
         self._size = size
         self._ready: list[Tunnel] = []
@@ -66,6 +74,18 @@ class TunnelPool:
                 await self._task
         ready, self._ready = self._ready, []
         await asyncio.gather(*(t.close() for t in ready), return_exceptions=True)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def resize(self, size: int) -> None:
+        """Keep ``size`` tunnels ready from now on (a setting changed)."""
+        self._size = size
+        surplus, self._ready = self._ready[size:], self._ready[:size]
+        for tunnel in surplus:
+            spawn(tunnel.close(), name="tunnel-close")
+        self._wake.set()
 
     @property
     def ready_count(self) -> int:
@@ -101,6 +121,9 @@ class TunnelPool:
         return self._source(family) in (None, bound)
 
     async def _families_to_try(self) -> list[int]:
+        if self.addresses is not None:
+            found = [socket.AF_INET6 if ":" in a else socket.AF_INET for a in self.addresses]
+            return list(dict.fromkeys(found))
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(
@@ -117,13 +140,21 @@ class TunnelPool:
         return families
 
     async def _open(self) -> Tunnel:
-        families = await self._families_to_try()
+        try:
+            families = await self._families_to_try()
+        except TunnelError as exc:
+            self._set_result(exc)  # a failure is a failure, however early: status says so
+            raise
         last: TunnelError | None = None
         for family in families:
             bind = self._source(family)
             try:
                 tunnel = await open_tunnel(
-                    self.pairing, bind=(bind, 0) if bind else None, timeout=10.0
+                    self.pairing,
+                    bind=(bind, 0) if bind else None,
+                    timeout=10.0,
+                    addresses=self.addresses,
+                    mark=self._mark,
                 )
             except TunnelError as exc:
                 last = exc

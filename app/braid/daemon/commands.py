@@ -1,0 +1,313 @@
+"""The control commands: check the request, hand state changes to the writer, answer.
+
+Each handler validates its arguments first, so a bad request changes nothing. Changes run on
+the reconciler (:meth:`Reconciler.submit`), one at a time; slow work that changes nothing —
+resolving the server's name, waiting for the first tunnel, testing a pairing — runs here,
+outside the writer. docs/control-api.md describes every command (a test checks the list).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from braid.daemon.control.server import Caller
+from braid.daemon.links.store import StoreError
+from braid.daemon.reconciler import PAIRING_FILE, Reconciler
+from braid.daemon.routing import capture
+from braid.daemon.routing.capture import OWN_MARK
+from braid.daemon.settings import SETTINGS, Settings
+from braid.files import load_json
+from braid.protocol.control import ControlError, ErrorCode
+from braid.protocol.pairing import Pairing, PairingError, parse_pairing
+from braid.tunnel_client import TunnelError, open_tunnel
+
+log = logging.getLogger(__name__)
+
+UP_WAIT = 12.0  # how long `up` waits for the first tunnel, to report a wrong token at once
+TEST_TIMEOUT = 10.0
+SAMPLE_INTERVAL = 1.0
+#: Settings that act only on what opens next; every other one applies at once.
+AT_NEXT_CONNECTION: frozenset[str] = frozenset()
+
+
+class Commands:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        settings: Settings,
+        state_dir,
+        status: Callable[[], dict],
+        subscribe: Callable[[Any], None],
+    ) -> None:
+        self.r = reconciler
+        self.settings = settings
+        self.state_dir = state_dir
+        self._status = status
+        self._subscribe = subscribe
+
+    def table(self) -> dict[str, Callable]:
+        return {
+            "status": self.status,
+            "subscribe": self.subscribe,
+            "up": self.up,
+            "down": self.down,
+            "test-pairing": self.test_pairing,
+            "links": self.links,
+            "set-link": self.set_link,
+            "set-order": self.set_order,
+            "get-settings": self.get_settings,
+            "set-settings": self.set_settings,
+        }
+
+    #: The commands that change state: braidd refuses them to callers without the right.
+    CHANGES = frozenset({"up", "down", "test-pairing", "set-link", "set-order", "set-settings"})
+
+    # -- reading ------------------------------------------------------------------
+
+    async def status(self, caller: Caller, request: dict) -> dict:
+        return self._status()
+
+    async def subscribe(self, caller: Caller, request: dict) -> dict:
+        self._subscribe(request["_writer"])
+        return {"interval": SAMPLE_INTERVAL, "status": self._status()}
+
+    async def links(self, caller: Caller, request: dict) -> list:
+        return [link.to_json() for link in self.r.ordered()]
+
+    async def get_settings(self, caller: Caller, request: dict) -> dict:
+        return {
+            "values": dict(self.settings.values),
+            "schema": [
+                {
+                    **s.describe(),
+                    "applies": "next-connection" if s.key in AT_NEXT_CONNECTION else "now",
+                }
+                for s in SETTINGS
+            ],
+        }
+
+    # -- pairing ------------------------------------------------------------------
+
+    def saved_pairing(self) -> Pairing | None:
+        return read_saved_pairing(self.state_dir)
+
+    def _pairing_from(self, request: dict, required: bool = False) -> Pairing:
+        uri = request.get("pairing")
+        if uri is not None and not isinstance(uri, str):
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "pairing must be a string")
+        if uri:
+            try:
+                return parse_pairing(uri)
+            except PairingError as exc:
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        pairing = None if required else (self.r.pairing or self.saved_pairing())
+        if pairing is None:
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                "Braid is not paired with a server yet: run  braid up --pairing-file FILE  "
+                "(or --pairing -) with the URI that braid-server printed",
+            )
+        return pairing
+
+    async def _resolve(self, pairing: Pairing) -> list[str]:
+        if pairing == self.r.pairing and self.r.server_addresses:
+            return list(self.r.server_addresses)  # known: no lookup that capture would take
+        try:
+            addresses = await self.r.platform.resolve(pairing.host, pairing.port)
+        except OSError as exc:
+            raise ControlError(
+                ErrorCode.FAILED, f"cannot resolve the server name {pairing.host}: {exc}"
+            ) from None
+        if not addresses:
+            raise ControlError(ErrorCode.FAILED, f"{pairing.host} has no address")
+        return addresses
+
+    async def up(self, caller: Caller, request: dict) -> dict:
+        pairing = self._pairing_from(request)
+        mode = request.get("mode")
+        if mode is not None:
+            try:
+                next(s for s in SETTINGS if s.key == "mode").check(mode)
+            except ValueError as exc:
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        log.info("up requested by %s (server %s)", caller.describe(), pairing.server)
+        addresses = await self._resolve(pairing)
+
+        async def change():
+            if mode is not None:
+                self.settings.update({"mode": mode})
+            return await self.r.up(pairing, addresses)
+
+        try:
+            pool = await self.r.submit(change)
+        except OSError as exc:
+            raise ControlError(
+                ErrorCode.FAILED, f"cannot save the pairing in {self.state_dir}: {exc}"
+            ) from None
+        # Wait for the first tunnel (outside the writer) so a wrong token is reported at once.
+        deadline = time.monotonic() + UP_WAIT
+        while time.monotonic() < deadline and not (pool.connected or pool.fatal_error):
+            if self.r.pool is not pool:
+                break  # a later up or down replaced it: that caller has the news
+            await asyncio.sleep(0.05)
+        if pool.fatal_error:
+            message = pool.fatal_error
+            await self.r.submit(self.r.down, pool)
+            raise ControlError(ErrorCode.FAILED, message)
+        return self._status()
+
+    async def down(self, caller: Caller, request: dict) -> dict:
+        log.info("down requested by %s", caller.describe())
+        await self.r.submit(self.r.down)
+        return self._status()
+
+    async def test_pairing(self, caller: Caller, request: dict) -> dict:
+        """Open one tunnel with the given pairing and close it; nothing saved or switched."""
+        pairing = self._pairing_from(request, required=True)
+        addresses = await self._resolve(pairing)
+        source = None
+        family_hint = None
+        for address in addresses:
+            family = 10 if ":" in address else 2
+            source = self.r.best_source(family)
+            if source is not None:
+                family_hint = family
+                break
+        started = time.monotonic()
+        try:
+            tunnel = await open_tunnel(
+                pairing,
+                bind=(source, 0) if source else None,
+                family_hint=family_hint,
+                timeout=TEST_TIMEOUT,
+                addresses=addresses,
+                mark=OWN_MARK,
+            )
+        except TunnelError as exc:
+            raise ControlError(ErrorCode.FAILED, str(exc)) from None
+        elapsed = time.monotonic() - started
+        await tunnel.close()
+        return {
+            "server": pairing.server,
+            "address": addresses,
+            "elapsed_ms": round(elapsed * 1000, 1),
+            "link": next(
+                (link.name for link in self.r.links.values() if source in link.addresses), None
+            ),
+        }
+
+    # -- links ------------------------------------------------------------------------
+
+    def _cannot_save(self, exc: OSError) -> ControlError:
+        return ControlError(
+            ErrorCode.FAILED,
+            f"cannot save to {self.state_dir}: {exc.strerror or exc} — nothing was "
+            "changed; free some disk space or fix the directory's permissions",
+        )
+
+    async def set_link(self, caller: Caller, request: dict) -> dict:
+        name = request.get("link")
+        if not isinstance(name, str) or name not in self.r.links:
+            known = ", ".join(self.r.links) or "none"
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, f"no link {name!r} (links: {known})")
+        changes = {
+            k: request[k] for k in ("kind", "priority", "order", "metered", "cap") if k in request
+        }
+        if not changes:
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                "nothing to change: give priority, order, metered or cap",
+            )
+
+        async def change() -> None:
+            store = self.r.store
+            choice = store.choice(name)
+            before = choice.to_json()
+            try:
+                choice.update(changes)
+            except StoreError as exc:
+                choice.update(before)
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+            try:
+                store.save_choices()
+            except OSError as exc:
+                choice.update(before)
+                raise self._cannot_save(exc) from None
+            log.info("link %s changed by %s: %s", name, caller.describe(), changes)
+
+        await self.r.submit(change)
+        link = self.r.links.get(name)
+        if link is None:
+            raise ControlError(
+                ErrorCode.FAILED,
+                f"{name} vanished meanwhile; its settings are kept for when it returns",
+            )
+        return link.to_json()
+
+    async def set_order(self, caller: Caller, request: dict) -> list:
+        names = request.get("links")
+
+        async def change() -> None:
+            if not isinstance(names, list) or sorted(names) != sorted(self.r.links):
+                raise ControlError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"links must list every link exactly once: {', '.join(sorted(self.r.links))}",
+                )
+            store = self.r.store
+            before = {name: store.choice(name).order for name in names}
+            for order, name in enumerate(names):
+                store.choice(name).order = order
+            try:
+                store.save_choices()
+            except OSError as exc:
+                for name, order in before.items():
+                    store.choice(name).order = order
+                raise self._cannot_save(exc) from None
+
+        await self.r.submit(change)
+        return [link.to_json() for link in self.r.ordered()]
+
+    # -- settings ---------------------------------------------------------------------
+
+    async def set_settings(self, caller: Caller, request: dict) -> dict:
+        changes = request.get("settings")
+        if not isinstance(changes, dict):
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "settings must be an object")
+
+        async def change() -> dict:
+            before = dict(self.settings.values)
+            try:
+                if "bypass" in changes and isinstance(changes["bypass"], list):
+                    capture.parse_bypass(changes["bypass"])
+                self.settings.update(changes)
+            except ValueError as exc:
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+            except OSError as exc:
+                self.settings.values = before
+                raise self._cannot_save(exc) from None
+            changed = {k for k in changes if before.get(k) != self.settings.values.get(k)}
+            return await self.r.apply_settings(changed) if changed else dict(self.settings.values)
+
+        return await self.r.submit(change)
+
+
+def read_saved_pairing(state_dir) -> Pairing | None:
+    path = state_dir / PAIRING_FILE
+    try:
+        data = load_json(path.read_text())
+        uri = data.get("uri") if isinstance(data, dict) else None
+        if not isinstance(uri, str):
+            raise ValueError("no pairing URI (uri) in it")
+        return parse_pairing(uri)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # PairingError is a ValueError
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+
+
+__all__ = ["Commands", "read_saved_pairing"]

@@ -1,0 +1,341 @@
+"""braidd's link policy: from what was observed and what the user chose, to what should be.
+
+Everything here is a pure function of its arguments: no I/O, no asyncio, no clock. The
+reconciler (:mod:`braid.daemon.reconciler`) gathers the inputs — the kernel's view of each
+device, what discovery found, the probes' verdicts, the data used, the user's choices and
+settings — calls :func:`decide`, and carries the :class:`Decision` out through the platform.
+So every rule (priorities, order, caps, health, the best link, capture, events) is tested in
+milliseconds without root, and a race is a sequence of inputs (tests/daemon/test_policy.py).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from braid.daemon.links.model import Link, LinkState, Priority, default_priority
+from braid.daemon.links.store import LinkChoice
+from braid.daemon.routing.policy import SLOTS, DeviceView, LinkRouting, prefixes_of
+from braid.protocol.events import Event, EventKind
+
+
+class State:
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DEGRADED = "degraded"
+
+
+@dataclass(frozen=True)
+class Named:
+    """An interface named on braidd's command line (``--link IFACE[:KIND[:PRIORITY]]``)."""
+
+    kind: str | None
+    priority: Priority | None
+    index: int
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything one pass of the policy looks at."""
+
+    named: Mapping[str, Named] = field(default_factory=dict)
+    #: Interfaces discovery found to be links: name -> (kind, metered guess).
+    discovered: Mapping[str, tuple[str, bool | None]] = field(default_factory=dict)
+    choices: Mapping[str, LinkChoice] = field(default_factory=dict)
+    views: Mapping[str, DeviceView | None] = field(default_factory=dict)
+    #: The probes' verdicts (absent: not probed, or no verdict yet).
+    alive: Mapping[str, bool] = field(default_factory=dict)
+    used: Mapping[str, int] = field(default_factory=dict)  # bytes used this billing period
+    #: The address family the probes use (None: no probes running).
+    probe_family: int | None = None
+
+
+@dataclass
+class Decision:
+    links: dict[str, Link]
+    #: Per link, the routing it should have (None: none at all).
+    routing: dict[str, LinkRouting | None]
+    #: Links whose routing stays but whose endpoint is withdrawn: they are dead.
+    withdrawn: set[str]
+    #: Links to probe, with the source address to probe from.
+    probe: dict[str, str]
+    best: str | None
+    events: list[Event]
+
+
+def wanted_names(named: Mapping[str, Named], discovered: Mapping[str, object]) -> list[str]:
+    """The interfaces that are links: those named first, then discovery's, sorted."""
+    return list(named) + sorted(name for name in discovered if name not in named)
+
+
+def choose(
+    link: Link,
+    choice: LinkChoice,
+    named: Named | None,
+    discovered: tuple[str, bool | None] | None,
+) -> Link:
+    """Apply the user's choices: stored choices win over --link, which wins over discovery."""
+    kind = choice.kind or (named.kind if named and named.kind else None)
+    kind = kind or (discovered[0] if discovered else None) or link.kind
+    priority = choice.priority or (named.priority if named else None) or default_priority(kind)
+    if choice.order is not None:
+        order = choice.order
+    elif named is not None:
+        order = named.index
+    else:
+        order = 100 + link.slot
+    guessed = discovered[1] if discovered else None
+    if choice.metered is not None:
+        metered = choice.metered
+    elif guessed is not None:
+        metered = guessed
+    else:
+        metered = kind == "cellular"
+    return replace(
+        link,
+        kind=kind,
+        priority=priority,
+        order=order,
+        metered=metered,
+        cap=choice.cap.to_json() if choice.cap else None,
+        configured=named is not None,
+    )
+
+
+def observe(link: Link, view: DeviceView | None) -> Link:
+    """The link's state and addresses from the kernel's view of its device."""
+    if view is None:
+        return replace(link, state=LinkState.MISSING, addresses=[])
+    if not (view.up and view.carrier):
+        return replace(link, state=LinkState.DOWN, addresses=[])
+    if not (view.addresses4 or view.addresses6):
+        return replace(link, state=LinkState.NO_ADDRESS, addresses=[])
+    return replace(
+        link,
+        state=LinkState.UP,
+        addresses=[a for a, _ in view.addresses4 + view.addresses6],
+        subnets=list(prefixes_of(view.addresses4) + prefixes_of(view.addresses6)),
+        # Keep the last gateway seen: a flap flushes the default route before it returns.
+        gateway4=view.gateway4 or link.gateway4,
+        gateway6=view.gateway6 or link.gateway6,
+    )
+
+
+def metered_use(link: Link, used: int) -> Link:
+    """The data used, whether the cap is reached, and the priority in effect."""
+    capped = bool(link.cap) and used >= link.cap["limit_bytes"]
+    effective = Priority(link.cap["then"]) if capped and link.cap else link.priority
+    return replace(link, used_bytes=used, capped=capped, effective=effective)
+
+
+def routing_for(link: Link, view: DeviceView | None) -> LinkRouting | None:
+    """The routing an up link that may carry traffic should have; None for any other."""
+    if link.state is not LinkState.UP or link.effective is Priority.NEVER or view is None:
+        return None
+    return LinkRouting(
+        device=link.name,
+        ifindex=view.ifindex,
+        slot=link.slot,
+        addresses4=tuple(a for a, _ in view.addresses4),
+        addresses6=tuple(a for a, _ in view.addresses6),
+        prefixes4=prefixes_of(view.addresses4),
+        prefixes6=prefixes_of(view.addresses6),
+        gateway4=link.gateway4,
+        gateway6=link.gateway6,
+        backup=link.effective is Priority.BACKUP,
+    )
+
+
+def ordered(links: Mapping[str, Link]) -> list[Link]:
+    return sorted(links.values(), key=lambda link: (link.order, link.name))
+
+
+def best_link(links: Mapping[str, Link], family: int | None = None) -> Link | None:
+    """The link new connections start on: ``always`` before ``backup``, then the order."""
+    for wanted in (Priority.ALWAYS, Priority.BACKUP):
+        for link in ordered(links):
+            if link.effective is not wanted or not link.usable:
+                continue
+            if family is None or any(
+                (":" in a) == (family == socket.AF_INET6) for a in link.addresses
+            ):
+                return link
+    return None
+
+
+def source_address(link: Link | None, family: int) -> str | None:
+    if link is None:
+        return None
+    return next((a for a in link.addresses if (":" in a) == (family == socket.AF_INET6)), None)
+
+
+def link_events(before: Link | None, after: Link | None) -> list[Event]:
+    """What changed for one link that the user hears about."""
+    if after is None:
+        assert before is not None
+        return [Event(EventKind.LINK_REMOVED, before.name, f"{before.name} is gone")]
+    out = []
+    if before is None and not after.configured:
+        out.append(Event(EventKind.LINK_FOUND, after.name, f"found {after.name} ({after.kind})"))
+    was = before.state if before is not None else LinkState.MISSING
+    if was is not after.state:
+        if after.state is LinkState.UP:
+            out.append(Event(EventKind.LINK_UP, after.name, f"{after.name} is up"))
+        elif was is LinkState.UP:
+            out.append(Event(EventKind.LINK_DOWN, after.name, f"{after.name} is {after.state}"))
+    if after.alive is False and (before is None or before.alive is not False):
+        out.append(
+            Event(
+                EventKind.LINK_LOST,
+                after.name,
+                f"{after.name} stopped answering: taken out of all connections",
+            )
+        )
+    elif after.alive and before is not None and before.alive is False:
+        out.append(
+            Event(EventKind.LINK_BACK, after.name, f"{after.name} answers again: carrying traffic")
+        )
+    if after.capped and not (before is not None and before.capped) and after.cap:
+        out.append(
+            Event(
+                EventKind.CAP_REACHED,
+                after.name,
+                f"{after.name} reached its data cap ({after.used_bytes / 1e6:.0f} MB): "
+                f"now {after.cap['then']}",
+            )
+        )
+    return out
+
+
+def best_events(before: str | None, after: Link | None, connected: bool | None) -> list[Event]:
+    """The best link changed: new connections move (``connected``: None when not up)."""
+    name = after.name if after else None
+    if name == before or before is None or connected is None:
+        return []
+    if after is not None:
+        return [
+            Event(
+                EventKind.FAILOVER,
+                after.name,
+                f"new connections now start on {after.name}",
+                {"previous": before},
+            )
+        ]
+    if connected:
+        # Every link went silent at once: either all of them are down or the server is.
+        return [
+            Event(
+                EventKind.NO_LINK,
+                None,
+                "no link reaches the server (is it down, or are all links offline?)",
+                {"previous": before},
+            )
+        ]
+    return []
+
+
+def decide(
+    links: Mapping[str, Link],
+    inputs: Inputs,
+    best_before: str | None = None,
+    connected: bool | None = None,
+) -> Decision:
+    """One pass: the links as they should be, their routing, probes and the best link.
+
+    ``links`` are the links as last decided (their slots, gateways and counters carry over);
+    ``connected`` is whether the tunnels reach the server (None: Braid is not up).
+    """
+    names = wanted_names(inputs.named, inputs.discovered)
+    out: dict[str, Link] = {}
+    events: list[Event] = []
+    for name, before in links.items():
+        if name not in names:
+            events += link_events(before, None)
+    used_slots = {links[n].slot for n in names if n in links}
+    for name in names:
+        before = links.get(name)
+        if before is None:
+            slot = next((s for s in range(SLOTS) if s not in used_slots), None)
+            if slot is None:
+                continue  # more links than braidd has routing tables for
+            used_slots.add(slot)
+            link = Link(name=name, kind="other", priority=Priority.ALWAYS, order=0, slot=slot)
+        else:
+            link = before
+        link = choose(
+            link,
+            inputs.choices.get(name, LinkChoice()),
+            inputs.named.get(name),
+            inputs.discovered.get(name),
+        )
+        view = inputs.views.get(name)
+        link = observe(link, view)
+        link = metered_use(link, inputs.used.get(name, link.used_bytes))
+        may_carry = link.state is LinkState.UP and link.effective is not Priority.NEVER
+        if may_carry and inputs.probe_family is not None:
+            link = replace(link, alive=inputs.alive.get(name, link.alive))
+        else:
+            link = replace(link, alive=None, health={})
+        link = replace(link, carrying=may_carry and link.alive is not False)
+        events += link_events(before, link)
+        out[name] = link
+    routing = {name: routing_for(link, inputs.views.get(name)) for name, link in out.items()}
+    withdrawn = {name for name, want in routing.items() if want and out[name].alive is False}
+    probe = {}
+    if inputs.probe_family is not None:
+        for name, want in routing.items():
+            source = source_address(out[name], inputs.probe_family) if want else None
+            if source is not None:
+                probe[name] = source
+    best = best_link(out)
+    events += best_events(best_before, best, connected)
+    return Decision(
+        links=out,
+        routing=routing,
+        withdrawn=withdrawn,
+        probe=probe,
+        best=best.name if best else None,
+        events=events,
+    )
+
+
+def capture_in_force(mode: str, up: bool, connected: bool, when_unreachable: str) -> str:
+    """What happens to traffic that is not sent to the SOCKS5 port."""
+    if mode != "system" or not up:
+        return "off"
+    if connected:
+        return "tunnel"
+    return "blocked" if when_unreachable == "block" else "direct"
+
+
+def daemon_state(up: bool, connected: bool, links: Mapping[str, Link]) -> str:
+    if not up:
+        return State.DISCONNECTED
+    if not connected:
+        return State.CONNECTING
+    wanted = [link for link in links.values() if link.priority is not Priority.NEVER]
+    if any(link.state is not LinkState.UP or link.alive is False for link in wanted):
+        return State.DEGRADED
+    return State.CONNECTED
+
+
+__all__ = [
+    "Decision",
+    "Inputs",
+    "Named",
+    "State",
+    "best_link",
+    "capture_in_force",
+    "choose",
+    "daemon_state",
+    "decide",
+    "link_events",
+    "metered_use",
+    "observe",
+    "ordered",
+    "routing_for",
+    "source_address",
+    "wanted_names",
+]

@@ -1,0 +1,76 @@
+"""The tunnel pool connects to the addresses braidd resolved, and reports every failure."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from braid.daemon.tunnel.pool import TunnelPool
+from braid.protocol.pairing import Pairing
+from braid.tunnel_client import TunnelError
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once closed
+
+
+def test_the_pool_never_looks_the_name_up_again_and_reports_the_failure() -> None:
+    """System-wide mode with a server name wedged: every tunnel looked the name up, the lookup
+    was captured and needed a tunnel; and the failure left `connected` true."""
+    pairing = Pairing("braid-server.invalid", closed_port(), "ab" * 32, "T" * 43)
+    changes = []
+
+    async def scenario() -> None:
+        pool = TunnelPool(
+            pairing,
+            lambda family: None,
+            0,
+            on_change=lambda: changes.append(1),
+            addresses=["127.0.0.1"],
+        )
+        pool.connected = True  # as if it had reached the server before
+        with pytest.raises(TunnelError) as caught:
+            await pool._open()
+        assert "resolve" not in str(caught.value)
+        assert "connection refused" in str(caught.value)  # it did try the address
+        assert not pool.connected and pool.last_error and changes
+
+    asyncio.run(scenario())
+
+
+def test_without_addresses_a_failed_lookup_is_a_failure_too() -> None:
+    pairing = Pairing("braid-server.invalid", 7443, "ab" * 32, "T" * 43)
+
+    async def scenario() -> None:
+        pool = TunnelPool(pairing, lambda family: None, 0)
+        pool.connected = True
+        with pytest.raises(TunnelError, match="cannot resolve"):
+            await pool._open()
+        assert not pool.connected and "cannot resolve" in pool.last_error
+
+    asyncio.run(scenario())
+
+
+def test_resize_closes_the_surplus_at_once() -> None:
+    pairing = Pairing("braid-server.invalid", 7443, "ab" * 32, "T" * 43)
+
+    class Ready:
+        closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    async def scenario() -> None:
+        pool = TunnelPool(pairing, lambda family: None, 4)
+        tunnels = [Ready() for _ in range(4)]
+        pool._ready = list(tunnels)
+        pool.resize(1)
+        await asyncio.sleep(0.01)
+        assert pool.size == 1 and pool.ready_count == 1
+        assert sum(t.closed for t in tunnels) == 3
+
+    asyncio.run(scenario())
