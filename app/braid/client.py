@@ -1,13 +1,17 @@
-"""A blocking client for the daemon's control socket (used by the command line)."""
+"""A blocking client for the daemon's control socket (used by the command line).
+
+It only moves bytes; :class:`braid.protocol.client_core.ClientCore` reads them, as it does
+for the tray.
+"""
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 from typing import Any
 
 from braid.protocol import control
+from braid.protocol.client_core import ClientCore, Garbage, Pushed, Reply
 from braid.protocol.control import ControlError
 
 
@@ -22,7 +26,7 @@ def default_control_path() -> str:
 class ControlClient:
     def __init__(self, path: str | None = None, timeout: float = 30.0) -> None:
         self.path = path or default_control_path()
-        self._ids = itertools.count(1)
+        self._core = ClientCore()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -42,10 +46,8 @@ class ControlClient:
         except PermissionError:
             self._sock.close()
             raise DaemonUnavailable(f"not allowed to open {self.path}") from None
-        self._file = self._sock.makefile("rb")
 
     def close(self) -> None:
-        self._file.close()
         self._sock.close()
 
     def __enter__(self) -> ControlClient:
@@ -54,27 +56,29 @@ class ControlClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _incoming(self):
+        """What the daemon says, item by item, until it closes the connection."""
+        while True:
+            data = self._sock.recv(1 << 16)
+            if not data:
+                raise DaemonUnavailable("the Braid daemon closed the connection")
+            for item in self._core.receive(data):
+                if isinstance(item, Garbage):
+                    raise ControlError(item.code, item.message)
+                yield item
+
     def stream(self):
         """Messages the daemon pushes (after ``subscribe``), until it closes the connection."""
         self._sock.settimeout(None)
-        while True:
-            line = self._file.readline(control.MAX_LINE * 16)
-            if not line:
-                raise DaemonUnavailable("the Braid daemon closed the connection")
-            yield control.decode_reply(line)
+        for item in self._incoming():
+            if isinstance(item, Pushed):
+                yield item.message
 
     def call(self, cmd: str, **args: Any) -> Any:
         """Send one request and return its result; raises ControlError on an error reply."""
-        request_id = next(self._ids)
-        self._sock.sendall(control.encode({"id": request_id, "cmd": cmd, **args}))
-        while True:
-            line = self._file.readline(control.MAX_LINE * 16)
-            if not line:
-                raise DaemonUnavailable("the Braid daemon closed the connection")
-            reply = control.decode_reply(line)
-            if reply.get("id") != request_id:
-                continue  # an event of a subscription, not our answer
-            if reply.get("ok"):
-                return reply.get("result")
-            error = reply.get("error") or {}
-            raise ControlError(error.get("code", "failed"), error.get("message", "failed"))
+        request_id, data = self._core.request(cmd, **args)
+        self._sock.sendall(data)
+        for item in self._incoming():
+            if isinstance(item, Reply) and item.id == request_id:
+                return item.unwrap()
+        raise DaemonUnavailable("the Braid daemon closed the connection")  # pragma: no cover

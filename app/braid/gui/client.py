@@ -7,7 +7,6 @@ here blocks the event loop, and nothing here knows about widgets.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtNetwork import QLocalSocket
 
-from braid.protocol import control
-from braid.protocol.control import ControlError, ErrorCode
+from braid.protocol.client_core import ClientCore, Garbage, Pushed, Reply
+from braid.protocol.control import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,6 @@ DISCONNECTED = "disconnected"  # the error code of requests that the lost connec
 
 # Growing pauses between attempts: quick when the daemon merely restarts, gentle when it is off.
 RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 3.0)
-MAX_BUFFER = control.MAX_LINE * 16  # a sample with many links is bigger than one request
 
 
 def friendly_error(code: str, message: str) -> str:
@@ -58,8 +56,7 @@ class DaemonClient(QObject):
         self.path = path
         self._retry_delays = retry_delays
         self._stall_after = stall_after
-        self._ids = itertools.count(1)
-        self._pending: dict[int, str] = {}
+        self._core = ClientCore()
         self._attempt = 0
         self._subscribed = False
         self._last_message = 0.0
@@ -202,14 +199,14 @@ class DaemonClient(QObject):
         return self._send("set-settings", settings=dict(values))
 
     def _send(self, cmd: str, **args: Any) -> int:
-        request_id = next(self._ids)
+        request_id, data = self._core.request(cmd, **args)
         if not self.is_connected:
+            self._core.pending.pop(request_id, None)
             reason = self.last_reason or f"Braid's daemon is not connected ({START_HINT})"
             # Answer later, as a real reply would come: callers connect to reply after sending.
             QTimer.singleShot(0, lambda: self._answer_failed(request_id, DISCONNECTED, reason))
             return request_id
-        self._pending[request_id] = cmd
-        self._socket.write(control.encode({"id": request_id, "cmd": cmd, **args}))
+        self._socket.write(data)
         return request_id
 
     def _answer_failed(self, request_id: int, code: str, message: str) -> None:
@@ -217,53 +214,40 @@ class DaemonClient(QObject):
         self.reply.emit(request_id, False, {"code": code, "message": message})
 
     def _fail_pending(self, reason: str) -> None:
-        pending, self._pending = self._pending, {}
-        for request_id in pending:
+        for request_id in self._core.lost():
             self.reply.emit(request_id, False, {"code": DISCONNECTED, "message": reason})
 
     # -- answers and events -----------------------------------------------------
 
     def _read(self) -> None:
-        while self._socket.canReadLine():
-            line = bytes(self._socket.readLine().data())
-            if line.strip():
-                self._handle(line)
-        if self._socket.bytesAvailable() > MAX_BUFFER:
-            self._lost("Braid's daemon sent a line too long to be a message; reconnecting")
-            self._socket.abort()
+        data = bytes(self._socket.readAll().data())
+        if data:
+            self._last_message = time.monotonic()
+        for item in self._core.receive(data):
+            if isinstance(item, Garbage):
+                if "overlong" in item.message:
+                    self._lost("Braid's daemon sent a line too long to be a message; reconnecting")
+                    self._socket.abort()
+                    return
+                log.warning("ignoring a message from braidd: %s", item.message)
+                self.error.emit(item.code, item.message)
+            elif isinstance(item, Pushed):
+                (self.sample if item.kind == "sample" else self.event).emit(item.message)
+            else:
+                self._answered(item)
 
-    def _handle(self, line: bytes) -> None:
-        self._last_message = time.monotonic()
-        try:
-            message = control.decode_reply(line)
-        except ControlError as exc:
-            log.warning("ignoring a message from braidd: %s", exc.message)
-            self.error.emit(exc.code, exc.message)
-            return
-        kind = message.get("event")
-        if kind == "sample":
-            self.sample.emit(message)
-            return
-        if kind is not None:
-            self.event.emit(message)
-            return
-        request_id = message.get("id")
-        if not isinstance(request_id, int) or request_id not in self._pending:
-            return
-        cmd = self._pending.pop(request_id)
-        if message.get("ok"):
-            result = message.get("result")
-            if cmd == "subscribe" and isinstance(result, dict):
+    def _answered(self, reply: Reply) -> None:
+        if reply.ok:
+            result = reply.result
+            if reply.cmd == "subscribe" and isinstance(result, dict):
                 self._subscribed = True
                 self.status.emit(result.get("status") or {})
-            elif cmd in ("status", "up", "down") and isinstance(result, dict):
+            elif reply.cmd in ("status", "up", "down") and isinstance(result, dict):
                 self.status.emit(result)
-            elif cmd in ("set-link", "set-order", "set-settings"):
+            elif reply.cmd in ("set-link", "set-order", "set-settings"):
                 self.request_status()  # links changed: let every view see the new state now
-            self.reply.emit(request_id, True, result)
+            self.reply.emit(reply.id, True, result)
             return
-        error = message.get("error") or {}
-        code = str(error.get("code", ErrorCode.FAILED))
-        text = friendly_error(code, str(error.get("message", "the request failed")))
-        self.error.emit(code, text)
-        self.reply.emit(request_id, False, {"code": code, "message": text})
+        text = friendly_error(reply.code, reply.message)
+        self.error.emit(reply.code, text)
+        self.reply.emit(reply.id, False, {"code": reply.code, "message": text})
