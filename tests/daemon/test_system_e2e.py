@@ -6,17 +6,21 @@ reachable directly, so names resolve only through the tunnel.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
-from braid.netbed import LinkSpec, World
+from braid.netbed import LinkSpec, World, nsutil
+from braid.netbed.dns import DnsServer, braid_zone
 from braid.netbed.payload import expected_sha256
-from braid.netbed.stack import BraidStack, run_traffic
+from braid.netbed.stack import BraidStack, run_traffic, wait_for
+from braid.protocol.pairing import parse_pairing
 
 pytestmark = pytest.mark.netns
 
@@ -213,3 +217,72 @@ def test_switching_off_and_crash_cleanup_restore_nft_and_rules(
     stack.start_daemon()
     status = stack.call("up", pairing=stack.pairing_uri, mode="system")
     assert status["capture"]["in_force"] == "tunnel"
+
+
+@contextlib.contextmanager
+def resolver_knowing(world: World, name: str) -> Iterator[str]:
+    """A resolver that also knows the server's ``name``, used by the laptop and the server.
+
+    The laptop's lookups are captured in system-wide mode (DNS always is) and answered through
+    the tunnel by the server's resolver, so both use this one while the test runs.
+    """
+    address = "198.19.0.54"
+    world.run("inet", ["ip", "address", "add", f"{address}/32", "dev", "lo"])
+    zone = braid_zone(world.target_v4, world.target_v6)
+    records = {**zone.records, name: {"A": [world.server_v4], "AAAA": [world.server_v6]}}
+    with nsutil.entered(world.ns("inet")):
+        server = DnsServer([address], zone=replace(zone, records=records)).start()
+    confs = [nsutil.NETNS_ETC_DIR / world.ns(role) / "resolv.conf" for role in ("laptop", "server")]
+    before = [conf.read_text() for conf in confs]
+    try:
+        for conf in confs:  # in place: the files are bind-mounted into running processes
+            conf.write_text(f"nameserver {address}\noptions timeout:1 attempts:1\n")
+        yield address
+    finally:
+        for conf, text in zip(confs, before, strict=True):
+            conf.write_text(text)
+        server.close()
+        world.run("inet", ["ip", "address", "del", f"{address}/32", "dev", "lo"], check=False)
+
+
+def test_a_server_name_survives_a_server_restart_in_blocking_system_mode(
+    world: World, stack: BraidStack
+) -> None:
+    """Before: every new tunnel looked the server's name up; braidd's own lookup was captured
+    and needed a tunnel, so after a server restart no tunnel ever opened, the failure skipped
+    the pool's bookkeeping, and the status said connected while everything was black-holed."""
+    assert stack.server is not None and stack.pairing_uri is not None
+    name = "vps.braid.test"
+    by_address = parse_pairing(stack.pairing_uri)
+    by_name = replace(by_address, host=name).uri()
+    with resolver_knowing(world, name):
+        stack.call("set-settings", settings={"when_server_unreachable": "block"})
+        try:
+            status = stack.call("up", pairing=by_name, mode="system")
+            assert status["capture"]["in_force"] == "tunnel", status
+            assert curl_sha(world, f"http://{world.target_v4}/bytes/1000?seed=1") == (
+                expected_sha256(1000, "1")
+            )
+            stack.server.terminate()
+            stack.server.wait(10)
+            stopped = time.monotonic()
+            deadline = time.monotonic() + 10
+            while stack.status()["state"] == "connected" and time.monotonic() < deadline:
+                laptop(world, "curl", "-sS", "--max-time", "1", f"http://{world.target_v4}/")
+                time.sleep(0.3)
+            status = stack.status()
+            assert status["state"] == "connecting", status  # not "connected" while it is not
+            assert status["capture"]["in_force"] == "blocked"
+            time.sleep(max(0.0, 5 - (time.monotonic() - stopped)))  # a 5 s gap in all
+            stack.start_server()
+            assert wait_for(lambda: stack.status()["capture"]["in_force"] == "tunnel", 30), (
+                stack.status()
+            )
+            assert curl_sha(world, f"http://{world.target_v4}/bytes/1000?seed=2") == (
+                expected_sha256(1000, "2")
+            )
+        finally:
+            stack.call("set-settings", settings={"when_server_unreachable": "direct"})
+            if stack.server.poll() is not None:
+                stack.start_server()
+            stack.call("up", pairing=stack.pairing_uri, mode="system")
