@@ -189,6 +189,16 @@ class FakeBraidd:
             "connected_since": self.connected_since,
             "socks": "127.0.0.1:1080",
             "best_link": links[0]["name"] if links and self.state != "disconnected" else None,
+            "mode": self.settings.get("mode", "proxy"),
+            "capture": {
+                "active": False,
+                "in_force": "off",
+                "when_server_unreachable": "direct",
+                "prefer_tcp_for_web": True,
+                "udp_sessions": 0,
+                "dns_queries": 0,
+                "dns_failures": 0,
+            },
             "links": links,
             "tunnel": {
                 "pool_ready": 4 if self.state == "connected" else 0,
@@ -199,6 +209,7 @@ class FakeBraidd:
                 "bytes_down": 0,
                 "rx_bps": sum(link["rx_bps"] for link in links if link["carrying"]),
                 "tx_bps": sum(link["tx_bps"] for link in links if link["carrying"]),
+                "paths": {"per_flow": True, "flows": 0, "spread": 0, "joins": 0},
             },
         }
         if not brief:
