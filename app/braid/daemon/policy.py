@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkChoice
+from braid.daemon.routing import capture
 from braid.daemon.routing.policy import SLOTS, DeviceView, LinkRouting, prefixes_of
 from braid.protocol.events import Event, EventKind
 
@@ -310,6 +311,35 @@ def capture_in_force(mode: str, up: bool, connected: bool, when_unreachable: str
     return "blocked" if when_unreachable == "block" else "direct"
 
 
+def capture_plan(
+    ports: tuple[int, int],
+    server_addresses: list[str],
+    links: Mapping[str, Link],
+    bypass: list[str],
+    reject_quic: bool,
+) -> capture.CapturePlan:
+    """What system-wide capture installs: the server and the links' own networks go direct."""
+    return capture.CapturePlan(
+        tcp_port=ports[0],
+        udp_port=ports[1],
+        server_addresses=list(server_addresses),
+        link_subnets=sorted({net for link in links.values() for net in link.subnets}),
+        bypass=capture.parse_bypass(bypass),
+        reject_quic=reject_quic,
+    )
+
+
+def connection_events(
+    connected: bool | None, was_connected: bool, server: str, error: str | None
+) -> list[Event]:
+    """The tunnels reached the server, or lost it (``connected`` None: Braid is not up)."""
+    if connected and not was_connected:
+        return [Event(EventKind.CONNECTED, None, f"connected to {server}")]
+    if connected is False and was_connected:
+        return [Event(EventKind.SERVER_UNREACHABLE, None, f"lost the server: {error}")]
+    return []
+
+
 def daemon_state(up: bool, connected: bool, links: Mapping[str, Link]) -> str:
     if not up:
         return State.DISCONNECTED
@@ -328,7 +358,9 @@ __all__ = [
     "State",
     "best_link",
     "capture_in_force",
+    "capture_plan",
     "choose",
+    "connection_events",
     "daemon_state",
     "decide",
     "link_events",

@@ -202,14 +202,14 @@ class Reconciler:
 
     def _connection_events(self) -> None:
         pool = self.pool
-        if pool is not None and pool.connected and self.connected_since is None:
-            self.connected_since = time.time()
-            self.event(Event(EventKind.CONNECTED, None, f"connected to {pool.pairing.server}"))
-        elif pool is not None and not pool.connected and self.connected_since is not None:
-            self.connected_since = None
-            self.event(
-                Event(EventKind.SERVER_UNREACHABLE, None, f"lost the server: {pool.last_error}")
-            )
+        if pool is None:
+            return
+        events = policy.connection_events(
+            pool.connected, self.connected_since is not None, pool.pairing.server, pool.last_error
+        )
+        for event in events:
+            self.connected_since = time.time() if event.kind is EventKind.CONNECTED else None
+            self.event(event)
 
     # -- events -------------------------------------------------------------------
 
@@ -305,14 +305,12 @@ class Reconciler:
                 self._capture_plan = None
                 self.event(Event(EventKind.CAPTURE_OFF, None, "system-wide capture off"))
             return
-        tcp_port, udp_port = self._capture_ports()
-        plan = capture.CapturePlan(
-            tcp_port=tcp_port,
-            udp_port=udp_port,
-            server_addresses=self.server_addresses,
-            link_subnets=sorted({net for link in self.links.values() for net in link.subnets}),
-            bypass=capture.parse_bypass(self.settings["bypass"]),
-            reject_quic=self.settings["prefer_tcp_for_web"],
+        plan = policy.capture_plan(
+            self._capture_ports(),
+            self.server_addresses,
+            self.links,
+            self.settings["bypass"],
+            self.settings["prefer_tcp_for_web"],
         )
         if plan == self._capture_plan and self.capture_active:
             return
