@@ -128,3 +128,26 @@ def test_a_failure_in_path_management_never_breaks_the_flow(caplog) -> None:
     assert f.next_check == float("inf")
     assert "path management failed" in caplog.text
     spreading.carried(f, 1 << 20)  # and is quiet afterwards
+
+
+def test_placement_fills_the_least_loaded_always_link_and_never_a_backup_or_dead_one() -> None:
+    always = [ETH, WLAN, PathLink("usb0", 4, ("198.18.3.2",), (184, 185), rtt_ms=100)]
+    first = flow(links={"eth0", "wlan0", "usb0"}, spread=True)  # the page: spread over all
+    placed: list[Flow] = [first]
+    homes = []
+    for _ in range(5):  # the page's other connections, opened while the first is busy
+        home = spread.place(flow(), always, placed)
+        assert home is not None
+        homes.append(home.name)
+        placed.append(flow(home=home.name))
+    assert homes == ["eth0", "wlan0", "usb0", "eth0", "wlan0"]  # ties go to the best link
+    assert spread.place(flow(), LINKS, [flow(home="eth0"), flow(home="wlan0")]).name == "eth0"
+    dead = [PathLink(p.name, p.ifindex, p.addresses, p.local_ids, usable=False) for p in LINKS]
+    assert spread.place(flow(), dead, placed) is None
+
+
+def test_a_flow_is_busy_from_its_adoption_and_while_it_carries() -> None:
+    f = flow(adopted=100.0)
+    assert f.busy(100.2) and not f.busy(101.0)
+    f.bytes, f.last = 10, 103.0
+    assert f.busy(103.4) and not f.busy(104.0)

@@ -55,6 +55,13 @@ LINKS_TTL = 0.5
 #: A spread flow idle this long (seconds) goes back to one subflow, and spreads afresh when busy
 #: again: subflows that sat idle carry stale TCP timestamps, which freeze the receiver's window.
 IDLE_SHRINK = 5.0
+#: Placement: while other flows are busy (a page's connections), a new flow goes to the least
+#: loaded link and stays there rather than spreading over every link.
+PLACE = os.environ.get("BRAID_PLACE", "0") == "1"
+#: A flow is busy if it carried a byte this recently (seconds), or was adopted this recently.
+BUSY_WINDOW = 0.5
+#: With this many other flows busy, a flow keeps to its link instead of spreading.
+CROWD = 2
 
 
 @dataclass(frozen=True)
@@ -96,10 +103,37 @@ class Flow:
     spread: bool = False  # it has been judged bulk: every usable link belongs in it
     next_check: float = 0.0
     backup: dict[str, bool] = field(default_factory=dict)  # link -> the flag its subflows got
+    adopted: float = 0.0
+    home: str | None = None  # the link it was placed on, while others were busy
 
     @property
     def open(self) -> bool:
         return self.sock.fileno() >= 0
+
+    def busy(self, now: float) -> bool:
+        if self.bytes == 0 and self.last == 0.0:
+            return now - self.adopted < BUSY_WINDOW
+        return now - self.last < BUSY_WINDOW
+
+
+def place(flow: Flow, links: list[PathLink], others: list[Flow]) -> PathLink | None:
+    """The link a new flow should carry on while ``others`` are busy: the least loaded usable
+    ``always`` link (ties: the best first); None when no link qualifies (pure)."""
+    load: dict[str, float] = {}
+    for other in others:
+        if other.home is not None:
+            load[other.home] = load.get(other.home, 0.0) + 1
+        elif other.links:
+            for name in other.links:
+                load[name] = load.get(name, 0.0) + 1 / len(other.links)
+    candidates = [
+        link
+        for link in links
+        if link.usable and not link.backup and link.address(flow.family) is not None
+    ]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda link: load.get(link.name, 0.0))
 
 
 def links_to_join(flow: Flow, links: list[PathLink], now: float) -> list[PathLink]:
@@ -226,13 +260,49 @@ class Spreading:
         self._prune()
         family = socket.AF_INET6 if ":" in local else socket.AF_INET
         flow = Flow(token, sock, (pm.plain_address(remote[0]), remote[1]), family)
-        start = next((link for link in self._links() if local in link.addresses), None)
+        flow.adopted = time.monotonic()
+        links = self._links()
+        start = next((link for link in links if local in link.addresses), None)
         if start is not None:
             flow.links.add(start.name)
             flow.ids[local] = 0  # the initial subflow's address id
             flow.backup[start.name] = False
+        if PLACE and start is not None:
+            others = [f for f in self._flows.values() if f.open and f.busy(flow.adopted)]
+            home = place(flow, links, others) if others else None
+            if home is not None:
+                flow.home = home.name
+                if home.name != start.name:
+                    flow.links.add(home.name)
+                    spawn(self._move(flow, home, start), name=f"place-{home.name}")
         self._flows[token] = flow
         return flow
+
+    def _move_to(self, flow: Flow, link: PathLink, start: PathLink) -> str:
+        """On the netlink thread: a subflow on ``link``, and the initial one made backup, so
+        the server sends on ``link`` as soon as its subflow is up (and until then, on the
+        initial one)."""
+        address = self._add(flow.token, link, flow.family, flow.remote)
+        local = flow.sock.getsockname()
+        initial = pm.Subflow(
+            (pm.plain_address(local[0]), local[1]), (flow.remote[0], flow.remote[1])
+        )
+        self._pm.set_backup(flow.token, initial, True)
+        return address
+
+    async def _move(self, flow: Flow, link: PathLink, start: PathLink) -> None:
+        try:
+            address = await self._run(self._move_to, flow, link, start)
+        except (NetlinkError, OSError) as exc:
+            flow.links.discard(link.name)
+            flow.home = start.name
+            if not (isinstance(exc, NetlinkError) and pm.gone(exc)):
+                log.info("cannot place a flow on %s: %s", link.name, exc)
+            return
+        self.joins += 1
+        flow.ids[address] = link.local_id(flow.family)
+        flow.backup[link.name] = link.backup
+        flow.backup[start.name] = True
 
     def carried(self, flow: Flow, count: int) -> None:
         """The relay moved ``count`` bytes of ``flow`` (either direction)."""
@@ -252,6 +322,10 @@ class Spreading:
 
     def _decide(self, flow: Flow, now: float) -> None:
         flow.next_check = now + CHECK_INTERVAL
+        if PLACE and flow.home is not None:
+            crowd = sum(1 for f in self._flows.values() if f is not flow and f.open and f.busy(now))
+            if crowd >= CROWD:
+                return  # placed among busy flows: it keeps to its link
         links = self._links()
         joining = links_to_join(flow, links, now)
         if not joining:
