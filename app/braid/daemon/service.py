@@ -26,6 +26,7 @@ import psutil
 
 from braid import memory
 from braid.aio import spawn
+from braid.daemon import limits
 from braid.daemon.control.server import Caller, ControlServer
 from braid.daemon.links.classify import CachedClassifier
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
@@ -998,12 +999,14 @@ async def _starting(step: Coroutine[Any, Any, None], what: str, option: str = ""
 
 def run_daemon(config: DaemonConfig) -> int:
     """Run in the foreground until SIGTERM or SIGINT; returns the exit code."""
+    log.info("open-files limit: %d", limits.raise_nofile())
     daemon = Daemon(config)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
+        limits.throttle_accept_errors(loop)
         if os.environ.get("BRAID_TRACEMALLOC"):
             _trace_memory(loop, Path(os.environ["BRAID_TRACEMALLOC"]))
         await daemon.run()
