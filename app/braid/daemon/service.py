@@ -584,7 +584,7 @@ class Daemon:
             await asyncio.sleep(SAMPLE_INTERVAL)
             await self.spreading.shrink_idle()
             try:
-                self._sample_counters()
+                self._sample_counters(await self._count_subflows())
                 if time.monotonic() - last_save > USAGE_SAVE_INTERVAL:
                     self.store.save_usage()
                     last_save = time.monotonic()
@@ -592,10 +592,17 @@ class Daemon:
             except Exception:
                 log.exception("sampling failed")
 
-    def _sample_counters(self) -> None:
+    async def _count_subflows(self) -> dict[str, int]:
+        """The tunnels' subflows by local address; a kernel dump, so read off the event loop."""
+        pool = self.pool
+        if pool is None:
+            return {}
+        server = list(self._server_addresses)
+        return await asyncio.to_thread(count_subflows, server, pool.pairing.port)
+
+    def _sample_counters(self, subflows: dict[str, int]) -> None:
         now = time.monotonic()
         counters = psutil.net_io_counters(pernic=True)
-        subflows = count_subflows(self.pool.pairing.port) if self.pool is not None else {}
         for link in self.links.values():
             link.subflows = sum(subflows.get(address, 0) for address in link.addresses)
             if self.prober is not None:
