@@ -1,7 +1,8 @@
 """Subflow counts: only MPTCP subflows to the server's own address and port count.
 
 Real MPTCP and TCP connections on the loopback of a namespace of the test's own, with a second
-address and an MPTCP endpoint on it, so that one connection has two subflows.
+address and an MPTCP endpoint on it, so that one connection has two subflows; then braidd in the
+test world, with plain TCP connections to the server's port held next to its tunnels.
 """
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
+import pytest
+
+from braid.netbed import LinkSpec, World
+from braid.netbed.stack import BraidStack, wait_for
 from braid.netbed.world import child_env
+
+LINKS = [LinkSpec("eth0", "ethernet", rate_mbit=50, rtt_ms=10)]
 
 SERVER, OTHER, SECOND = "198.18.0.1", "198.18.0.2", "198.18.0.3"
 
@@ -89,3 +97,42 @@ def test_nothing_counts_without_a_server() -> None:
     from braid.daemon.stats.subflows import count_subflows
 
     assert count_subflows([], 443) == {}
+
+
+# Holds COUNT plain TCP connections to HOST:PORT until its stdin closes.
+HOLD = textwrap.dedent(
+    """
+    import socket, sys
+    host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    held = [socket.create_connection((host, port), timeout=5) for _ in range(count)]
+    print("held", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+@pytest.mark.netns
+def test_braidd_counts_its_tunnels_not_other_connections_to_the_server(world: World) -> None:
+    with BraidStack(world) as stack:
+
+        def counted() -> tuple[int, int]:
+            status = stack.status()
+            return status["links"][0]["subflows"], status["tunnel"]["pool_ready"]
+
+        # The pool's tunnels, one subflow each on the only link.
+        assert wait_for(lambda: (c := counted())[0] >= 1 and c[0] == c[1], 10), counted()
+        holder = world.popen(
+            "laptop",
+            [sys.executable, "-c", HOLD, world.server_v4, str(stack.server_port), "6"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            time.sleep(2.5)  # two samples
+            subflows, pooled = counted()
+        finally:
+            holder.stdin.close()
+            holder.wait(10)
+    assert subflows == pooled, (subflows, pooled)
