@@ -218,7 +218,12 @@ OWNER_PROBE = textwrap.dedent(
     import encodings.idna, json, os, socket
     from braid.daemon.limits import SocketOwners
     results = {}
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    cases = (
+        (socket.AF_INET, "127.0.0.1", socket.AF_INET, "127.0.0.1"),
+        (socket.AF_INET6, "::1", socket.AF_INET6, "::1"),
+        (socket.AF_INET6, "::", socket.AF_INET, "127.0.0.1"),  # dual stack: the client mapped
+    )
+    for family, host, client_family, client_host in cases:
         srv = socket.socket(family)
         srv.bind((host, 0))
         srv.listen()
@@ -226,8 +231,8 @@ OWNER_PROBE = textwrap.dedent(
         if pid == 0:
             os.setgid(65534)
             os.setuid(65534)
-            c = socket.socket(family)
-            c.connect(srv.getsockname()[:2])
+            c = socket.socket(client_family)
+            c.connect((client_host, srv.getsockname()[1]))
             c.recv(1)
             os._exit(0)
         conn, peer = srv.accept()
@@ -257,4 +262,8 @@ def test_the_owner_of_a_local_tcp_socket_is_found(empty_netns: str):
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
-    assert results == {"127.0.0.1": [USER, 0, None], "::1": [USER, 0, None]}
+    assert results == {
+        "127.0.0.1": [USER, 0, None],
+        "::1": [USER, 0, None],
+        "::": [USER, 0, None],
+    }

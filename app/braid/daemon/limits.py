@@ -179,6 +179,10 @@ class SocketOwners:
 
     def tcp_owner(self, local: tuple, remote: tuple) -> int | None:
         """The uid of the TCP socket bound to ``local`` and connected to ``remote``."""
+        if local[0].startswith("::ffff:") and remote[0].startswith("::ffff:"):
+            # A dual-stack listener sees an IPv4 client as mapped; its socket is IPv4.
+            local = (local[0].removeprefix("::ffff:"), local[1])
+            remote = (remote[0].removeprefix("::ffff:"), remote[1])
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
         try:
             body = (

@@ -93,6 +93,7 @@ class ControlServer:
             root_reserve=limits.CONTROL_ROOT_RESERVE,
         )
         self._idle = idle
+        self._throttled = limits.Throttled(log)  # any local user can make these lines
         self._server: asyncio.base_events.Server | None = None
         self._clients: set[asyncio.Task] = set()
 
@@ -179,7 +180,13 @@ class ControlServer:
             if handler is None:
                 raise ControlError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {command!r}")
             if command in self._changes and not caller.may_change:
-                log.warning("refused %s from %s: not an operator", command, caller.describe())
+                self._throttled(
+                    ("forbidden", caller.uid),
+                    logging.WARNING,
+                    "refused %s from %s: not an operator",
+                    command,
+                    caller.describe(),
+                )
                 raise ControlError(
                     ErrorCode.FORBIDDEN,
                     f"only root and members of the '{OPERATOR_GROUP}' group may {command}; "

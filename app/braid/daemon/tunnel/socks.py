@@ -57,6 +57,7 @@ class SocksServer:
         self.udp_associate = None
         self.caps: limits.ConnectionCaps | None = None  # set at start, from the descriptors
         self._owners = limits.SocketOwners()
+        self._throttled = limits.Throttled(log)  # any local user can make these lines
 
     @property
     def address(self) -> str:
@@ -135,7 +136,7 @@ class SocksServer:
                     if out:
                         writer.write(out)
         except SocksError as exc:
-            log.info("SOCKS5 client rejected: %s", exc)
+            self._throttled("rejected", logging.INFO, "SOCKS5 client rejected: %s", exc)
             if exc.reply:
                 writer.write(exc.reply)
             return
@@ -160,7 +161,7 @@ class SocksServer:
         try:
             tunnel = await self._take_tunnel()
         except TunnelError as exc:
-            log.info("flow to %s: no tunnel: %s", address, exc)
+            self._throttled("no tunnel", logging.INFO, "flow to %s: no tunnel: %s", address, exc)
             self.flows_failed += 1
             if socks_reply:
                 writer.write(encode_reply(Reply.NETWORK_UNREACHABLE))
