@@ -14,6 +14,7 @@ import braid
 from braid import units
 from braid.client import ControlClient, DaemonUnavailable, default_control_path
 from braid.protocol.control import ControlError
+from braid.protocol.pairing import PairingError, parse_pairing
 from braid.units import format_bytes, format_duration, format_rate
 
 
@@ -161,10 +162,61 @@ def cmd_status(args) -> int:
     return 0
 
 
+MAX_PAIRING = 4096  # a pairing URI is about 150 characters; read no more than this
+
+
+def read_pairing(args) -> str | None:
+    """The pairing URI from ``--pairing-file``, from stdin or a prompt (``--pairing -``), or
+    from the command line (with a warning); None when none was given."""
+    if args.pairing_file is not None:
+        try:
+            with open(args.pairing_file, encoding="utf-8", errors="replace") as f:
+                text = f.read(MAX_PAIRING)
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.pairing_file}: {exc.strerror or exc}") from None
+        return _first_line(text, f"{args.pairing_file} holds no pairing URI")
+    if args.pairing == "-" or (args.pairing is None and args.pairing_stdin):
+        if sys.stdin.isatty():
+            import getpass
+
+            text = getpass.getpass("Pairing URI (braid://…, not shown): ")
+        else:
+            text = ""
+            while not text.strip() and (line := sys.stdin.readline(MAX_PAIRING)):
+                text = line
+        return _first_line(text, "no pairing URI on stdin")
+    if args.pairing is not None and "token=" in args.pairing:
+        print(
+            "braid up: warning: a token on the command line can be read by every user of this "
+            "computer (ps, /proc) and stays in your shell history; next time use "
+            "--pairing-file FILE, or --pairing - and paste it",
+            file=sys.stderr,
+        )
+    return args.pairing
+
+
+def _first_line(text: str, empty: str) -> str:
+    """The first non-blank line of ``text``, checked to be a pairing URI."""
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                parse_pairing(line)
+            except PairingError as exc:
+                raise UsageError(str(exc)) from None
+            return line.strip()
+    raise UsageError(empty)
+
+
+class UsageError(Exception):
+    """A mistake on the command line; the message says which."""
+
+
 def cmd_up(args) -> int:
-    pairing = args.pairing
-    if pairing is None and not sys.stdin.isatty() and args.pairing_stdin:
-        pairing = sys.stdin.readline().strip()
+    try:
+        pairing = read_pairing(args)
+    except UsageError as exc:
+        print(f"braid up: {exc}", file=sys.stderr)
+        return 2
     request = {"pairing": pairing} if pairing else {}
     if args.mode:
         request["mode"] = args.mode
@@ -292,8 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("up", help="connect through the paired server")
-    p.add_argument("--pairing", help="the braid://… URI printed by braid-server init")
-    p.add_argument("--pairing-stdin", action="store_true", help="read the pairing URI from stdin")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--pairing",
+        metavar="URI|-",
+        help="the braid://… URI printed by braid-server init; - reads it from stdin, or asks "
+        "for it without showing it (a URI given here is visible to every local user)",
+    )
+    source.add_argument(
+        "--pairing-file", metavar="PATH", help="read the pairing URI from this file"
+    )
+    source.add_argument("--pairing-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--mode",
         choices=["proxy", "system"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from braid.protocol import control
@@ -30,7 +31,7 @@ class ControlClient:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(self.path)
+            self._connect(min(timeout, 5.0))
         except FileNotFoundError:
             self._sock.close()
             raise DaemonUnavailable(
@@ -46,6 +47,22 @@ class ControlClient:
         except PermissionError:
             self._sock.close()
             raise DaemonUnavailable(f"not allowed to open {self.path}") from None
+
+    def _connect(self, patience: float) -> None:
+        # A full backlog answers EAGAIN at once (a socket with a timeout does not wait).
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self._sock.connect(self.path)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self._sock.close()
+                    raise DaemonUnavailable(
+                        f"the Braid daemon is too busy to answer on {self.path}; "
+                        "see: journalctl -u braidd"
+                    ) from None
+                time.sleep(0.02)
 
     def close(self) -> None:
         self._sock.close()

@@ -26,7 +26,7 @@ from typing import Any
 
 from braid import memory
 from braid.aio import spawn
-from braid.daemon import policy
+from braid.daemon import limits, policy
 from braid.daemon.commands import SAMPLE_INTERVAL, Commands, read_saved_pairing
 from braid.daemon.control.server import ControlServer
 from braid.daemon.links.classify import CachedClassifier
@@ -221,8 +221,13 @@ class Daemon:
             await self.spreading.shrink_idle()
             try:
                 pool = self.reconciler.pool
+                # The tunnels' subflows by local address: a kernel dump, so off the event loop.
                 subflows = (
-                    await asyncio.to_thread(count_subflows, pool.pairing.port) if pool else {}
+                    await asyncio.to_thread(
+                        count_subflows, list(self.reconciler.server_addresses), pool.pairing.port
+                    )
+                    if pool
+                    else {}
                 )
                 await self.reconciler.submit(self.reconciler.sample, subflows)
                 if time.monotonic() - last_save > USAGE_SAVE_INTERVAL:
@@ -350,12 +355,14 @@ async def _starting(step: Coroutine[Any, Any, None], what: str, option: str = ""
 
 def run_daemon(config: DaemonConfig) -> int:
     """Run in the foreground until SIGTERM or SIGINT; returns the exit code."""
+    log.info("open-files limit: %d", limits.raise_nofile())
     daemon = Daemon(config)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
+        limits.throttle_accept_errors(loop)
         if os.environ.get("BRAID_TRACEMALLOC"):
             _trace_memory(loop, Path(os.environ["BRAID_TRACEMALLOC"]))
         await daemon.run()

@@ -1,7 +1,8 @@
 """The control socket: newline-delimited JSON, callers identified by SO_PEERCRED.
 
 Root, the daemon's own user and members of the ``braid`` group may change
-things; anyone else may only read status.
+things; anyone else may only read status. Connections are capped per user and in all (root
+keeps a reserve), and one that neither subscribes nor asks anything for a while is closed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from braid.daemon import limits
 from braid.protocol import control
 from braid.protocol.control import ControlError, ErrorCode
 
@@ -70,10 +72,28 @@ Handler = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
 class ControlServer:
     """Dispatches requests to handlers; ``changes`` lists the commands that need an operator."""
 
-    def __init__(self, path: Path, handlers: dict[str, Handler], changes: set[str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handlers: dict[str, Handler],
+        changes: set[str],
+        streams: frozenset[str] = frozenset({"subscribe"}),
+        caps: limits.ConnectionCaps | None = None,
+        idle: float = limits.CONTROL_IDLE,
+    ) -> None:
         self.path = path
         self._handlers = handlers
         self._changes = changes
+        # After one of these commands the connection carries events: it is never idle.
+        self._streams = streams
+        self.caps = caps or limits.ConnectionCaps(
+            "control socket",
+            per_user=limits.CONTROL_PER_USER,
+            total=limits.CONTROL_TOTAL,
+            root_reserve=limits.CONTROL_ROOT_RESERVE,
+        )
+        self._idle = idle
+        self._throttled = limits.Throttled(log)  # any local user can make these lines
         self._server: asyncio.base_events.Server | None = None
         self._clients: set[asyncio.Task] = set()
 
@@ -98,34 +118,60 @@ class ControlServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            caller = peer_caller(writer.get_extra_info("socket"))
+        except OSError:
+            writer.transport.abort()
+            return
+        if not self.caps.admit(caller.uid):
+            writer.write(
+                control.error(
+                    None,
+                    ErrorCode.FAILED,
+                    f"too many connections to braidd from uid {caller.uid} (at most "
+                    f"{self.caps.per_user} at once); close some and try again",
+                )
+            )
+            writer.transport.close()  # sends what was written, then closes; never waits
+            return
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        streaming = False
         try:
-            caller = peer_caller(writer.get_extra_info("socket"))
             while True:
                 try:
-                    line = await reader.readline()
+                    async with asyncio.timeout(None if streaming else self._idle):
+                        line = await reader.readline()
                 except ValueError:  # longer than the limit
                     writer.write(
                         control.error(None, ErrorCode.BAD_REQUEST, "request line too long")
                     )
                     break
+                except TimeoutError:
+                    break  # idle: the descriptor is worth more than the connection
                 if not line:
                     break
                 if not line.strip():
                     continue
-                writer.write(await self._dispatch(caller, line, writer))
+                reply, command = await self._dispatch(caller, line, writer)
+                streaming = streaming or command in self._streams
+                writer.write(reply)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.caps.release(caller.uid)
             self._clients.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _dispatch(self, caller: Caller, line: bytes, writer: asyncio.StreamWriter) -> bytes:
+    async def _dispatch(
+        self, caller: Caller, line: bytes, writer: asyncio.StreamWriter
+    ) -> tuple[bytes, str | None]:
+        """The reply to one request line, and the command it ran (None if it ran none)."""
         request_id = None
+        command = None
         try:
             request = control.decode_request(line)
             request_id = request.get("id")
@@ -134,7 +180,13 @@ class ControlServer:
             if handler is None:
                 raise ControlError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {command!r}")
             if command in self._changes and not caller.may_change:
-                log.warning("refused %s from %s: not an operator", command, caller.describe())
+                self._throttled(
+                    ("forbidden", caller.uid),
+                    logging.WARNING,
+                    "refused %s from %s: not an operator",
+                    command,
+                    caller.describe(),
+                )
                 raise ControlError(
                     ErrorCode.FORBIDDEN,
                     f"only root and members of the '{OPERATOR_GROUP}' group may {command}; "
@@ -143,9 +195,9 @@ class ControlServer:
                 )
             request["_writer"] = writer
             result = await handler(caller, request)
-            return control.ok(request_id, result)
+            return control.ok(request_id, result), command
         except ControlError as exc:
-            return control.error(request_id, exc.code, exc.message)
+            return control.error(request_id, exc.code, exc.message), None
         except Exception as exc:  # a bug must not take the daemon down
             log.exception("control request failed")
-            return control.error(request_id, ErrorCode.FAILED, f"internal error: {exc}")
+            return control.error(request_id, ErrorCode.FAILED, f"internal error: {exc}"), None

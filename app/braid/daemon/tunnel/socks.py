@@ -1,4 +1,8 @@
-"""The SOCKS5 port: each accepted connection rides its own tunnel connection."""
+"""The SOCKS5 port: each accepted connection rides its own tunnel connection.
+
+Connections are capped per local user (the owner of the application's socket, asked of the
+kernel) and in all, with a reserve for root, so that no user can take braidd's descriptors.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from braid.daemon import limits
 from braid.protocol.address import Address
 from braid.protocol.socks5 import (
     SocksCommand,
@@ -50,6 +55,9 @@ class SocksServer:
         self.flows_failed = 0
         # Set by the daemon: serves a SOCKS5 UDP ASSOCIATE on the control connection.
         self.udp_associate = None
+        self.caps: limits.ConnectionCaps | None = None  # set at start, from the descriptors
+        self._owners = limits.SocketOwners()
+        self._throttled = limits.Throttled(log)  # any local user can make these lines
 
     @property
     def address(self) -> str:
@@ -66,6 +74,7 @@ class SocksServer:
         task.add_done_callback(self._flows.discard)
 
     async def start(self) -> None:
+        self.caps = limits.socks_caps()
         host, port = self.listen
         self._server = await asyncio.start_server(
             self._accept, host, port, reuse_address=True, backlog=512
@@ -81,8 +90,20 @@ class SocksServer:
             task.cancel()
         if self._flows:
             await asyncio.gather(*self._flows, return_exceptions=True)
+        self._owners.close()
+
+    def owner(self, writer: asyncio.StreamWriter) -> int | None:
+        """The uid of the application's end of an accepted connection, None if unknown."""
+        local, remote = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
+        if not local or not remote:
+            return None
+        return self._owners.tcp_owner(remote[:2], local[:2])
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = self.owner(writer)
+        if self.caps is not None and not self.caps.admit(uid):
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._flows.add(task)
@@ -94,6 +115,8 @@ class SocksServer:
             log.debug("flow ended: %s", exc)
         finally:
             self._flows.discard(task)
+            if self.caps is not None:
+                self.caps.release(uid)
             await close_writer(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -113,7 +136,7 @@ class SocksServer:
                     if out:
                         writer.write(out)
         except SocksError as exc:
-            log.info("SOCKS5 client rejected: %s", exc)
+            self._throttled("rejected", logging.INFO, "SOCKS5 client rejected: %s", exc)
             if exc.reply:
                 writer.write(exc.reply)
             return
@@ -138,7 +161,7 @@ class SocksServer:
         try:
             tunnel = await self._take_tunnel()
         except TunnelError as exc:
-            log.info("flow to %s: no tunnel: %s", address, exc)
+            self._throttled("no tunnel", logging.INFO, "flow to %s: no tunnel: %s", address, exc)
             self.flows_failed += 1
             if socks_reply:
                 writer.write(encode_reply(Reply.NETWORK_UNREACHABLE))

@@ -18,9 +18,11 @@ message id, which braidd rewrites so queries of different applications never cla
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -41,10 +43,15 @@ IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = 20
 IPV6_RECVORIGDSTADDR = 74
 IPV6_TRANSPARENT = 75
-UDP_IDLE = 60.0
+#: A UDP session, and the socket its answers leave from, is released after this long unused.
+#: (The environment variable is for tests that watch the release.)
+UDP_IDLE = float(os.environ.get("BRAID_UDP_IDLE", 60.0))
 DNS_IDLE = 30.0
 DNS_TIMEOUT = 5.0
 MAX_SESSIONS = 4096
+#: Answer sockets kept at most; past it the longest unused one is closed (and made again if an
+#: answer needs it).
+MAX_REPLY_SOCKETS = 1024
 
 TakeTunnel = Callable[[], Awaitable[Tunnel]]
 
@@ -141,16 +148,37 @@ class _Session:
 
 
 class ReplySockets:
-    """Transparent sockets bound to the addresses answers must appear to come from."""
+    """Transparent sockets bound to the addresses answers must appear to come from.
 
-    def __init__(self) -> None:
-        self._socks: dict[tuple[str, int], socket.socket] = {}
+    One per address that answered; released once unused for ``idle`` seconds (:meth:`sweep`) or
+    when more than ``most`` are open, longest unused first.
+    """
+
+    def __init__(self, idle: float = UDP_IDLE, most: int = MAX_REPLY_SOCKETS) -> None:
+        self._idle = idle
+        self._most = most
+        # Least recently used first: (socket, when it last sent).
+        self._socks: collections.OrderedDict[tuple[str, int], tuple[socket.socket, float]] = (
+            collections.OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._socks)
 
     def get(self, source: tuple[str, int]) -> socket.socket:
-        sock = self._socks.get(source)
-        if sock is None:
-            family = socket.AF_INET6 if ":" in source[0] else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+        entry = self._socks.pop(source, None)
+        sock = entry[0] if entry is not None else self._open(source)
+        self._socks[source] = (sock, time.monotonic())
+        while len(self._socks) > self._most:
+            _, (oldest, _) = self._socks.popitem(last=False)
+            oldest.close()
+        return sock
+
+    @staticmethod
+    def _open(source: tuple[str, int]) -> socket.socket:
+        family = socket.AF_INET6 if ":" in source[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -159,7 +187,9 @@ class ReplySockets:
             mark_own(sock)
             sock.setblocking(False)
             sock.bind(source)
-            self._socks[source] = sock
+        except OSError:
+            sock.close()
+            raise
         return sock
 
     def send(self, source: tuple[str, int], to: tuple[str, int], data: bytes) -> None:
@@ -168,13 +198,26 @@ class ReplySockets:
         except OSError as exc:
             log.debug("answer from %s to %s lost: %s", source, to, exc)
 
-    def drop(self, source: tuple[str, int]) -> None:
-        sock = self._socks.pop(source, None)
-        if sock is not None:
+    def sweep(self, now: float | None = None) -> int:
+        """Close the sockets unused for ``idle`` seconds; how many were closed."""
+        now = time.monotonic() if now is None else now
+        closed = 0
+        while self._socks:
+            source, (sock, last) = next(iter(self._socks.items()))
+            if now - last <= self._idle:
+                break
+            del self._socks[source]
             sock.close()
+            closed += 1
+        return closed
+
+    def drop(self, source: tuple[str, int]) -> None:
+        entry = self._socks.pop(source, None)
+        if entry is not None:
+            entry[0].close()
 
     def close(self) -> None:
-        for sock in self._socks.values():
+        for sock, _ in self._socks.values():
             sock.close()
         self._socks.clear()
 
@@ -266,10 +309,17 @@ class UdpSessions:
     ``answer(client, destination, data)`` delivers what comes back.
     """
 
-    def __init__(self, take_tunnel: TakeTunnel, answer: Callable, idle: float = UDP_IDLE) -> None:
+    def __init__(
+        self,
+        take_tunnel: TakeTunnel,
+        answer: Callable,
+        idle: float = UDP_IDLE,
+        on_sweep: Callable[[], object] | None = None,
+    ) -> None:
         self._take_tunnel = take_tunnel
         self._answer = answer
         self._idle = idle
+        self._on_sweep = on_sweep  # also run at each sweep (the answer sockets')
         self._sessions: dict[tuple, _Session] = {}
         self._sweeper: asyncio.Task | None = None
         self.datagrams_up = 0
@@ -335,6 +385,8 @@ class UdpSessions:
             for session in list(self._sessions.values()):
                 if now - session.last > self._idle and session.task is not None:
                     session.task.cancel()
+            if self._on_sweep is not None:
+                self._on_sweep()
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -352,7 +404,7 @@ class TransparentUdp:
         self.port = port
         self._dns = dns
         self._replies = ReplySockets()
-        self.sessions = UdpSessions(take_tunnel, self._answer)
+        self.sessions = UdpSessions(take_tunnel, self._answer, on_sweep=self._replies.sweep)
         self._socks: list[socket.socket] = []
 
     def _answer(self, client: tuple, destination: Address, data: bytes) -> None:
