@@ -151,7 +151,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from braid.server.server import BraidServer, open_listener
-    from braid.server.system import raise_subflow_limit
+    from braid.server.system import raise_descriptor_limit, raise_subflow_limit
     from braid.transport import server_tls_context
 
     _setup_logging(args.verbose)
@@ -169,7 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     listener, mptcp = open_listener(config.listen_host, config.listen_port)
     if mptcp:
         raise_subflow_limit()
-    server = BraidServer(config, tls, listener, state=state)
+    files = raise_descriptor_limit()
+    server = BraidServer(config, tls, listener, state=state, max_files=files)
     log.info(
         "listening on %s (%s); clients connect to %s:%d; certificate %s",
         config.listen,

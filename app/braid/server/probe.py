@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import ipaddress
 import logging
 import socket
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, fields
 
 from braid.protocol import probe
 from braid.protocol.probe import ProbeType
+from braid.server.admission import source_key
 from braid.server.policy import normalise
 from braid.server.state import format_hostport
 
@@ -78,23 +78,6 @@ class ProbeStats:
         return ", ".join(
             f"{getattr(self, f.name)} {f.name.replace('_', ' ')}" for f in fields(self)
         )
-
-
-def source_key(host: str) -> str:
-    """What the per-source limit counts by: the IPv4 address, or the IPv6 /64.
-
-    One IPv6 host usually owns a whole /64, so counting single addresses would
-    let it (or a spoofer aiming at it) multiply its share.
-    """
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 class ProbeResponder(asyncio.DatagramProtocol):

@@ -34,6 +34,16 @@ from braid.protocol.tunnel import (
     parse_hello,
     parse_request,
 )
+from braid.server.admission import (
+    CLOSED_OR_GARBAGE,
+    PER_SOURCE,
+    SILENT,
+    TLS,
+    TOTAL,
+    Admission,
+    Pending,
+    source_key,
+)
 from braid.server.dns import Resolver, serve_dns
 from braid.server.policy import judge, normalise
 from braid.server.probe import start_probe_responder
@@ -60,6 +70,7 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL = 60.0
 WARNING_INTERVAL = 10.0
+ACCEPT_BATCH = 64  # connections accepted per wake-up before others get a turn
 UDP_IDLE = 120.0  # default of timeouts.udp_idle: UDP and DNS sessions without a datagram
 
 
@@ -101,8 +112,8 @@ def open_listener(host: str, port: int, backlog: int = 1024) -> tuple[socket.soc
 @dataclass
 class Stats:
     connections: int = 0  # accepted, authenticated or not
-    auth_failures: int = 0
-    delayed: int = 0  # handshakes held back because their address kept failing
+    auth_failures: int = 0  # a wrong token, a bad HELLO, a failed TLS handshake
+    cut_short: int = 0  # closed or timed out before a HELLO, or pushed out by newer ones
     requests: int = 0
     refused: int = 0  # by the policy
     unreachable: int = 0  # the destination could not be reached
@@ -120,7 +131,8 @@ class Stats:
         return (
             f"{self.active} open from {self.clients} client addresses, "
             f"{self.connections} accepted, "
-            f"{self.auth_failures} failed authentication ({self.delayed} delayed), "
+            f"{self.auth_failures} failed authentication, "
+            f"{self.cut_short} handshakes cut short, "
             f"{self.requests} requests "
             f"({self.refused} refused, {self.unreachable} unreachable), "
             f"{self.bytes_up} bytes up, {self.bytes_down} bytes down, "
@@ -147,18 +159,39 @@ class WarningLimiter:
     show them without being flooded.
     """
 
-    def __init__(self, interval: float = WARNING_INTERVAL, max_sources: int = 4096) -> None:
+    def __init__(
+        self,
+        interval: float = WARNING_INTERVAL,
+        max_sources: int = 4096,
+        max_lines: int = 20,
+    ) -> None:
         self.interval = interval
         self.max_sources = max_sources
+        self.max_lines = max_lines  # per interval in all: many sources must not flood it either
         self._last: dict[str, tuple[float, int]] = {}  # source -> (logged at, suppressed)
+        self._window = (-float("inf"), 0, 0)  # (started, lines logged, lines suppressed)
 
     def warn(self, source: str, message: str) -> bool:
         """Log ``message`` unless ``source`` was reported recently; True if logged."""
         now = time.monotonic()
+        source = source_key(source)
         logged_at, suppressed = self._last.get(source, (-float("inf"), 0))
         if now - logged_at < self.interval:
             self._last[source] = (logged_at, suppressed + 1)
             return False
+        started, lines, dropped = self._window
+        if now - started >= self.interval:
+            if dropped:
+                log.warning(
+                    "%d more warnings from other addresses in the last %.0f s were not logged",
+                    dropped,
+                    now - started,
+                )
+            started, lines, dropped = now, 0, 0
+        if lines >= self.max_lines:
+            self._window = (started, lines, dropped + 1)
+            return False
+        self._window = (started, lines + 1, dropped)
         if suppressed:
             message += f" (and {suppressed} more from {source} in the last {now - logged_at:.0f} s)"
         log.warning("%s", message)
@@ -173,42 +206,6 @@ class WarningLimiter:
                 del self._last[source]
         if len(self._last) >= self.max_sources:
             self._last.clear()
-
-
-class Penalty:
-    """Per-address back-off for failed authentications: 0 s for the first few, then doubling.
-
-    Bounded in memory: the oldest addresses are forgotten first.
-    """
-
-    def __init__(
-        self, free: int = 5, window: float = 300.0, maximum: float = 30.0, max_sources: int = 65536
-    ) -> None:
-        self.free = free
-        self.window = window
-        self.maximum = maximum
-        self.max_sources = max_sources
-        self._failures: dict[str, tuple[int, float]] = {}
-
-    def delay(self, source: str) -> float:
-        count, last = self._failures.get(source, (0, 0.0))
-        if time.monotonic() - last > self.window:
-            self._failures.pop(source, None)
-            return 0.0
-        if count < self.free:
-            return 0.0
-        return min(self.maximum, 0.5 * 2 ** (count - self.free))
-
-    def failed(self, source: str) -> None:
-        count, last = self._failures.pop(source, (0, 0.0))
-        if time.monotonic() - last > self.window:
-            count = 0
-        self._failures[source] = (count + 1, time.monotonic())
-        while len(self._failures) > self.max_sources:
-            self._failures.pop(next(iter(self._failures)))
-
-    def succeeded(self, source: str) -> None:
-        self._failures.pop(source, None)
 
 
 class TokenHash:
@@ -241,6 +238,52 @@ class TokenHash:
             except StateError as exc:
                 log.warning("keeping the previous token: %s", exc)
         return self._hash
+
+
+def admission_for(max_files: int | None) -> Admission:
+    """Handshake limits that leave most descriptors to authenticated tunnels (two per flow)."""
+    total = TOTAL if max_files is None else max(16, min(TOTAL, max_files // 8))
+    return Admission(per_source=min(PER_SOURCE, total), total=total)
+
+
+class _Unauthenticated:
+    """A connection before its HELLO, and how to drop it from outside at once.
+
+    A handshake pushed out by newer connections closes its descriptor there and
+    then, not when its task next runs: under a flood that may be many batches later.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.started = False
+        self.waiting: asyncio.Future | None = None  # set while waiting for the first bytes
+
+    def drop(self) -> None:
+        if not self.started:
+            self.sock.close()  # its task will see it dropped before touching the socket
+        elif self.waiting is not None:
+            asyncio.get_running_loop().remove_reader(self.fd)  # before the fd can be reused
+            if not self.waiting.done():
+                self.waiting.set_result(None)
+            self.waiting = None
+            self.sock.close()
+        else:  # in TLS: the transport owns the socket; ending it wakes whatever waits on it
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _peek(sock: socket.socket) -> int:
+    """What the peer's unread bytes say: a TLS handshake begun, nothing yet, or neither."""
+    try:
+        head = sock.recv(3, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return SILENT
+    except OSError:
+        return CLOSED_OR_GARBAGE
+    if len(head) >= 2 and head[0] == 0x16 and head[1] == 0x03:
+        return TLS
+    return CLOSED_OR_GARBAGE  # closed (nothing to read) or not TLS
 
 
 def _drop(sock: socket.socket, transport: asyncio.BaseTransport | None) -> None:
@@ -286,6 +329,7 @@ class BraidServer:
         *,
         state: StateDir | None = None,
         own_addresses: OwnAddresses | None = None,
+        max_files: int | None = None,
     ) -> None:
         self.config = config
         self.tls = tls
@@ -297,7 +341,7 @@ class BraidServer:
         self.resolver = Resolver()
         self.stats = Stats()
         self.warnings = WarningLimiter()
-        self.penalty = Penalty()
+        self.admission = admission_for(max_files)
         self._clients: Counter[str] = Counter()  # authenticated tunnels open per address
         self._conns: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
@@ -343,25 +387,67 @@ class BraidServer:
             self._stop.set()
 
     async def _accept_loop(self) -> None:
+        """Accept in batches whenever the listener is readable.
+
+        Not ``loop.sock_accept``: cancelled at shutdown while a connection is
+        arriving, it logs an InvalidStateError traceback (Python 3.11).
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, peer = await loop.sock_accept(self.listener)
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept connections: %s; retrying in 1 s", exc.strerror)
-                    await asyncio.sleep(1)
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
-            # Small messages (AUTH_OK, REPLY, short frames) must not wait for
-            # Nagle's algorithm and the peer's delayed ACK: that costs 40 ms.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = spawn(self._handle(sock, peer), f"conn {peer[0]}:{peer[1]}")
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
+        fd = self.listener.fileno()
+        ready = asyncio.Event()
+        complained = -float("inf")
+        loop.add_reader(fd, ready.set)
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                for _ in range(ACCEPT_BATCH):
+                    try:
+                        sock, peer = self.listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:
+                        if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                            continue
+                        if exc.errno not in (
+                            errno.EMFILE,
+                            errno.ENFILE,
+                            errno.ENOBUFS,
+                            errno.ENOMEM,
+                        ):
+                            raise
+                        if time.monotonic() - complained > WARNING_INTERVAL:
+                            complained = time.monotonic()
+                            log.error("cannot accept connections: %s; retrying", exc.strerror)
+                        # Level-triggered: wait a little instead of spinning on the error.
+                        loop.remove_reader(fd)
+                        await asyncio.sleep(0.1)
+                        loop.add_reader(fd, ready.set)
+                        ready.set()
+                        break
+                    self._start(sock, peer)
+                else:
+                    ready.set()  # more may be waiting: let the others run first
+                    await asyncio.sleep(0)
+        finally:
+            loop.remove_reader(fd)
+
+    def _start(self, sock: socket.socket, peer: tuple) -> None:
+        sock.setblocking(False)
+        # Small messages (AUTH_OK, REPLY, short frames) must not wait for
+        # Nagle's algorithm and the peer's delayed ACK: that costs 40 ms.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Admitted here, before its task runs: the limits then bound what is held, not
+        # only what has been looked at.
+        conn = _Unauthenticated(sock)
+        entry, victims = self.admission.admit(
+            str(normalise(peer[0])), conn.drop, lambda: _peek(sock)
+        )
+        self.stats.cut_short += len(victims)
+        task = spawn(self._handle(conn, peer, entry), f"conn {peer[0]}:{peer[1]}")
+        self._conns.add(task)
+        task.add_done_callback(self._conns.discard)
 
     async def _stats_loop(self) -> None:
         reported = self.stats.snapshot()
@@ -376,14 +462,15 @@ class BraidServer:
 
     # --- one connection ----------------------------------------------------------------
 
-    async def _handle(self, sock: socket.socket, peer: tuple) -> None:
+    async def _handle(self, conn: _Unauthenticated, peer: tuple, entry: Pending) -> None:
+        sock = conn.sock
         source = str(normalise(peer[0]))
         label = format_hostport(source, peer[1])
         self.stats.connections += 1
         self.stats.active += 1
         writer: asyncio.StreamWriter | None = None
         try:
-            streams = await self._authenticate(sock, source, label)
+            streams = await self._authenticate(conn, source, label, entry)
             if streams is None:
                 return
             reader, writer = streams
@@ -409,65 +496,117 @@ class BraidServer:
                 await close_writer(writer, abort=True)
 
     async def _authenticate(
-        self, sock: socket.socket, source: str, label: str
+        self, conn: _Unauthenticated, source: str, label: str, entry: Pending
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        delay = self.penalty.delay(source)
-        if delay:
-            # An address that keeps failing waits before it may try again: guessing the
-            # token becomes slow, while authenticated clients elsewhere are not affected.
-            self.stats.delayed += 1
-            await asyncio.sleep(delay)
-        result = await self._handshake(sock, source, label)
-        if result is None:
-            self.penalty.failed(source)
-        else:
-            self.penalty.succeeded(source)
-        return result
+        """Run the admitted handshake, and let go of its slot whatever happens.
+
+        A newer connection may push this one out (see admission.py): its socket
+        is shut down, so whatever it waits for ends at once and it is dropped.
+        """
+        try:
+            return await self._handshake(conn, source, label, entry)
+        finally:
+            self.admission.release(entry)
+
+    async def _first_bytes(self, conn: _Unauthenticated, deadline: float) -> bool:
+        """Wait until the peer sends something; False if it closed (or was pushed out) first.
+
+        No TLS state exists until then: a connection that only connects costs a
+        descriptor, and is the first to go when the server is full.
+        """
+        loop = asyncio.get_running_loop()
+        ready = conn.waiting = loop.create_future()
+        loop.add_reader(conn.fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            async with asyncio.timeout_at(deadline):
+                await ready
+        finally:
+            if conn.waiting is not None:  # else drop() removed it and closed the socket
+                loop.remove_reader(conn.fd)
+                conn.waiting = None
+        try:
+            return bool(conn.sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            return True  # readable but nothing there yet: let TLS wait for it
+        except OSError:  # closed by drop() included
+            return False
 
     async def _handshake(
-        self, sock: socket.socket, source: str, label: str
+        self, conn: _Unauthenticated, source: str, label: str, entry: Pending
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """TLS handshake and HELLO within the handshake timeout; None if refused.
 
         A refused peer is dropped without a byte of the protocol: it learns
         nothing about why, and a scanner cannot tell Braid from any TLS server.
+        A peer that was only slow, that closed, or that a newer connection pushed
+        out is dropped the same way; none of it counts against its address.
         """
+        sock = conn.sock
+        conn.started = True
+        if entry.dropped:  # pushed out before its task ever ran: already closed
+            log.debug("%s: dropped before its handshake: newer connections needed the room", label)
+            return None
         loop = asyncio.get_running_loop()
         timeout = self.config.timeouts.handshake
+        deadline = loop.time() + timeout
         reader = asyncio.StreamReader(limit=2**17)
         protocol = asyncio.StreamReaderProtocol(reader)
         transport: asyncio.BaseTransport | None = None
+        failed = False  # a real failure (bad TLS, bad HELLO, wrong token), not just a hang-up
+        spoke = False
         try:
             reason = ""
             try:
-                async with asyncio.timeout(timeout):
-                    transport, _ = await loop.connect_accepted_socket(
-                        lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=timeout
-                    )
-                    writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
-                    hello, _ = await read_message(reader, parse_hello)
+                spoke = await self._first_bytes(conn, deadline)
+                if spoke:
+                    entry.spoke = _peek(sock) == TLS
+                    async with asyncio.timeout_at(deadline):
+                        transport, _ = await loop.connect_accepted_socket(
+                            lambda: protocol,
+                            sock,
+                            ssl=self.tls,
+                            ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
+                        )
+                        writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+                        hello, _ = await read_message(reader, parse_hello)
             except TimeoutError:
                 reason = f"no TLS handshake and HELLO within {timeout:g} s"
             except ssl.SSLError as exc:
                 reason = f"TLS handshake failed ({exc.reason or exc})"
+                failed = True
             except asyncio.IncompleteReadError:
                 reason = "closed the connection without sending a HELLO"
             except ProtocolError as exc:
                 reason = f"bad HELLO: {exc}"
+                failed = True
             except OSError as exc:
                 reason = f"connection failed: {exc.strerror or exc}"
             else:
-                if token_matches(hello.token, self.token.get()):
+                if not spoke:
+                    reason = "closed the connection without sending anything"
+                elif token_matches(hello.token, self.token.get()):
+                    self.admission.release(entry)  # authenticated: no longer anyone's to push out
                     writer.write(AUTH_OK)
                     await writer.drain()
                     return reader, writer
-                reason = "wrong token"
+                else:
+                    reason = "wrong token"
+                    failed = True
         except BaseException:  # cancelled at shutdown, or the peer vanished after HELLO
             _drop(sock, transport)
             raise
-        self.stats.auth_failures += 1
-        self.warnings.warn(source, f"rejected {label}: {reason}")
         _drop(sock, transport)
+        if entry.dropped:
+            log.debug("%s: dropped while handshaking: newer connections needed the room", label)
+            return None
+        if failed:
+            self.stats.auth_failures += 1
+        else:
+            self.stats.cut_short += 1
+        if not spoke and not failed and not reason.startswith("no TLS"):
+            log.debug("%s: %s", label, reason)  # connected and closed: a port scan, say
+        else:
+            self.warnings.warn(source, f"rejected {label}: {reason}")
         return None
 
     async def _serve_request(
