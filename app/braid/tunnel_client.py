@@ -231,7 +231,8 @@ def _because(exc: BaseException) -> str:
 def _token_refused(server: str) -> str:
     return (
         f"the server {server} closed the connection after the token was sent: the token "
-        "is wrong or was replaced (run braid-server init --new-token and pair again)"
+        "is wrong or was replaced, or this device was removed (on the server, run "
+        "braid-server device add NAME and pair again with the URI it prints)"
     )
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from braid.server import server as server_module
-from braid.server.server import Stats, TokenHash, WarningLimiter
-from braid.server.state import ServerConfig, StateDir, hash_token
+from braid.server.server import Devices, Stats, WarningLimiter
+from braid.server.state import Device, ServerConfig, StateDir, hash_token
 
 
 class FakeClock:
@@ -50,20 +50,51 @@ def test_warning_limiter_memory_is_bounded(monkeypatch) -> None:
     assert len(limiter._last) <= 100
 
 
-def test_token_hash_follows_server_json(tmp_path: Path) -> None:
+def test_devices_follow_server_json(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
-    config = ServerConfig("192.0.2.1", 7443, "192.0.2.1", hash_token("a" * 43))
-    tmp_path.mkdir(exist_ok=True)
+    laptop = Device("laptop", hash_token("a" * 43))
+    config = ServerConfig("192.0.2.1", 7443, "192.0.2.1", [laptop])
     state.save(config)
-    tokens = TokenHash(config, state)
-    assert tokens.get() == hash_token("a" * 43)
-    config.token_sha256 = hash_token("b" * 43)
+    devices = Devices(config, state)
+    assert devices.match(b"a" * 43) == laptop
+    assert devices.match(b"b" * 43) is None
+    phone = Device("phone", hash_token("b" * 43))
+    config.devices = [laptop, phone]
     state.save(config)
     os.utime(state.config_path, ns=(1, 1))  # a different mtime even on coarse clocks
-    assert tokens.get() == hash_token("b" * 43)
-    state.config_path.write_text("{broken")
+    assert devices.match(b"b" * 43) == phone
+    assert devices.current(laptop) and devices.current(phone)
+    config.devices = [phone]
+    state.save(config)
     os.utime(state.config_path, ns=(2, 2))
-    assert tokens.get() == hash_token("b" * 43)  # keeps the last good one
+    assert devices.match(b"a" * 43) is None
+    assert not devices.current(laptop) and devices.current(phone)
+    assert devices.hashes() == [phone.token_sha256]
+    state.config_path.write_text("{broken")
+    os.utime(state.config_path, ns=(3, 3))
+    assert devices.match(b"b" * 43) == phone  # keeps the last good list
+
+
+def test_an_old_server_json_upgrades_in_place(tmp_path: Path) -> None:
+    import json
+
+    old = {
+        "format": 1,
+        "listen": "[::]:7443",
+        "public_host": "vps.example.org",
+        "token_sha256": hash_token("old" * 14),
+        "policy": {"allow": ["198.18.0.0/15"], "deny": []},
+        "timeouts": {"handshake": 5, "idle": 60, "connect": 10, "udp_idle": 120},
+    }
+    (tmp_path / "server.json").write_text(json.dumps(old))
+    config = StateDir(tmp_path).load()
+    assert config.devices == [Device("first-device", hash_token("old" * 14), "")]
+    assert config.allow == ["198.18.0.0/15"] and config.timeouts.handshake == 5
+    written = json.loads((tmp_path / "server.json").read_text())
+    assert written["format"] == 2 and "token_sha256" not in written
+    assert written["devices"][0]["token_sha256"] == old["token_sha256"]
+    assert StateDir(tmp_path).load() == config
+    assert Devices(config, StateDir(tmp_path)).match(("old" * 14).encode()) is not None
 
 
 def test_stats_summary() -> None:

@@ -24,7 +24,7 @@ from braid.protocol.address import Address, encode_address
 from braid.protocol.pairing import Pairing
 from braid.protocol.tunnel import Command, Reply
 from braid.server.server import UDP_IDLE, udp_idle_timeout
-from braid.server.state import ServerConfig, StateDir, StateError, hash_token
+from braid.server.state import Device, ServerConfig, StateDir, StateError, hash_token
 from braid.tunnel_client import Tunnel, open_tunnel
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,7 +45,7 @@ UDP_IDLE_TEST = 1.0
 
 def _state(tmp_path: Path, timeouts: dict | None) -> tuple[ServerConfig, StateDir]:
     state = StateDir(tmp_path)
-    config = ServerConfig("192.0.2.1", 7443, "192.0.2.1", hash_token("a" * 43))
+    config = ServerConfig("192.0.2.1", 7443, "192.0.2.1", [Device("laptop", hash_token("a" * 43))])
     data = config.to_json()
     if timeouts is not None:
         data["timeouts"] = timeouts

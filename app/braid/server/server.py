@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
+import hashlib
 import logging
 import os
 import signal
@@ -48,11 +50,14 @@ from braid.server.dns import Resolver, serve_dns
 from braid.server.policy import judge, normalise
 from braid.server.probe import start_probe_responder
 from braid.server.state import (
+    Device,
+    DeviceSeen,
     ServerConfig,
     StateDir,
     StateError,
     format_hostport,
-    token_matches,
+    read_seen,
+    write_seen,
 )
 from braid.server.system import OwnAddresses
 from braid.server.udp import DatagramCounters, DatagramPipe, relay_udp
@@ -69,9 +74,18 @@ from braid.tunnel_client import read_message
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL = 60.0
+DEVICES_INTERVAL = 0.5  # how often server.json is checked for removed devices
+SEEN_INTERVAL = 5.0  # how often devices-seen.json is written when something changed
+SEEN_HEARTBEAT = 60.0  # and when nothing did: `device list` tells a running server by it
 WARNING_INTERVAL = 10.0
 ACCEPT_BATCH = 64  # connections accepted per wake-up before others get a turn
 UDP_IDLE = 120.0  # default of timeouts.udp_idle: UDP and DNS sessions without a datagram
+
+
+# The activity record of the device a connection's task serves, for its byte counts.
+_current_device: contextvars.ContextVar[DeviceSeen | None] = contextvars.ContextVar(
+    "braid_server_device", default=None
+)
 
 
 class ListenError(Exception):
@@ -139,12 +153,6 @@ class Stats:
             f"{self.datagrams_up} datagrams up, {self.datagrams_down} datagrams down"
         )
 
-    def add_datagrams(self, counters: DatagramCounters) -> None:
-        self.bytes_up += counters.bytes_up
-        self.bytes_down += counters.bytes_down
-        self.datagrams_up += counters.datagrams_up
-        self.datagrams_down += counters.datagrams_down
-
 
 def udp_idle_timeout(config: ServerConfig, state: StateDir | None = None) -> float:
     """``timeouts.udp_idle`` in seconds (120 unless server.json says otherwise; a bad value is
@@ -208,17 +216,22 @@ class WarningLimiter:
             self._last.clear()
 
 
-class TokenHash:
-    """The stored token hash, re-read when server.json changes.
+class Devices:
+    """The devices of server.json and their token hashes, re-read when the file changes.
 
-    So that ``braid-server init --new-token`` locks out the old token at once,
-    without restarting the server.
+    So that ``braid-server device add`` and ``device remove`` (and ``init
+    --new-token``) apply at once, without restarting the server.
     """
 
     def __init__(self, config: ServerConfig, state: StateDir | None) -> None:
-        self._hash = config.token_sha256
         self._state = state
         self._mtime = self._stat()
+        self._by_digest: dict[bytes, Device] = {}
+        self._set(config.devices)
+
+    def _set(self, devices: list[Device]) -> None:
+        self.devices = list(devices)
+        self._by_digest = {bytes.fromhex(d.token_sha256): d for d in devices}
 
     def _stat(self) -> int | None:
         if self._state is None:
@@ -228,16 +241,45 @@ class TokenHash:
         except OSError:
             return None
 
-    def get(self) -> str:
+    def refresh(self) -> bool:
+        """Re-read server.json if it changed; True if the devices did."""
         mtime = self._stat()
-        if mtime is not None and mtime != self._mtime and self._state is not None:
-            self._mtime = mtime
-            try:
-                self._hash = self._state.load().token_sha256
-                log.info("the token was replaced: clients must pair again")
-            except StateError as exc:
-                log.warning("keeping the previous token: %s", exc)
-        return self._hash
+        if mtime is None or mtime == self._mtime or self._state is None:
+            return False
+        self._mtime = mtime
+        try:
+            devices = self._state.load().devices
+        except StateError as exc:
+            log.warning("keeping the previous devices: %s", exc)
+            return False
+        before = {(d.name, d.token_sha256) for d in self.devices}
+        after = {(d.name, d.token_sha256) for d in devices}
+        if before == after:
+            return False
+        for name in sorted({n for n, _ in after - before}):
+            log.info("device %s may connect (new, or with a new token)", name)
+        for name in sorted({n for n, _ in before - after}):
+            log.info("device %s: its token no longer works", name)
+        self._set(devices)
+        return True
+
+    def match(self, token: bytes) -> Device | None:
+        """The device whose token this is, if any.
+
+        A dictionary lookup on the token's SHA-256: timing can tell at most
+        something about the hash of a wrong guess, which helps nobody guess.
+        """
+        self.refresh()
+        return self._by_digest.get(hashlib.sha256(token).digest())
+
+    def hashes(self) -> list[str]:
+        """Every device's token hash (the keys of their health probes)."""
+        self.refresh()
+        return [d.token_sha256 for d in self.devices]
+
+    def current(self, device: Device) -> bool:
+        """Whether ``device`` may still connect: not removed, its token not replaced."""
+        return self._by_digest.get(bytes.fromhex(device.token_sha256)) == device
 
 
 def admission_for(max_files: int | None) -> Admission:
@@ -335,7 +377,8 @@ class BraidServer:
         self.tls = tls
         self.listener = listener
         self.policy = config.policy()
-        self.token = TokenHash(config, state)
+        self.state = state
+        self.devices = Devices(config, state)
         self.own = own_addresses or OwnAddresses()
         self.udp_idle = udp_idle_timeout(config, state)
         self.resolver = Resolver()
@@ -343,6 +386,9 @@ class BraidServer:
         self.warnings = WarningLimiter()
         self.admission = admission_for(max_files)
         self._clients: Counter[str] = Counter()  # authenticated tunnels open per address
+        self._tunnels: dict[Device, set[asyncio.Task]] = {}  # open, per device
+        self.seen: dict[str, DeviceSeen] = read_seen(state)[1] if state is not None else {}
+        self._seen_dirty = False
         self._conns: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
 
@@ -359,12 +405,13 @@ class BraidServer:
         probes = await start_probe_responder(
             self.config.listen_host,
             self.listener.getsockname()[1],
-            self.token.get,
+            self.devices.hashes,
             WarningLimiter().warn,
         )
         accept = spawn(self._accept_loop(), "accept")
         ticker = spawn(self._stats_loop(), "stats")
         trimmer = spawn(memory.trim_periodically(), "malloc-trim")
+        watcher = spawn(self._devices_loop(), "devices")
         stopping = spawn(self._stop.wait(), "stop")
         try:
             await asyncio.wait([accept, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -373,12 +420,13 @@ class BraidServer:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
-            await cancel_all([accept, ticker, trimmer, stopping])
+            await cancel_all([accept, ticker, trimmer, watcher, stopping])
             self.listener.close()
             if probes is not None:
                 probes.close()
             await cancel_all(list(self._conns))
             self._log_stats()
+            self._write_seen()
 
     def stop(self, sig: int | None = None) -> None:
         if sig is not None:
@@ -459,6 +507,74 @@ class BraidServer:
 
     def _log_stats(self) -> None:
         log.info("stats: %s", self.stats.summary())
+        for device in self.devices.devices:
+            seen = self.seen.get(device.name, DeviceSeen())
+            log.info(
+                "device %s: %d open, last from %s, %d bytes up, %d bytes down",
+                device.name,
+                len(self._tunnels.get(device, ())),
+                seen.address or "nowhere yet",
+                seen.bytes_up,
+                seen.bytes_down,
+            )
+
+    async def _devices_loop(self) -> None:
+        """Cut the tunnels of removed devices at once; keep devices-seen.json current."""
+        self._write_seen()
+        written = time.monotonic()
+        while True:
+            await asyncio.sleep(DEVICES_INTERVAL)
+            if self.devices.refresh():
+                self._cut_removed()
+            since = time.monotonic() - written
+            if (self._seen_dirty and since >= SEEN_INTERVAL) or since >= SEEN_HEARTBEAT:
+                self._write_seen()
+                written = time.monotonic()
+
+    def _cut_removed(self) -> None:
+        names = {d.name for d in self.devices.devices}
+        for device, tasks in list(self._tunnels.items()):
+            if self.devices.current(device):
+                continue
+            log.info(
+                "device %s was removed or its token replaced: closing its %d tunnels",
+                device.name,
+                len(tasks),
+            )
+            for task in tasks:
+                task.cancel()
+            del self._tunnels[device]
+        for name in list(self.seen):
+            if name not in names:
+                del self.seen[name]
+                self._seen_dirty = True
+
+    def _write_seen(self) -> None:
+        if self.state is None:
+            return
+        for device in self.devices.devices:
+            if device.name in self.seen:
+                self.seen[device.name].open = len(self._tunnels.get(device, ()))
+        try:
+            write_seen(self.state, time.time(), self.seen)
+            self._seen_dirty = False
+        except OSError as exc:
+            log.debug("cannot write %s: %s", self.state.seen_path, exc)
+
+    def _count_datagrams(self, counters: DatagramCounters) -> None:
+        self.stats.datagrams_up += counters.datagrams_up
+        self.stats.datagrams_down += counters.datagrams_down
+        self._count(counters.bytes_up, counters.bytes_down)
+
+    def _count(self, up: int, down: int) -> None:
+        """Bytes relayed, in the server's counters and the device's."""
+        self.stats.bytes_up += up
+        self.stats.bytes_down += down
+        seen = _current_device.get()
+        if seen is not None:
+            seen.bytes_up += up
+            seen.bytes_down += down
+            self._seen_dirty = True
 
     # --- one connection ----------------------------------------------------------------
 
@@ -469,14 +585,23 @@ class BraidServer:
         self.stats.connections += 1
         self.stats.active += 1
         writer: asyncio.StreamWriter | None = None
+        device: Device | None = None
+        task = asyncio.current_task()
         try:
-            streams = await self._authenticate(conn, source, label, entry)
-            if streams is None:
+            authenticated = await self._authenticate(conn, source, label, entry)
+            if authenticated is None:
                 return
-            reader, writer = streams
+            reader, writer, device = authenticated
+            label = f"{device.name} from {label}"  # the log names the device
             log.debug("%s: authenticated (mptcp=%s)", label, is_mptcp(sock))
             self._clients[source] += 1
             self.stats.clients = len(self._clients)
+            if task is not None:
+                self._tunnels.setdefault(device, set()).add(task)
+            seen = self.seen.setdefault(device.name, DeviceSeen())
+            seen.last_contact, seen.address = time.time(), source
+            self._seen_dirty = True
+            _current_device.set(seen)
             await self._serve_request(reader, writer, label)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.debug("%s: connection lost: %r", label, exc)
@@ -486,6 +611,14 @@ class BraidServer:
             log.info("%s: %s", label, exc)
         finally:
             self.stats.active -= 1
+            if device is not None:
+                self._seen_dirty = True  # one tunnel fewer
+            if device is not None and task is not None:
+                tasks = self._tunnels.get(device)
+                if tasks is not None:
+                    tasks.discard(task)
+                    if not tasks:
+                        del self._tunnels[device]
             if writer is not None:
                 self._clients[source] -= 1
                 if self._clients[source] <= 0:
@@ -497,7 +630,7 @@ class BraidServer:
 
     async def _authenticate(
         self, conn: _Unauthenticated, source: str, label: str, entry: Pending
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Device] | None:
         """Run the admitted handshake, and let go of its slot whatever happens.
 
         A newer connection may push this one out (see admission.py): its socket
@@ -533,7 +666,7 @@ class BraidServer:
 
     async def _handshake(
         self, conn: _Unauthenticated, source: str, label: str, entry: Pending
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Device] | None:
         """TLS handshake and HELLO within the handshake timeout; None if refused.
 
         A refused peer is dropped without a byte of the protocol: it learns
@@ -584,11 +717,11 @@ class BraidServer:
             else:
                 if not spoke:
                     reason = "closed the connection without sending anything"
-                elif token_matches(hello.token, self.token.get()):
+                elif (device := self.devices.match(hello.token)) is not None:
                     self.admission.release(entry)  # authenticated: no longer anyone's to push out
                     writer.write(AUTH_OK)
                     await writer.drain()
-                    return reader, writer
+                    return reader, writer, device
                 else:
                     reason = "wrong token"
                     failed = True
@@ -679,8 +812,7 @@ class BraidServer:
                 label=f"{label}: {dest}",
             )
         finally:
-            self.stats.bytes_up += counters.up
-            self.stats.bytes_down += counters.down
+            self._count(counters.up, counters.down)
             log.debug("%s: %s done, %d bytes up, %d down", label, dest, counters.up, counters.down)
 
     async def _serve_udp(
@@ -706,7 +838,7 @@ class BraidServer:
             log.debug("%s: UDP to %s ended (%s)", label, dest, reason)
         finally:
             target.close()
-            self.stats.add_datagrams(counters)
+            self._count_datagrams(counters)
             log.debug(
                 "%s: UDP to %s done, %d datagrams up, %d down",
                 label,
@@ -725,7 +857,7 @@ class BraidServer:
             reason = await serve_dns(pipe, self.resolver)
             log.debug("%s: DNS session ended (%s)", label, reason)
         finally:
-            self.stats.add_datagrams(counters)
+            self._count_datagrams(counters)
             log.debug(
                 "%s: DNS done, %d messages from the client, %d answers",
                 label,
