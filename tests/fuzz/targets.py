@@ -68,7 +68,15 @@ from braid.protocol.tunnel import (
     parse_reply,
     parse_request,
 )
-from braid.server.dns import is_answer_to, is_query, is_truncated, message_id, parse_resolv_conf
+from braid.server.dns import (
+    error_answer,
+    is_answer_to,
+    is_query,
+    is_truncated,
+    message_id,
+    parse_resolv_conf,
+    question,
+)
 from braid.server.policy import judge
 from braid.server.state import CONFIG_NAME, Device, ServerConfig, StateDir, StateError, Timeouts
 
@@ -600,6 +608,12 @@ def dns(data: bytes) -> None:
     is_truncated(answer)
     if is_answer_to(answer, query):
         assert answer[:2] == query[:2]
+        assert question(answer)[:3] == question(query)[:3]  # type: ignore[index]
+    asked = question(query)
+    assert asked is None or asked[3] <= len(query)
+    if len(query) >= 12:
+        refusal = error_answer(query, 2)
+        assert refusal[:2] == query[:2] and refusal[3] & 0x0F == 2
     servers = parse_resolv_conf(data.decode(errors="replace"))  # as Resolver reads it
     assert len(servers) <= 3 and len(set(servers)) == len(servers)
 
