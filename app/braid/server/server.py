@@ -26,16 +26,15 @@ from dataclasses import dataclass, fields
 from braid import memory
 from braid.aio import cancel_all, spawn
 from braid.protocol.address import Address
-from braid.protocol.tunnel import (
-    AUTH_OK,
-    Command,
-    ProtocolError,
-    Reply,
-    Request,
-    encode_reply,
-    parse_hello,
-    parse_request,
+from braid.protocol.session import (
+    HelloReceived,
+    Phase,
+    RequestReceived,
+    Role,
+    SessionError,
+    TunnelSession,
 )
+from braid.protocol.tunnel import Command, ProtocolError, Reply, Request, encode_reply
 from braid.server.admission import (
     CLOSED_OR_GARBAGE,
     PER_SOURCE,
@@ -67,9 +66,9 @@ from braid.transport import (
     close_writer,
     is_mptcp,
     mptcp_socket,
+    read_event,
     relay,
 )
-from braid.tunnel_client import read_message
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +355,23 @@ _REPLY_RANK = [
 
 
 @dataclass
+class Authenticated:
+    """A tunnel whose HELLO was accepted: its streams, its device, its session (READY)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    device: Device
+    session: TunnelSession
+
+
+async def _reply_to_bad_request(writer: asyncio.StreamWriter, code: Reply) -> None:
+    """The REPLY a request the session refused calls for (the session has ended), then close."""
+    writer.write(encode_reply(code))
+    await writer.drain()
+    await close_writer(writer)
+
+
+@dataclass
 class Outcome:
     code: Reply
     detail: str
@@ -591,7 +607,7 @@ class BraidServer:
             authenticated = await self._authenticate(conn, source, label, entry)
             if authenticated is None:
                 return
-            reader, writer, device = authenticated
+            writer, device = authenticated.writer, authenticated.device
             label = f"{device.name} from {label}"  # the log names the device
             log.debug("%s: authenticated (mptcp=%s)", label, is_mptcp(sock))
             self._clients[source] += 1
@@ -602,7 +618,7 @@ class BraidServer:
             seen.last_contact, seen.address = time.time(), source
             self._seen_dirty = True
             _current_device.set(seen)
-            await self._serve_request(reader, writer, label)
+            await self._serve_request(authenticated, label)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.debug("%s: connection lost: %r", label, exc)
         except ProtocolError as exc:
@@ -630,7 +646,7 @@ class BraidServer:
 
     async def _authenticate(
         self, conn: _Unauthenticated, source: str, label: str, entry: Pending
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Device] | None:
+    ) -> Authenticated | None:
         """Run the admitted handshake, and let go of its slot whatever happens.
 
         A newer connection may push this one out (see admission.py): its socket
@@ -666,7 +682,7 @@ class BraidServer:
 
     async def _handshake(
         self, conn: _Unauthenticated, source: str, label: str, entry: Pending
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Device] | None:
+    ) -> Authenticated | None:
         """TLS handshake and HELLO within the handshake timeout; None if refused.
 
         A refused peer is dropped without a byte of the protocol: it learns
@@ -686,7 +702,8 @@ class BraidServer:
         protocol = asyncio.StreamReaderProtocol(reader)
         transport: asyncio.BaseTransport | None = None
         failed = False  # a real failure (bad TLS, bad HELLO, wrong token), not just a hang-up
-        spoke = False
+        spoke = timed_out = False
+        session = TunnelSession(Role.SERVER)
         try:
             reason = ""
             try:
@@ -701,27 +718,30 @@ class BraidServer:
                             ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
                         )
                         writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
-                        hello, _ = await read_message(reader, parse_hello)
+                        event = await read_event(reader, session)
+                        assert isinstance(event, HelloReceived)  # all the session allows here
             except TimeoutError:
                 reason = f"no TLS handshake and HELLO within {timeout:g} s"
+                timed_out = True
             except ssl.SSLError as exc:
                 reason = f"TLS handshake failed ({exc.reason or exc})"
                 failed = True
-            except asyncio.IncompleteReadError:
-                reason = "closed the connection without sending a HELLO"
-            except ProtocolError as exc:
-                reason = f"bad HELLO: {exc}"
-                failed = True
+            except SessionError as exc:
+                if exc.closed:
+                    reason = "closed the connection without sending a HELLO"
+                else:
+                    reason = f"bad HELLO: {exc}"
+                    failed = True
             except OSError as exc:
                 reason = f"connection failed: {exc.strerror or exc}"
             else:
                 if not spoke:
                     reason = "closed the connection without sending anything"
-                elif (device := self.devices.match(hello.token)) is not None:
+                elif (device := self.devices.match(event.hello.token)) is not None:
                     self.admission.release(entry)  # authenticated: no longer anyone's to push out
-                    writer.write(AUTH_OK)
+                    writer.write(session.send_auth_ok())
                     await writer.drain()
-                    return reader, writer, device
+                    return Authenticated(reader, writer, device, session)
                 else:
                     reason = "wrong token"
                     failed = True
@@ -736,59 +756,53 @@ class BraidServer:
             self.stats.auth_failures += 1
         else:
             self.stats.cut_short += 1
-        if not spoke and not failed and not reason.startswith("no TLS"):
+        if not spoke and not failed and not timed_out:
             log.debug("%s: %s", label, reason)  # connected and closed: a port scan, say
         else:
             self.warnings.warn(source, f"rejected {label}: {reason}")
         return None
 
-    async def _serve_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str
-    ) -> None:
+    async def _serve_request(self, tunnel: Authenticated, label: str) -> None:
         idle = self.config.timeouts.idle
+        reader, writer, session = tunnel.reader, tunnel.writer, tunnel.session
         try:
             async with asyncio.timeout(idle):
-                first = await reader.readexactly(1)
-                if first[0] not in Command._value2member_map_:
-                    await self._reply(writer, Reply.COMMAND_NOT_SUPPORTED)
-                    log.info("%s: unknown command %d", label, first[0])
-                    return
-                request, _ = await read_message(reader, parse_request, prefix=first)
+                event = await read_event(reader, session)
+                assert isinstance(event, RequestReceived)  # all the session allows here
         except TimeoutError:
             log.debug("%s: no request within %g s, closing the idle tunnel", label, idle)
             await close_writer(writer)
             return
-        except asyncio.IncompleteReadError:
-            log.debug("%s: the client closed an unused tunnel", label)
-            await close_writer(writer)
-            return
-        except ProtocolError as exc:
-            log.info("%s: bad request: %s", label, exc)
-            await self._reply(writer, Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+        except SessionError as exc:
+            if exc.closed and exc.phase is Phase.READY:
+                log.debug("%s: the client closed an unused tunnel", label)
+                await close_writer(writer)
+            elif exc.closed:
+                log.debug("%s: the client closed the tunnel mid-request", label)
+                await close_writer(writer, abort=True)
+            else:
+                log.info("%s: bad request: %s", label, exc)
+                await _reply_to_bad_request(writer, exc.reply or Reply.GENERAL_FAILURE)
             return
 
+        request = event.request
         self.stats.requests += 1
         if request.command == Command.CONNECT:
-            await self._serve_connect(request, reader, writer, label)
+            await self._serve_connect(request, tunnel, label)
         elif request.command == Command.UDP:
-            await self._serve_udp(request, reader, writer, label)
+            await self._serve_udp(request, tunnel, label)
         elif request.command == Command.DNS:
-            await self._serve_dns(reader, writer, label)
+            await self._serve_dns(tunnel, label)
         else:
             log.info("%s: unsupported command %s", label, request.command.name)
-            await self._reply(writer, Reply.COMMAND_NOT_SUPPORTED)
+            await self._reply(tunnel, Reply.COMMAND_NOT_SUPPORTED)
 
-    async def _serve_connect(
-        self,
-        request: Request,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        label: str,
-    ) -> None:
+    async def _serve_connect(self, request: Request, tunnel: Authenticated, label: str) -> None:
+        reader, writer = tunnel.reader, tunnel.writer
         dest = request.address
         outcome = await self._connect(dest)
         if outcome.sock is None:
-            await self._refuse(writer, label, dest, outcome)
+            await self._refuse(tunnel, label, dest, outcome)
             return
 
         target = outcome.sock
@@ -798,10 +812,11 @@ class BraidServer:
             plain = await asyncio.open_connection(sock=target, limit=2**17)
         except OSError as exc:
             target.close()
-            await self._reply(writer, Reply.GENERAL_FAILURE)
+            await self._reply(tunnel, Reply.GENERAL_FAILURE)
             log.info("%s: lost the connection to %s at once: %s", label, dest, exc)
             return
-        writer.write(encode_reply(Reply.SUCCEEDED, Address(str(normalise(host)), port)))
+        bound = Address(str(normalise(host)), port)
+        writer.write(tunnel.session.send_reply(Reply.SUCCEEDED, bound))
         counters = RelayCounters()
         try:
             await relay(
@@ -815,24 +830,20 @@ class BraidServer:
             self._count(counters.up, counters.down)
             log.debug("%s: %s done, %d bytes up, %d down", label, dest, counters.up, counters.down)
 
-    async def _serve_udp(
-        self,
-        request: Request,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        label: str,
-    ) -> None:
+    async def _serve_udp(self, request: Request, tunnel: Authenticated, label: str) -> None:
+        reader, writer = tunnel.reader, tunnel.writer
         dest = request.address
         outcome = await self._open_udp(dest)
         if outcome.sock is None:
-            await self._refuse(writer, label, dest, outcome)
+            await self._refuse(tunnel, label, dest, outcome)
             return
         target = outcome.sock
         counters = DatagramCounters()
         try:
             host, port = target.getpeername()[:2]
             log.debug("%s: UDP to %s (%s)", label, dest, format_hostport(host, port))
-            writer.write(encode_reply(Reply.SUCCEEDED, Address(str(normalise(host)), port)))
+            bound = Address(str(normalise(host)), port)
+            writer.write(tunnel.session.send_reply(Reply.SUCCEEDED, bound))
             pipe = DatagramPipe(reader, writer, self.udp_idle, counters)
             reason = await relay_udp(pipe, target)
             log.debug("%s: UDP to %s ended (%s)", label, dest, reason)
@@ -847,13 +858,11 @@ class BraidServer:
                 counters.datagrams_down,
             )
 
-    async def _serve_dns(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str
-    ) -> None:
+    async def _serve_dns(self, tunnel: Authenticated, label: str) -> None:
         counters = DatagramCounters()
-        writer.write(encode_reply(Reply.SUCCEEDED))
+        tunnel.writer.write(tunnel.session.send_reply(Reply.SUCCEEDED))
         try:
-            pipe = DatagramPipe(reader, writer, self.udp_idle, counters)
+            pipe = DatagramPipe(tunnel.reader, tunnel.writer, self.udp_idle, counters)
             reason = await serve_dns(pipe, self.resolver)
             log.debug("%s: DNS session ended (%s)", label, reason)
         finally:
@@ -866,7 +875,7 @@ class BraidServer:
             )
 
     async def _refuse(
-        self, writer: asyncio.StreamWriter, label: str, dest: Address, outcome: Outcome
+        self, tunnel: Authenticated, label: str, dest: Address, outcome: Outcome
     ) -> None:
         if outcome.code == Reply.NOT_ALLOWED:
             self.stats.refused += 1
@@ -874,13 +883,14 @@ class BraidServer:
         else:
             self.stats.unreachable += 1
             log.debug("%s: cannot reach %s: %s", label, dest, outcome.detail)
-        await self._reply(writer, outcome.code)
+        await self._reply(tunnel, outcome.code)
 
-    async def _reply(self, writer: asyncio.StreamWriter, code: Reply) -> None:
+    @staticmethod
+    async def _reply(tunnel: Authenticated, code: Reply) -> None:
         """Send a failure REPLY and close the tunnel cleanly, so the client reads it."""
-        writer.write(encode_reply(code))
-        await writer.drain()
-        await close_writer(writer)
+        tunnel.writer.write(tunnel.session.send_reply(code))
+        await tunnel.writer.drain()
+        await close_writer(tunnel.writer)
 
     # --- destinations -----------------------------------------------------------------
 
