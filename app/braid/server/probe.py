@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PER_SOURCE_RATE = 50.0  # replies per second; a laptop with 4 links sends 20
 PER_SOURCE_BURST = 100.0
-GLOBAL_RATE = 5000.0  # 42-byte replies: at most about 1.7 Mbit/s in all
+GLOBAL_RATE = 5000.0  # 50-byte replies: at most about 2 Mbit/s in all
 GLOBAL_BURST = 500.0
 LOG_RATE = 1.0  # warnings about wrong-key probes, across all sources
 LOG_BURST = 5.0
