@@ -189,6 +189,25 @@ def test_a_captured_probe_is_never_answered_again() -> None:
     assert len(r._seen) == 0  # forgotten once stale anyway: the memory stays bounded
 
 
+def test_replays_from_the_victims_address_do_not_use_up_its_allowance() -> None:
+    """400 replays a second of one captured probe, spoofed from the laptop's address: its
+    own fresh probes (5 a second per link) are all still answered."""
+    r, transport, clock = responder([hash_token("t")])
+    captured = request("t", 0)
+    r.datagram_received(captured, ("192.0.2.1", 40000))
+    answered = 0
+    for second in range(5):
+        for _ in range(400):
+            r.datagram_received(captured, ("192.0.2.1", 40000))
+        for i in range(5):
+            before = len(transport.sent)
+            r.datagram_received(request("t", 1 + second * 5 + i), ("192.0.2.1", 40001))
+            answered += len(transport.sent) - before
+        clock.now += 1.0
+    assert answered == 25
+    assert r.stats.replayed == 2000 and r.stats.rate_limited == 0
+
+
 def test_wrong_key_warnings_are_capped_in_total() -> None:
     warned: list[str] = []
     r, _, clock = responder([hash_token("t")], warn=lambda source, text: warned.append(source))
