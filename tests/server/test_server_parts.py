@@ -227,3 +227,24 @@ def test_warnings_from_many_sources_are_capped_in_all(monkeypatch, caplog) -> No
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 7
     assert lines[5] == "995 more warnings from other addresses in the last 11 s were not logged"
+
+
+def test_the_soft_limit_of_open_files_is_raised_to_the_hard_one() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))\n"
+        "from braid.server.system import raise_descriptor_limit\n"
+        "print(raise_descriptor_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.split() == ["4096", "4096"], done.stderr
+
+
+def test_the_server_unit_sets_a_descriptor_limit() -> None:
+    from braid.assets import get_asset
+
+    unit = get_asset("systemd", "braid-server.service").read_text()
+    assert "\nLimitNOFILE=65536\n" in unit
