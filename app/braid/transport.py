@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from braid.protocol.session import Event, TunnelSession
 from braid.protocol.tunnel import EOF_FRAME, FRAME_MAX, FrameDecoder, frame_header
 from braid.stall import GUARD
 
@@ -205,6 +206,28 @@ async def _relay(
             counters.down += into_tunnel[0]
         await close_writer(plain[1], abort=not clean)
         await close_writer(tunnel[1], abort=not clean)
+
+
+async def read_event(reader: asyncio.StreamReader, session: TunnelSession) -> Event:
+    """The session's next message event, reading exactly the bytes it still needs, so that
+    whatever follows the message (the flow's frames) stays in ``reader`` for the relay.
+
+    Raises the session's SessionError: for bytes that are not the protocol, and (with
+    ``closed`` set) when the peer closes before the message is complete.
+    """
+    while True:
+        wanted = session.wanted()
+        if wanted <= 0:
+            raise RuntimeError(f"no message to read in phase {session.phase.value}")
+        try:
+            data = await reader.readexactly(wanted)
+        except asyncio.IncompleteReadError as exc:
+            session.receive(exc.partial)  # a garbled start is reported as such
+            session.receive_eof()
+            raise  # not reached: receive_eof raises for every phase that waits for a message
+        events = session.receive(data)
+        if events:
+            return events[0]
 
 
 async def close_writer(writer: asyncio.StreamWriter, abort: bool = False) -> None:

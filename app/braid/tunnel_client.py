@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import errno
 import ipaddress
 import logging
@@ -19,22 +20,20 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 from braid.protocol.address import Address
 from braid.protocol.pairing import Pairing
-from braid.protocol.tunnel import (
-    EOF_FRAME,
-    Command,
-    FrameDecoder,
-    ProtocolError,
-    ReplyMessage,
-    encode_hello,
-    encode_request,
-    frame_header,
-    parse_auth_reply,
-    parse_reply,
+from braid.protocol.session import (
+    AuthAccepted,
+    DataReceived,
+    Phase,
+    ReplyReceived,
+    Role,
+    SessionError,
+    StreamEnded,
+    TunnelSession,
 )
+from braid.protocol.tunnel import Command, ReplyMessage
 from braid.transport import (
     READ_SIZE,
     MptcpUnavailable,
@@ -43,12 +42,11 @@ from braid.transport import (
     fingerprint,
     is_mptcp,
     mptcp_socket,
+    read_event,
 )
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-MESSAGE_MAX = 1024  # far above the longest HELLO, REQUEST or REPLY
 _warned_no_mptcp = False
 
 
@@ -64,27 +62,6 @@ class TunnelError(Exception):
         self.fatal = fatal
 
 
-async def read_message(
-    reader: asyncio.StreamReader,
-    parse: Callable[[bytes], tuple[T, int] | int | None],
-    prefix: bytes = b"",
-) -> tuple[T, int] | int:
-    """Read exactly one message that ``parse`` recognises, and not a byte more.
-
-    Reads byte by byte (cheap: the StreamReader has buffered them) so that
-    the frames that may follow stay in the reader for the relay.
-    Raises asyncio.IncompleteReadError at EOF and ProtocolError on garbage.
-    """
-    buf = bytearray(prefix)
-    while True:
-        parsed = parse(bytes(buf))
-        if parsed is not None:
-            return parsed
-        if len(buf) >= MESSAGE_MAX:
-            raise ProtocolError("message too long")
-        buf += await reader.readexactly(1)
-
-
 class Tunnel:
     """An authenticated connection to braid-server that carries one flow."""
 
@@ -94,6 +71,7 @@ class Tunnel:
         writer: asyncio.StreamWriter,
         sock: socket.socket,
         server: str,
+        session: TunnelSession,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -103,8 +81,8 @@ class Tunnel:
         self.server = server
         self.created = time.monotonic()
         self.local: tuple = writer.get_extra_info("sockname")
-        self._requested = False
-        self._frames = FrameDecoder()  # for the datagram helpers only
+        self.session = session  # authenticated: in phase READY
+        self._ended = False  # the server's end-of-stream frame arrived (datagram helpers)
         self._datagrams: collections.deque[bytes] = collections.deque()
         #: Told the size of every chunk the flow carries (braidd's path management).
         self.on_data: Callable[[int], None] | None = None
@@ -127,38 +105,40 @@ class Tunnel:
 
     def send_request(self, address: Address, command: Command = Command.CONNECT) -> None:
         """Queue the REQUEST without waiting: flow data may follow it at once (pipelining)."""
-        if not isinstance(command, Command):  # e.g. a timeout passed where it used to go
-            raise TypeError(f"command must be a Command, not {command!r}")
-        if self._requested:
-            raise RuntimeError("a tunnel carries a single request")
-        self._requested = True
-        self.writer.write(encode_request(command, address))
+        self.writer.write(self.session.send_request(command, address))
 
     async def read_reply(self, address: Address, timeout: float = 15) -> ReplyMessage:
         """Wait for the server's REPLY to the request for ``address``."""
         try:
             async with asyncio.timeout(timeout):
                 await self.writer.drain()
-                reply, _ = await read_message(self.reader, parse_reply)
+                event = await read_event(self.reader, self.session)
+            if not isinstance(event, ReplyReceived):  # the session allows nothing else here
+                raise SessionError(f"unexpected {event}", Phase.REQUESTED)
         except TimeoutError:
             await self.close(abort=True)
             raise TunnelError(
                 f"the server {self.server} did not answer the request for {address} "
                 f"within {timeout:g} s"
             ) from None
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        except ConnectionError as exc:
             await self.close(abort=True)
             raise TunnelError(
                 f"the server {self.server} closed the tunnel before answering "
                 f"the request for {address}" + _because(exc)
             ) from None
-        except ProtocolError as exc:
+        except SessionError as exc:
             await self.close(abort=True)
+            if exc.closed:
+                raise TunnelError(
+                    f"the server {self.server} closed the tunnel before answering "
+                    f"the request for {address}"
+                ) from None
             raise TunnelError(
                 f"the server {self.server} answered with something that is not Braid's "
                 f"protocol: {exc}"
             ) from None
-        return reply
+        return event.reply
 
     async def request(
         self, address: Address, command: Command = Command.CONNECT, timeout: float = 15
@@ -179,7 +159,7 @@ class Tunnel:
         """
         if not data:
             return
-        self.writer.writelines((frame_header(len(data)), data))
+        self.writer.write(self.session.send_data(data))
         await self.writer.drain()
 
     def queue_datagram(self, data: bytes, backlog: int = 1 << 20) -> bool:
@@ -190,12 +170,12 @@ class Tunnel:
         """
         if not data or self.writer.transport.get_write_buffer_size() > backlog:
             return False
-        self.writer.writelines((frame_header(len(data)), data))
+        self.writer.write(self.session.send_data(data))
         return True
 
     async def end_datagrams(self) -> None:
         """Send the end-of-stream frame: the server then ends the session."""
-        self.writer.write(EOF_FRAME)
+        self.writer.write(self.session.send_end())
         await self.writer.drain()
 
     async def receive_datagram(self) -> bytes | None:
@@ -204,15 +184,21 @@ class Tunnel:
         Raises TunnelError if the tunnel breaks without that end.
         """
         while not self._datagrams:
-            if self._frames.eof:
+            if self._ended:
                 return None
             try:
                 data = await self.reader.read(READ_SIZE)
                 if not data:
-                    raise ConnectionResetError("closed without ending the stream")
-                self._datagrams.extend(self._frames.feed(data))
-            except (OSError, ProtocolError) as exc:  # ssl.SSLError is an OSError
+                    self.session.receive_eof()  # raises: the stream did not end
+                for event in self.session.receive(data):
+                    if isinstance(event, DataReceived):
+                        self._datagrams.append(event.data)
+                    elif isinstance(event, StreamEnded):
+                        self._ended = True
+            except (OSError, SessionError) as exc:  # ssl.SSLError is an OSError
                 await self.close(abort=True)
+                if isinstance(exc, SessionError) and exc.closed:
+                    exc = ConnectionResetError("closed without ending the stream")
                 raise TunnelError(f"the tunnel to {self.server} broke{_because(exc)}") from None
         return self._datagrams.popleft()
 
@@ -231,8 +217,21 @@ def _because(exc: BaseException) -> str:
 def _token_refused(server: str) -> str:
     return (
         f"the server {server} closed the connection after the token was sent: the token "
-        "is wrong or was replaced (run braid-server init --new-token and pair again)"
+        "is wrong or was replaced, or this device was removed (on the server, run "
+        "braid-server device add NAME and pair again with the URI it prints)"
     )
+
+
+class Stage(enum.Enum):
+    """How far ``open_tunnel`` got: what its errors are told apart by."""
+
+    RESOLVE = "resolving {host}"
+    CONNECT = "connecting to {server}"
+    TLS = "in the TLS handshake with {server}"
+    AUTHENTICATE = "waiting for {server} to answer the HELLO"
+
+    def describe(self, pairing: Pairing) -> str:
+        return self.value.format(host=pairing.host, server=pairing.server)
 
 
 def _short(fp: str) -> str:
@@ -390,7 +389,8 @@ async def open_tunnel(
         except ValueError:
             raise TunnelError(f"the local address {bind[0]!r} is not an IP address") from None
         family = socket.AF_INET if version == 4 else socket.AF_INET6
-    phase = f"resolving {pairing.host}"
+    stage = Stage.RESOLVE
+    session = TunnelSession(Role.CLIENT)
     sock: socket.socket | None = None
     writer: asyncio.StreamWriter | None = None
     try:
@@ -403,9 +403,9 @@ async def open_tunnel(
                 kind = "IPv4" if family == socket.AF_INET else "IPv6"
                 local = bind[0] if bind else ""
                 raise TunnelError(f"{pairing.host} has no {kind} address to reach from {local}")
-            phase = f"connecting to {server}"
+            stage = Stage.CONNECT
             sock = await _connect(candidates, server, deadline, bind, bind_device, mptcp, mark)
-            phase = f"in the TLS handshake with {server}"
+            stage = Stage.TLS
             reader, writer = await asyncio.open_connection(
                 sock=sock,
                 ssl=client_tls_context(),
@@ -423,38 +423,44 @@ async def open_tunnel(
                     "or was it re-initialised? (then pair again)",
                     fatal=True,
                 )
-            phase = f"waiting for {server} to answer the HELLO"
-            writer.write(encode_hello(pairing.token))
+            stage = Stage.AUTHENTICATE
+            writer.write(session.send_hello(pairing.token))
             await writer.drain()
-            await read_message(reader, parse_auth_reply)
+            event = await read_event(reader, session)
+            if not isinstance(event, AuthAccepted):  # the session allows nothing else here
+                raise SessionError(f"unexpected {event}", Phase.AUTHENTICATING)
     except TimeoutError:
         _discard(sock, writer)
-        raise TunnelError(f"timed out {phase} (after {timeout:g} s)") from None
-    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        raise TunnelError(f"timed out {stage.describe(pairing)} (after {timeout:g} s)") from None
+    except SessionError as exc:
         _discard(sock, writer)
-        if phase.startswith("waiting for"):
+        if exc.closed and exc.phase is Phase.AUTHENTICATING:
             raise TunnelError(_token_refused(server), fatal=True) from None
-        raise TunnelError(f"{server} closed the connection {phase}{_because(exc)}") from None
+        raise TunnelError(
+            f"{server} answered with something that is not Braid's protocol"
+        ) from None
+    except ConnectionError as exc:
+        _discard(sock, writer)
+        if stage is Stage.AUTHENTICATE:  # dropped after the HELLO: the token was refused
+            raise TunnelError(_token_refused(server), fatal=True) from None
+        raise TunnelError(
+            f"{server} closed the connection {stage.describe(pairing)}{_because(exc)}"
+        ) from None
     except ssl.SSLError as exc:
         _discard(sock, writer)
-        if phase.startswith("waiting for"):  # a close without TLS goodbye
+        if stage is Stage.AUTHENTICATE:  # a close without TLS goodbye
             raise TunnelError(_token_refused(server), fatal=True) from None
         raise TunnelError(
             f"the TLS handshake with {server} failed ({exc.reason or exc}): is it a braid-server?"
         ) from None
-    except ProtocolError:
-        _discard(sock, writer)
-        raise TunnelError(
-            f"{server} answered with something that is not Braid's protocol"
-        ) from None
     except OSError as exc:
         _discard(sock, writer)
-        raise TunnelError(f"error {phase}: {exc.strerror or exc}") from None
+        raise TunnelError(f"error {stage.describe(pairing)}: {exc.strerror or exc}") from None
     except BaseException:
         _discard(sock, writer)
         raise
     assert sock is not None
-    tunnel = Tunnel(reader, writer, sock, server)
+    tunnel = Tunnel(reader, writer, sock, server, session)
     log.debug("tunnel to %s open from %s (mptcp=%s)", server, tunnel.local, tunnel.mptcp)
     return tunnel
 
@@ -468,4 +474,4 @@ def _discard(sock: socket.socket | None, writer: asyncio.StreamWriter | None) ->
             sock.close()
 
 
-__all__ = ["Tunnel", "TunnelError", "open_tunnel", "read_message", "sock_connect"]
+__all__ = ["Stage", "Tunnel", "TunnelError", "open_tunnel", "sock_connect"]

@@ -33,7 +33,7 @@ class Responder(ProbeResponder):
     """The server's responder, with a switch to go silent and an optional filter on seq."""
 
     def __init__(self) -> None:
-        super().__init__(lambda: hash_token(TOKEN))
+        super().__init__(lambda: [hash_token(TOKEN)])
         self.silent = False
         self.drop: Callable[[int], bool] = lambda seq: False
 

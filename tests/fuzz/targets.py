@@ -68,9 +68,17 @@ from braid.protocol.tunnel import (
     parse_reply,
     parse_request,
 )
-from braid.server.dns import is_answer_to, is_query, is_truncated, message_id, parse_resolv_conf
+from braid.server.dns import (
+    error_answer,
+    is_answer_to,
+    is_query,
+    is_truncated,
+    message_id,
+    parse_resolv_conf,
+    question,
+)
 from braid.server.policy import judge
-from braid.server.state import CONFIG_NAME, ServerConfig, StateDir, StateError, Timeouts
+from braid.server.state import CONFIG_NAME, Device, ServerConfig, StateDir, StateError, Timeouts
 
 
 @dataclass(frozen=True)
@@ -455,8 +463,8 @@ def probes(data: bytes) -> None:
     if data[0] % 2 == 0:
         datagram = data[1:]
     else:
-        body = data[1:27]
-        datagram = body + hmac.digest(PROBE_KEY, body, "sha256")[: probe.MAC_SIZE] + data[27:]
+        body = data[1:35]
+        datagram = body + hmac.digest(PROBE_KEY, body, "sha256")[: probe.MAC_SIZE] + data[35:]
     found = probe.parse(PROBE_KEY, datagram)
     if found is None:
         return
@@ -465,17 +473,18 @@ def probes(data: bytes) -> None:
     assert len(reply) == len(datagram)  # never amplifies
     echoed = probe.parse(PROBE_KEY, reply)
     assert echoed is not None and echoed.type is probe.ProbeType.REPLY
-    assert (echoed.link, echoed.seq, echoed.stamp, echoed.nonce) == (
+    assert (echoed.link, echoed.seq, echoed.stamp, echoed.nonce, echoed.sent_ms) == (
         found.link,
         found.seq,
         found.stamp,
         found.nonce,
+        found.sent_ms,
     )
 
 
 def _probe_seeds() -> list[bytes]:
     request = probe.encode_request(PROBE_KEY, 3, 77, 123456789, bytes(range(8)))
-    return [b"\x00" + request, b"\x01" + request[:26], b"\x01" + request[:26] + b"x"]
+    return [b"\x00" + request, b"\x01" + request[:34], b"\x01" + request[:34] + b"x"]
 
 
 # --- files ----------------------------------------------------------------------------
@@ -554,6 +563,7 @@ def _link_store_seeds() -> list[bytes]:
 
 
 SERVER_WORDS = ("format", "listen", "public_host", "token_sha256", "policy", "allow", "deny")
+SERVER_WORDS += ("devices", "name", "added", "first-device")
 SERVER_WORDS += ("timeouts", "handshake", "idle", "connect", "udp_idle", "0.0.0.0:7443", "[::]:1")
 SERVER_WORDS += ("vps.example.org", "2001:db8::5", "ab" * 32, "10.0.0.0/8", "fe80::/10")
 
@@ -575,12 +585,19 @@ def server_config(data: bytes) -> None:
 
 def _server_config_seeds() -> list[bytes]:
     configs = [
-        ServerConfig("0.0.0.0", 7443, "vps.example.org", "ab" * 32),
+        ServerConfig("0.0.0.0", 7443, "vps.example.org", [Device("laptop", "ab" * 32)]),
         ServerConfig(
-            "::", 443, "2001:db8::5", "0f" * 32, ["127.0.0.0/8"], ["10.9.0.0/16"], Timeouts(5, 60)
+            "::",
+            443,
+            "2001:db8::5",
+            [Device("a", "0f" * 32, "2026-01-01"), Device("b.c_d-e", "1f" * 32)],
+            ["127.0.0.0/8"],
+            ["10.9.0.0/16"],
+            Timeouts(5, 60),
         ),
     ]
-    return [raw_json(c.to_json()) for c in configs]
+    old = {"format": 1, "listen": "[::]:1", "public_host": "vps.example.org"}
+    return [raw_json(c.to_json()) for c in configs] + [raw_json({**old, "token_sha256": "ab" * 32})]
 
 
 def dns(data: bytes) -> None:
@@ -591,6 +608,12 @@ def dns(data: bytes) -> None:
     is_truncated(answer)
     if is_answer_to(answer, query):
         assert answer[:2] == query[:2]
+        assert question(answer)[:3] == question(query)[:3]  # type: ignore[index]
+    asked = question(query)
+    assert asked is None or asked[3] <= len(query)
+    if len(query) >= 12:
+        refusal = error_answer(query, 2)
+        assert refusal[:2] == query[:2] and refusal[3] & 0x0F == 2
     servers = parse_resolv_conf(data.decode(errors="replace"))  # as Resolver reads it
     assert len(servers) <= 3 and len(set(servers)) == len(servers)
 

@@ -22,13 +22,26 @@ def test_keys_agree_between_client_and_server() -> None:
 
 
 def test_request_and_reply_round_trip() -> None:
-    data = probe.encode_request(KEY, 3, 2**32 - 1, 2**64 - 1, NONCE)
-    assert len(data) == probe.SIZE and data.startswith(b"BRP1")
+    data = probe.encode_request(KEY, 3, 2**32 - 1, 2**64 - 1, NONCE, sent_ms=2**64 - 1)
+    assert len(data) == probe.SIZE and data.startswith(b"BRP2")
     request = probe.parse(KEY, data)
-    assert request == Probe(ProbeType.REQUEST, 3, 2**32 - 1, 2**64 - 1, NONCE)
+    assert request == Probe(ProbeType.REQUEST, 3, 2**32 - 1, 2**64 - 1, NONCE, 2**64 - 1)
     reply = probe.encode_reply(KEY, request)
     assert len(reply) == len(data)
-    assert probe.parse(KEY, reply) == Probe(ProbeType.REPLY, 3, 2**32 - 1, 2**64 - 1, NONCE)
+    assert probe.parse(KEY, reply) == Probe(
+        ProbeType.REPLY, 3, 2**32 - 1, 2**64 - 1, NONCE, 2**64 - 1
+    )
+
+
+def test_requests_carry_the_wall_clock_and_are_fresh_within_30_s() -> None:
+    before = probe.now_ms()
+    request = probe.parse(KEY, probe.encode_request(KEY, 0, 1, 2, NONCE))
+    assert request is not None and before <= request.sent_ms <= probe.now_ms()
+    assert probe.is_fresh(request)
+    assert probe.is_fresh(request, request.sent_ms + 30_000)
+    assert probe.is_fresh(request, request.sent_ms - 30_000)  # the client's clock runs ahead
+    assert not probe.is_fresh(request, request.sent_ms + 30_001)
+    assert not probe.is_fresh(request, request.sent_ms - 30_001)
 
 
 def test_wrong_key_is_rejected() -> None:
@@ -51,14 +64,14 @@ def test_wrong_sizes_are_rejected() -> None:
 
 
 def test_unknown_type_is_rejected_even_with_a_valid_mac() -> None:
-    body = bytearray(probe.encode_request(KEY, 1, 2, 3, NONCE)[:26])
+    body = bytearray(probe.encode_request(KEY, 1, 2, 3, NONCE)[:34])
     body[4] = 7
     forged = bytes(body) + probe._mac(KEY, bytes(body))
     assert probe.parse(KEY, forged) is None
 
 
 def test_other_magic_is_rejected_even_with_a_valid_mac() -> None:
-    body = b"BRP2" + probe.encode_request(KEY, 1, 2, 3, NONCE)[4:26]
+    body = b"BRP1" + probe.encode_request(KEY, 1, 2, 3, NONCE)[4:34]
     assert probe.parse(KEY, body + probe._mac(KEY, body)) is None
 
 
@@ -78,7 +91,7 @@ def test_parse_never_raises(data: bytes) -> None:
 
 @given(st.binary(min_size=probe.SIZE - 4, max_size=probe.SIZE - 4))
 def test_parse_never_accepts_forgeries(rest: bytes) -> None:
-    assert probe.parse(KEY, b"BRP1" + rest) is None
+    assert probe.parse(KEY, b"BRP2" + rest) is None
 
 
 @given(
@@ -89,5 +102,5 @@ def test_parse_never_accepts_forgeries(rest: bytes) -> None:
     st.binary(min_size=1, max_size=64),
 )
 def test_round_trip_any_fields_and_key(link: int, seq: int, stamp: int, nonce: bytes, key: bytes):
-    parsed = probe.parse(key, probe.encode_request(key, link, seq, stamp, nonce))
-    assert parsed == Probe(ProbeType.REQUEST, link, seq, stamp, nonce)
+    parsed = probe.parse(key, probe.encode_request(key, link, seq, stamp, nonce, sent_ms=stamp))
+    assert parsed == Probe(ProbeType.REQUEST, link, seq, stamp, nonce, stamp)

@@ -52,7 +52,7 @@ class Clock:
 
 def responder(token: list[str], **kwargs) -> tuple[ProbeResponder, FakeTransport, Clock]:
     clock = Clock()
-    r = ProbeResponder(lambda: token[0], clock=clock, **kwargs)
+    r = ProbeResponder(lambda: token, clock=clock, **kwargs)
     transport = FakeTransport()
     r.connection_made(transport)  # type: ignore[arg-type]
     return r, transport, clock
@@ -69,7 +69,12 @@ def test_answers_with_the_same_size_and_fields() -> None:
     [(reply, addr)] = transport.sent
     assert addr == ("192.0.2.1", 40000) and len(reply) == len(data)
     assert probe.parse(probe.key_from_token("t"), reply) == Probe(
-        ProbeType.REPLY, 7, 99, 123456789, NONCE
+        ProbeType.REPLY,
+        7,
+        99,
+        123456789,
+        NONCE,
+        probe.parse(probe.key_from_token("t"), data).sent_ms,
     )
 
 
@@ -127,6 +132,80 @@ def test_the_key_follows_the_stored_hash() -> None:
     r.datagram_received(request("new", 3), ("192.0.2.1", 40000))
     assert len(transport.sent) == 2 and r.stats.wrong_key == 1
     assert probe.parse(probe.key_from_token("new"), transport.sent[1][0]) is not None
+
+
+def test_every_device_has_its_own_key_and_a_removed_one_stops_at_once() -> None:
+    hashes = [hash_token("laptop"), hash_token("phone"), hash_token("tablet")]
+    r, transport, _ = responder(hashes)
+    for seq, name in enumerate(("laptop", "phone", "tablet")):
+        r.datagram_received(request(name, seq), ("192.0.2.1", 40000))
+    assert len(transport.sent) == 3
+    for (reply, _), name in zip(transport.sent, ("laptop", "phone", "tablet"), strict=True):
+        assert probe.parse(probe.key_from_token(name), reply) is not None  # under its own key
+    hashes.remove(hash_token("phone"))
+    r.datagram_received(request("phone", 10), ("192.0.2.1", 40000))
+    assert len(transport.sent) == 3 and r.stats.wrong_key == 1
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.ms = probe.now_ms()
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def test_probes_outside_30_s_of_the_server_clock_are_refused() -> None:
+    wall = WallClock()
+    r, transport, _ = responder([hash_token("t")], wall_ms=wall)
+    key = probe.key_from_token("t")
+    old = probe.encode_request(key, 0, 1, 1, os.urandom(8), sent_ms=wall.ms - 31_000)
+    ahead = probe.encode_request(key, 0, 2, 1, os.urandom(8), sent_ms=wall.ms + 31_000)
+    skewed = probe.encode_request(key, 0, 3, 1, os.urandom(8), sent_ms=wall.ms + 29_000)
+    for data in (old, ahead, skewed):
+        r.datagram_received(data, ("192.0.2.1", 40000))
+    assert len(transport.sent) == 1 and r.stats.stale == 2
+
+
+def test_a_captured_probe_is_never_answered_again() -> None:
+    """Not after 10000 newer probes (the old memory of 8192 forgot it), nor once it is
+    forgotten: by then it is stale."""
+    wall = WallClock()
+    r, transport, clock = responder(
+        [hash_token("t")], wall_ms=wall, per_source_rate=1e6, per_source_burst=1e6,
+        global_rate=1e6, global_burst=1e6,
+    )  # fmt: skip
+    captured = request("t", 0)
+    r.datagram_received(captured, ("192.0.2.1", 40000))
+    for seq in range(1, 10_001):
+        r.datagram_received(request("t", seq), ("192.0.2.2", 40000))
+    assert len(transport.sent) == 10_001
+    for step in range(0, 70_000, 5_000):  # replayed every 5 s for 70 s
+        wall.ms += 5_000 if step else 0
+        clock.now += 5 if step else 0
+        r.datagram_received(captured, ("192.0.2.1", 40000))
+    assert len(transport.sent) == 10_001
+    assert r.stats.replayed + r.stats.stale == 14 and r.stats.stale > 0
+    assert len(r._seen) == 0  # forgotten once stale anyway: the memory stays bounded
+
+
+def test_replays_from_the_victims_address_do_not_use_up_its_allowance() -> None:
+    """400 replays a second of one captured probe, spoofed from the laptop's address: its
+    own fresh probes (5 a second per link) are all still answered."""
+    r, transport, clock = responder([hash_token("t")])
+    captured = request("t", 0)
+    r.datagram_received(captured, ("192.0.2.1", 40000))
+    answered = 0
+    for second in range(5):
+        for _ in range(400):
+            r.datagram_received(captured, ("192.0.2.1", 40000))
+        for i in range(5):
+            before = len(transport.sent)
+            r.datagram_received(request("t", 1 + second * 5 + i), ("192.0.2.1", 40001))
+            answered += len(transport.sent) - before
+        clock.now += 1.0
+    assert answered == 25
+    assert r.stats.replayed == 2000 and r.stats.rate_limited == 0
 
 
 def test_wrong_key_warnings_are_capped_in_total() -> None:
@@ -210,13 +289,17 @@ def test_server_answers_an_authentic_probe(env: Env, source: str) -> None:
     with client(env, source) as sock:
         [reply] = exchange(sock, [probe.encode_request(key, 2, 5, 777, nonce)])
     assert len(reply) == probe.SIZE
-    assert probe.parse(key, reply) == Probe(ProbeType.REPLY, 2, 5, 777, nonce)
+    parsed = probe.parse(key, reply)
+    assert parsed is not None
+    assert (parsed.type, parsed.link, parsed.seq, parsed.stamp, parsed.nonce) == (
+        ProbeType.REPLY, 2, 5, 777, nonce
+    )  # fmt: skip
 
 
 @pytest.mark.netns
 def test_server_ignores_wrong_key_and_garbage(env: Env) -> None:
     wrong = probe.key_from_token("w" * 43)
-    junk = [b"", b"x", b"BRP1" + os.urandom(38), os.urandom(42), os.urandom(1200)]
+    junk = [b"", b"x", b"BRP2" + os.urandom(46), os.urandom(probe.SIZE), os.urandom(1200)]
     with client(env, CLIENTS_V4[1]) as sock:
         port = sock.getsockname()[1]
         assert exchange(sock, [probe.encode_request(wrong, 0, 1, 1, NONCE), *junk]) == []

@@ -27,12 +27,16 @@ from braid.protocol.pairing import Pairing
 from braid.protocol.tunnel import Command, Reply
 from braid.server.dns import (
     FALLBACK_NAMESERVERS,
+    MAX_IN_FLIGHT,
     Resolver,
+    error_answer,
     is_answer_to,
     is_query,
     is_truncated,
     message_id,
+    opcode,
     parse_resolv_conf,
+    question,
 )
 from braid.tunnel_client import Tunnel, open_tunnel
 
@@ -49,6 +53,8 @@ HOST = "host.braid.test"
 BIG = "big.braid.test"
 SLOW = "slow.braid.test"
 SLOW_DELAY = 0.5
+SPOOFED = "spoofed.braid.test"  # first comes an answer to another question, with the right id
+SPOOF_V4 = "198.18.0.66"
 HOST_V4 = "198.18.0.99"
 HOST_V6 = ("2001:db8::99", "2001:db8::9a")
 
@@ -60,11 +66,11 @@ def encode_name(name: str) -> bytes:
     return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
 
 
-def build_query(ident: int, name: str, qtype: int) -> bytes:
+def build_query(ident: int, name: str, qtype: int, *, op: int = 0, qclass: int = 1) -> bytes:
     return (
-        struct.pack("!6H", ident, 0x0100, 1, 0, 0, 0)
+        struct.pack("!6H", ident, 0x0100 | op << 11, 1, 0, 0, 0)
         + encode_name(name)
-        + struct.pack("!2H", qtype, 1)
+        + struct.pack("!2H", qtype, qclass)
     )
 
 
@@ -94,7 +100,7 @@ def big_txt() -> list[tuple[int, bytes]]:
 
 
 def answer_records(name: str, qtype: int) -> list[tuple[int, bytes]]:
-    if name in (HOST, SLOW) and qtype == A:
+    if name in (HOST, SLOW, SPOOFED) and qtype == A:
         return [(A, ipaddress.ip_address(HOST_V4).packed)]
     if name == HOST and qtype == AAAA:
         return [(AAAA, ipaddress.ip_address(a).packed) for a in HOST_V6]
@@ -140,6 +146,39 @@ def test_message_helpers() -> None:
     assert not is_truncated(b"\x00")
 
 
+def test_question_matching() -> None:
+    query = build_query(7, "Host.Braid.Test", A)
+    assert question(query)[:3] == (encode_name("host.braid.test"), A, 1)  # type: ignore[index]
+    answer = build_answer(build_query(7, "hOST.braid.TEST", A), answer_records(HOST, A))
+    assert is_answer_to(answer, query)  # names compare case-insensitively (0x20 encoding)
+    for other in (
+        build_query(7, "other.braid.test", A),
+        build_query(7, HOST, AAAA),
+        build_query(7, HOST, A, qclass=3),
+    ):
+        assert not is_answer_to(build_answer(other, []), query)
+    no_question = struct.pack("!6H", 7, 0x8180, 0, 0, 0, 0)
+    assert not is_answer_to(no_question, query)
+    two = struct.pack("!6H", 7, 0x0100, 2, 0, 0, 0) + query[12:] + query[12:]
+    assert question(two) is None
+    pointer = struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c" + struct.pack("!2H", A, 1)
+    assert question(pointer) is None
+    long_name = struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + (b"\x3f" + b"a" * 63) * 5 + b"\0"
+    assert question(long_name + struct.pack("!2H", A, 1)) is None  # over 255 bytes
+    assert question(query[:-1]) is None
+
+
+def test_error_answers_repeat_the_id_and_question() -> None:
+    query = build_query(0xABCD, HOST, A, op=5)  # UPDATE
+    notimp = error_answer(query, 4)
+    assert message_id(notimp) == 0xABCD and notimp[2] & 0x80 and opcode(notimp) == 5
+    assert notimp[3] & 0x0F == 4
+    assert notimp[12:] == query[12:]
+    servfail = error_answer(build_query(1, HOST, A), 2)
+    assert is_answer_to(servfail, build_query(1, HOST, A)) and servfail[3] & 0x0F == 2
+    assert error_answer(query[:12], 1)[4:] == bytes(8)  # no question to repeat
+
+
 def test_resolver_follows_resolv_conf(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "resolv.conf"
     path.write_text("nameserver 192.0.2.53\nnameserver 2001:db8::53\n")
@@ -174,9 +213,11 @@ class Responder:
     """Answers over UDP and TCP, and keeps every answer it sent, by transport and id."""
 
     sent: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    received: list[bytes] = field(default_factory=list)
     closers: list = field(default_factory=list)
 
     def answer(self, query: bytes, transport: str) -> bytes:
+        self.received.append(query)
         name, qtype, _ = parse_question(query)
         records = answer_records(name, qtype)
         truncated = transport == "udp" and sum(len(r) for _, r in records) > 1200
@@ -193,8 +234,14 @@ class Responder:
                 self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
 
             def datagram_received(self, data: bytes, addr: tuple) -> None:
-                delay = SLOW_DELAY if parse_question(data)[0] == SLOW else 0
+                name = parse_question(data)[0]
+                delay = SLOW_DELAY if name == SLOW else 0
                 reply = responder.answer(data, "udp")
+                if name == SPOOFED:  # the right id, another question: must not be taken
+                    other = build_query(message_id(data), "other.braid.test", A)
+                    rdata = ipaddress.ip_address(SPOOF_V4).packed
+                    self.transport.sendto(build_answer(other, [(A, rdata)]), addr)
+                    delay = 0.1
                 loop.call_later(delay, self.transport.sendto, reply, addr)
 
         async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -344,3 +391,69 @@ def test_idle_dns_session_ends_with_an_end_of_stream_frame(world: World) -> None
 
     assert world.run(scenario()) is None
     world.server.wait_for_log("DNS session ended (idle)")
+
+
+@netns
+def test_an_answer_to_another_question_is_not_taken(world: World) -> None:
+    async def scenario() -> bytes | None:
+        tunnel = await _open_dns(world.pairing)
+        try:
+            await tunnel.send_datagram(build_query(0x5151, SPOOFED, A))
+            return await _receive(tunnel)
+        finally:
+            await tunnel.close()
+
+    answer = world.run(scenario())
+    assert answer == world.responder.sent[("udp", 0x5151)]
+    assert ipaddress.ip_address(HOST_V4).packed in answer
+    assert ipaddress.ip_address(SPOOF_V4).packed not in answer
+
+
+@netns
+def test_only_standard_queries_reach_the_nameserver(world: World) -> None:
+    ops = {1: 0x6001, 2: 0x6002, 4: 0x6004, 5: 0x6005}  # IQUERY, STATUS, NOTIFY, UPDATE
+
+    async def scenario() -> list[bytes | None]:
+        tunnel = await _open_dns(world.pairing)
+        try:
+            for op, ident in ops.items():
+                await tunnel.send_datagram(build_query(ident, HOST, A, op=op))
+            await tunnel.send_datagram(struct.pack("!6H", 0x6006, 0x0100, 0, 0, 0, 0))
+            return [await _receive(tunnel, 2) for _ in range(len(ops) + 1)]
+        finally:
+            await tunnel.close()
+
+    before = len(world.responder.received)
+    answers = world.run(scenario())
+    by_id = {message_id(a): a for a in answers if a}
+    for op, ident in ops.items():
+        assert by_id[ident][3] & 0x0F == 4 and opcode(by_id[ident]) == op  # NOTIMP
+    assert by_id[0x6006][3] & 0x0F == 1  # no question: FORMERR
+    received = world.responder.received[before:]
+    assert not any(message_id(q) in ops.values() for q in received)
+
+
+@netns
+def test_queries_over_the_limit_get_servfail_at_once(world: World) -> None:
+    count = 200
+
+    async def scenario() -> tuple[list[bytes], float]:
+        tunnel = await _open_dns(world.pairing)
+        try:
+            started = asyncio.get_running_loop().time()
+            for ident in range(1, count + 1):
+                await tunnel.send_datagram(build_query(0x7000 + ident, SLOW, A))
+            answers = [await _receive(tunnel) for _ in range(count)]
+            return answers, asyncio.get_running_loop().time() - started
+        finally:
+            await tunnel.close()
+
+    answers, took = world.run(scenario())
+    assert len({message_id(a) for a in answers}) == count  # every query got an answer
+    servfail = [a for a in answers if a[3] & 0x0F == 2]
+    answered = [a for a in answers if a[3] & 0x0F == 0]
+    assert len(answered) >= MAX_IN_FLIGHT and len(servfail) + len(answered) == count
+    assert len(servfail) >= count - 2 * MAX_IN_FLIGHT
+    # The SERVFAILs came before the slow answers: at once, not after a timeout.
+    assert all(answers.index(a) < answers.index(answered[0]) for a in servfail[:10])
+    assert took < SLOW_DELAY * 4

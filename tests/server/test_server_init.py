@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from braid.protocol.pairing import parse_pairing
 from braid.server.cli import main
 from braid.server.state import (
+    Device,
     ServerConfig,
     StateDir,
     StateError,
@@ -52,10 +53,12 @@ def test_init_writes_the_state_and_prints_the_uri_last(tmp_path: Path, capsys) -
     assert sorted(p.name for p in state.iterdir()) == ["cert.pem", "key.pem", "server.json"]
 
     config = json.loads((state / "server.json").read_text())
-    assert config["format"] == 1
+    assert config["format"] == 2
     assert config["listen"] == "[::]:7443"
     assert config["public_host"] == "vps.example.org"
-    assert config["token_sha256"] == hashlib.sha256(pairing.token.encode()).hexdigest()
+    [device] = config["devices"]
+    assert device["name"] == "first-device"
+    assert device["token_sha256"] == hashlib.sha256(pairing.token.encode()).hexdigest()
     assert pairing.token not in (state / "server.json").read_text()
     assert config["policy"] == {"allow": [], "deny": []}
     assert config["timeouts"] == {
@@ -73,6 +76,9 @@ def test_init_writes_the_state_and_prints_the_uri_last(tmp_path: Path, capsys) -
     assert san.get_values_for_type(x509.DNSName) == ["vps.example.org"]
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime.days >= 3649
+    # Nothing tells a scanner what serves: the subject is the host name alone.
+    assert cert.subject.rfc4514_string() == "CN=vps.example.org" == cert.issuer.rfc4514_string()
+    assert b"braid" not in cert.public_bytes(Encoding.DER).lower()
 
 
 def test_listen_address_is_the_host_when_not_a_wildcard(tmp_path: Path, capsys) -> None:
@@ -126,9 +132,9 @@ def test_new_token_replaces_only_the_token(tmp_path: Path, capsys) -> None:
     assert new.token != old.token
     after = files(state)
     assert after["cert.pem"] == before["cert.pem"] and after["key.pem"] == before["key.pem"]
-    config = StateDir(state).load()
-    assert token_matches(new.token.encode(), config.token_sha256)
-    assert not token_matches(old.token.encode(), config.token_sha256)
+    [device] = StateDir(state).load().devices
+    assert token_matches(new.token.encode(), device.token_sha256)
+    assert not token_matches(old.token.encode(), device.token_sha256)
 
 
 def test_show(tmp_path: Path, capsys) -> None:
@@ -153,7 +159,19 @@ def test_show_on_a_missing_dir_is_one_line(tmp_path: Path, capsys) -> None:
     [
         ({"format": 99}, "format 99"),
         ({"listen": "nonsense"}, "expected ADDRESS:PORT"),
-        ({"token_sha256": "abc"}, "token_sha256"),
+        ({"devices": [{"name": "a", "token_sha256": "abc"}]}, "token_sha256 must be 64"),
+        ({"devices": [{"name": "a b", "token_sha256": "ab" * 32}]}, "not a device name"),
+        ({"devices": "x"}, "devices must be a list"),
+        (
+            {
+                "devices": [
+                    {"name": "A", "token_sha256": "ab" * 32},
+                    {"name": "a", "token_sha256": "cd" * 32},
+                ]
+            },
+            "same name",
+        ),
+        ({"format": 1, "token_sha256": "abc"}, "token_sha256"),
         ({"policy": {"allow": ["x"]}}, "allow: 'x'"),
         ({"timeouts": {"idle": -1}}, "timeouts.idle"),
         # Found by the fuzzer (tests/fuzz): NaN passed "<= 0" and broke asyncio's timers,
@@ -192,7 +210,8 @@ def test_unparsable_config_is_a_state_error(tmp_path: Path, content: bytes, mess
 
 
 def test_config_round_trip() -> None:
-    config = ServerConfig("::", 7443, "vps.example.org", hash_token("t" * 43), ["10.0.0.0/8"], [])
+    devices = [Device("laptop", hash_token("t" * 43), "2026-01-01T00:00:00+00:00")]
+    config = ServerConfig("::", 7443, "vps.example.org", devices, ["10.0.0.0/8"], [])
     assert ServerConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
 
 

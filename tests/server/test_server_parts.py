@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from braid.server import server as server_module
-from braid.server.server import Stats, TokenHash, WarningLimiter
-from braid.server.state import ServerConfig, StateDir, hash_token
+from braid.server.server import Devices, Stats, WarningLimiter
+from braid.server.state import Device, ServerConfig, StateDir, hash_token
 
 
 class FakeClock:
@@ -50,20 +50,51 @@ def test_warning_limiter_memory_is_bounded(monkeypatch) -> None:
     assert len(limiter._last) <= 100
 
 
-def test_token_hash_follows_server_json(tmp_path: Path) -> None:
+def test_devices_follow_server_json(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
-    config = ServerConfig("192.0.2.1", 7443, "192.0.2.1", hash_token("a" * 43))
-    tmp_path.mkdir(exist_ok=True)
+    laptop = Device("laptop", hash_token("a" * 43))
+    config = ServerConfig("192.0.2.1", 7443, "192.0.2.1", [laptop])
     state.save(config)
-    tokens = TokenHash(config, state)
-    assert tokens.get() == hash_token("a" * 43)
-    config.token_sha256 = hash_token("b" * 43)
+    devices = Devices(config, state)
+    assert devices.match(b"a" * 43) == laptop
+    assert devices.match(b"b" * 43) is None
+    phone = Device("phone", hash_token("b" * 43))
+    config.devices = [laptop, phone]
     state.save(config)
     os.utime(state.config_path, ns=(1, 1))  # a different mtime even on coarse clocks
-    assert tokens.get() == hash_token("b" * 43)
-    state.config_path.write_text("{broken")
+    assert devices.match(b"b" * 43) == phone
+    assert devices.current(laptop) and devices.current(phone)
+    config.devices = [phone]
+    state.save(config)
     os.utime(state.config_path, ns=(2, 2))
-    assert tokens.get() == hash_token("b" * 43)  # keeps the last good one
+    assert devices.match(b"a" * 43) is None
+    assert not devices.current(laptop) and devices.current(phone)
+    assert devices.hashes() == [phone.token_sha256]
+    state.config_path.write_text("{broken")
+    os.utime(state.config_path, ns=(3, 3))
+    assert devices.match(b"b" * 43) == phone  # keeps the last good list
+
+
+def test_an_old_server_json_upgrades_in_place(tmp_path: Path) -> None:
+    import json
+
+    old = {
+        "format": 1,
+        "listen": "[::]:7443",
+        "public_host": "vps.example.org",
+        "token_sha256": hash_token("old" * 14),
+        "policy": {"allow": ["198.18.0.0/15"], "deny": []},
+        "timeouts": {"handshake": 5, "idle": 60, "connect": 10, "udp_idle": 120},
+    }
+    (tmp_path / "server.json").write_text(json.dumps(old))
+    config = StateDir(tmp_path).load()
+    assert config.devices == [Device("first-device", hash_token("old" * 14), "")]
+    assert config.allow == ["198.18.0.0/15"] and config.timeouts.handshake == 5
+    written = json.loads((tmp_path / "server.json").read_text())
+    assert written["format"] == 2 and "token_sha256" not in written
+    assert written["devices"][0]["token_sha256"] == old["token_sha256"]
+    assert StateDir(tmp_path).load() == config
+    assert Devices(config, StateDir(tmp_path)).match(("old" * 14).encode()) is not None
 
 
 def test_stats_summary() -> None:
@@ -113,32 +144,107 @@ def test_server_tls_sends_nothing_after_the_handshake(tmp_path: Path) -> None:
         client.read(1)
 
 
-def test_penalty_slows_down_an_address_that_keeps_failing(monkeypatch) -> None:
-    from braid.server import server as server_module
+def test_admission_drops_silent_handshakes_of_the_same_source_first() -> None:
+    from braid.server.admission import Admission
 
-    now = [1000.0]
-    monkeypatch.setattr(server_module.time, "monotonic", lambda: now[0])
-    penalty = server_module.Penalty(free=3, window=60, maximum=8)
-    for _ in range(3):
-        assert penalty.delay("198.18.0.9") == 0
-        penalty.failed("198.18.0.9")
-    delays = []
-    for _ in range(6):
-        delays.append(penalty.delay("198.18.0.9"))
-        penalty.failed("198.18.0.9")
-    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
-    assert penalty.delay("198.18.0.10") == 0  # others are not affected
-    now[0] += 61
-    assert penalty.delay("198.18.0.9") == 0  # forgotten after the window
-    penalty.failed("198.18.0.11")
-    penalty.succeeded("198.18.0.11")
-    assert penalty.delay("198.18.0.11") == 0
+    admission = Admission(per_source=3, total=10)
+    dropped: list[str] = []
+    talker, _ = admission.admit("198.18.0.9", lambda: dropped.append("talker"))
+    talker.spoke = True
+    for i in range(2):
+        admission.admit("198.18.0.9", lambda i=i: dropped.append(f"silent{i}"))
+    for i in range(5):
+        admission.admit("198.18.0.9", lambda i=i: dropped.append(f"new{i}"))
+    # The source never holds more than 3; the silent ones went first, the one that spoke stays.
+    assert len(admission) == 3
+    assert dropped[:2] == ["silent0", "silent1"]
+    assert "talker" not in dropped
+    assert admission.dropped == 5
 
 
-def test_penalty_memory_is_bounded() -> None:
-    from braid.server.server import Penalty
+def test_admission_total_takes_from_the_heaviest_source() -> None:
+    from braid.server.admission import Admission
 
-    penalty = Penalty(max_sources=100)
-    for i in range(1000):
-        penalty.failed(f"198.18.{i // 256}.{i % 256}")
-    assert len(penalty._failures) == 100
+    admission = Admission(per_source=8, total=10)
+    dropped: list[str] = []
+    for i in range(8):
+        admission.admit("198.18.0.66", lambda i=i: dropped.append(f"flood{i}"))
+    mine, _ = admission.admit("198.18.0.7", lambda: dropped.append("mine"))
+    admission.admit("198.18.0.8", lambda: dropped.append("other"))
+    for i in range(8):
+        admission.admit(f"198.18.1.{i}", lambda i=i: dropped.append(f"new{i}"))
+    assert len(admission) == 10
+    assert "mine" not in dropped and "other" not in dropped
+    assert dropped[:8] == [f"flood{i}" for i in range(8)]
+    admission.release(mine)
+    admission.release(mine)  # idempotent
+    assert len(admission) == 9
+
+
+def test_admission_counts_an_ipv6_64_as_one_source() -> None:
+    from braid.server.admission import Admission, source_key
+
+    assert source_key("2001:db8:1:2::5") == source_key("2001:db8:1:2:ffff::1")
+    admission = Admission(per_source=2, total=100)
+    dropped: list[int] = []
+    for i in range(10):
+        admission.admit(f"2001:db8:1:2::{i + 1:x}", lambda i=i: dropped.append(i))
+    assert len(admission) == 2 and admission.sources() == 1
+    assert dropped == list(range(8))
+
+
+def test_admission_memory_is_bounded_and_released() -> None:
+    from braid.server.admission import Admission
+
+    admission = Admission(per_source=4, total=100)
+    entries = [
+        admission.admit(f"198.18.{i // 256}.{i % 256}", lambda: None)[0] for i in range(5000)
+    ]
+    assert len(admission) == 100 and admission.sources() == 100
+    for entry in entries:
+        admission.release(entry)
+    assert len(admission) == 0 and admission.sources() == 0
+
+
+def test_admission_limits_follow_the_descriptor_limit() -> None:
+    from braid.server.server import admission_for
+
+    assert admission_for(None).total == 512
+    assert admission_for(1024).total == 128
+    assert admission_for(64).total == 16
+    assert admission_for(1 << 20).total == 512
+
+
+def test_warnings_from_many_sources_are_capped_in_all(monkeypatch, caplog) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(server_module.time, "monotonic", clock)
+    limiter = WarningLimiter(interval=10, max_lines=5)
+    with caplog.at_level(logging.WARNING, logger="braid.server.server"):
+        for i in range(1000):
+            limiter.warn(f"2001:db8:{i:x}::1", "rejected: wrong token")
+        clock.now += 11
+        limiter.warn("198.18.0.1", "rejected: wrong token")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 7
+    assert lines[5] == "995 more warnings from other addresses in the last 11 s were not logged"
+
+
+def test_the_soft_limit_of_open_files_is_raised_to_the_hard_one() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))\n"
+        "from braid.server.system import raise_descriptor_limit\n"
+        "print(raise_descriptor_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.split() == ["4096", "4096"], done.stderr
+
+
+def test_the_server_unit_sets_a_descriptor_limit() -> None:
+    from braid.assets import get_asset
+
+    unit = get_asset("systemd", "braid-server.service").read_text()
+    assert "\nLimitNOFILE=65536\n" in unit

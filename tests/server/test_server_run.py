@@ -240,7 +240,7 @@ def test_wrong_token_is_dropped_without_a_byte(world: World) -> None:
     with pytest.raises(TunnelError) as info:
         world.run(open_tunnel(bad))
     assert "token is wrong or was replaced" in str(info.value)
-    assert "--new-token" in str(info.value)
+    assert "braid-server device add NAME" in str(info.value)
     assert info.value.fatal
 
 

@@ -1,26 +1,35 @@
-"""The braid-server command: ``init`` once, ``show`` any time, ``run`` under systemd."""
+"""The braid-server command: ``init`` once, ``device add/list/remove`` for each device,
+``show`` any time, ``run`` under systemd."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import os
 import ssl
 import sys
+import time
 
 import braid
 from braid.protocol.pairing import Pairing
 from braid.server.state import (
+    MAX_DEVICES,
+    Device,
     ServerConfig,
     StateDir,
     StateError,
+    check_device_name,
     check_public_host,
     hash_token,
     is_wildcard,
     new_token,
+    now_iso,
     parse_listen,
+    read_seen,
 )
+from braid.units import format_bytes
 
 log = logging.getLogger("braid.server")
 
@@ -48,10 +57,27 @@ def _parser() -> argparse.ArgumentParser:
         help="name or address clients connect to (needed when listening on all addresses)",
     )
     init.add_argument(
+        "--device",
+        default="first-device",
+        metavar="NAME",
+        help="name of the first device (default: first-device)",
+    )
+    init.add_argument(
         "--new-token",
         action="store_true",
-        help="replace the token of an initialised server (the old one stops working)",
+        help="replace the token of a server's only device (the old one stops working)",
     )
+
+    device = sub.add_parser("device", help="add, list or remove the devices that may connect")
+    device_sub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    add = device_sub.add_parser("add", help="add a device and print its pairing URI")
+    add.add_argument("name", metavar="NAME", help="e.g. alice-laptop")
+    add.add_argument("--state-dir", required=True, metavar="DIR")
+    listing = device_sub.add_parser("list", help="each device's last contact, tunnels and bytes")
+    listing.add_argument("--state-dir", required=True, metavar="DIR")
+    remove = device_sub.add_parser("remove", help="remove a device: it is cut off at once")
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--state-dir", required=True, metavar="DIR")
 
     show = sub.add_parser("show", help="print the server's address and certificate fingerprint")
     show.add_argument("--state-dir", required=True, metavar="DIR")
@@ -81,11 +107,21 @@ def cmd_init(args: argparse.Namespace) -> int:
             )
             print(f"  braid-server init --state-dir {args.state_dir} --new-token")
             return 0
+        if len(config.devices) != 1:
+            raise CliError(
+                f"this server has {len(config.devices)} devices: replace one device's token "
+                f"with: braid-server device remove NAME --state-dir {args.state_dir}, then "
+                f"braid-server device add NAME --state-dir {args.state_dir}"
+            )
         token = new_token()
         fp = state.fingerprint()
-        config.token_sha256 = hash_token(token)
+        old = config.devices[0]
+        config.devices = [Device(old.name, hash_token(token), now_iso())]
         _save(state, config)
-        print(f"Replaced the token of {state.path}: clients paired before must pair again.")
+        print(
+            f"Replaced the token of {old.name} on {state.path}: "
+            "clients paired before must pair again."
+        )
         print("Pair a client with this URI (keep it secret, it is shown only once):")
         print(_pairing(config, fp, token).uri())
         return 0
@@ -103,10 +139,11 @@ def cmd_init(args: argparse.Namespace) -> int:
             )
         else:
             public = host
+        name = check_device_name(args.device)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     token = new_token()
-    config = ServerConfig(host, port, public, hash_token(token))
+    config = ServerConfig(host, port, public, [Device(name, hash_token(token), now_iso())])
     try:
         state.create(config)
     except OSError as exc:
@@ -116,7 +153,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"Listening on {config.listen}; clients connect to {public}:{port}")
     print(f"Certificate fingerprint (SHA-256): {fp}")
     print(f"Start the server with: braid-server run --state-dir {args.state_dir}")
-    print("Pair a client with this URI (keep it secret, it is shown only once):")
+    print(f"Add more devices with: braid-server device add NAME --state-dir {args.state_dir}")
+    print(f"Pair the device {name} with this URI (keep it secret, it is shown only once):")
     print(_pairing(config, fp, token).uri())
     return 0
 
@@ -128,6 +166,92 @@ def _save(state: StateDir, config: ServerConfig) -> None:
         raise CliError(f"cannot write {state.config_path}: {exc.strerror or exc}") from None
 
 
+def cmd_device(args: argparse.Namespace) -> int:
+    state = StateDir(args.state_dir)
+    config = state.load()
+    if args.device_command == "list":
+        return _list_devices(state, config)
+    try:
+        name = check_device_name(args.name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    existing = config.device(name)
+    if args.device_command == "add":
+        if existing is not None:
+            raise CliError(
+                f"there is already a device called {existing.name}; to give it a new token, "
+                f"remove it first (braid-server device remove {existing.name} "
+                f"--state-dir {args.state_dir})"
+            )
+        if len(config.devices) >= MAX_DEVICES:
+            raise CliError(f"this server has {MAX_DEVICES} devices already; remove one first")
+        token = new_token()
+        fp = state.fingerprint()
+        config.devices = [*config.devices, Device(name, hash_token(token), now_iso())]
+        _save(state, config)
+        print(f"Added the device {name}; a running server accepts it at once.")
+        print(f"Pair {name} with this URI (keep it secret, it is shown only once):")
+        print(_pairing(config, fp, token).uri())
+        return 0
+    if existing is None:
+        names = ", ".join(d.name for d in config.devices) or "none"
+        raise CliError(f"there is no device called {name} (devices: {names})")
+    config.devices = [d for d in config.devices if d is not existing]
+    _save(state, config)
+    print(
+        f"Removed the device {existing.name}: a running server closes its tunnels within "
+        "a second and refuses it from now on."
+    )
+    if not config.devices:
+        print("No device may connect now; add one with: braid-server device add NAME ...")
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 0):.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
+def _list_devices(state: StateDir, config: ServerConfig) -> int:
+    written, seen = read_seen(state)
+    now = time.time()
+    live = now - written < 90  # a running server rewrites it at least once a minute
+    rows = [("DEVICE", "ADDED", "LAST CONTACT", "FROM", "TUNNELS", "UP", "DOWN")]
+    for device in config.devices:
+        activity = seen.get(device.name)
+        added = device.added[:10] or "-"
+        if activity is None or not activity.last_contact:
+            rows.append((device.name, added, "never", "-", "0" if live else "-", "0 B", "0 B"))
+            continue
+        rows.append(
+            (
+                device.name,
+                added,
+                _ago(now - activity.last_contact),
+                activity.address,
+                str(activity.open) if live else "-",
+                format_bytes(activity.bytes_up),
+                format_bytes(activity.bytes_down),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    if not config.devices:
+        print("(no devices: add one with braid-server device add NAME)")
+    if written and not live:
+        stamp = datetime.datetime.fromtimestamp(written, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+        print(f"The server has not reported since {stamp} UTC: is it running? (TUNNELS unknown)")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
     config = state.load()
@@ -135,6 +259,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"port: {config.listen_port}")
     print(f"listen: {config.listen}")
     print(f"fingerprint: {state.fingerprint()}")
+    print(f"devices: {', '.join(d.name for d in config.devices) or 'none'}")
     return 0
 
 
@@ -151,7 +276,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from braid.server.server import BraidServer, open_listener
-    from braid.server.system import raise_subflow_limit
+    from braid.server.system import raise_descriptor_limit, raise_subflow_limit
     from braid.transport import server_tls_context
 
     _setup_logging(args.verbose)
@@ -169,7 +294,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     listener, mptcp = open_listener(config.listen_host, config.listen_port)
     if mptcp:
         raise_subflow_limit()
-    server = BraidServer(config, tls, listener, state=state)
+    files = raise_descriptor_limit()
+    server = BraidServer(config, tls, listener, state=state, max_files=files)
     log.info(
         "listening on %s (%s); clients connect to %s:%d; certificate %s",
         config.listen,
@@ -187,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     from braid.server.server import ListenError
 
     args = _parser().parse_args(argv)
-    handler = {"init": cmd_init, "show": cmd_show, "run": cmd_run}[args.command]
+    handler = {"init": cmd_init, "device": cmd_device, "show": cmd_show, "run": cmd_run}[
+        args.command
+    ]
     try:
         return handler(args)
     except (CliError, StateError, ListenError) as exc:

@@ -8,6 +8,14 @@ comes back as one frame, byte for byte. Queries of a session run
 concurrently and their answers return in any order: the client matches them
 by message id.
 
+Only standard queries (opcode QUERY, one question) are forwarded: UPDATE,
+NOTIFY and the rest get NOTIMP, and are never sent from the server's address.
+An answer is taken only if it carries the query's id and the same question
+(name case-insensitively, type and class), so an off-path spoofer must guess
+the random source port, the random id and the name. A session over its limit
+of queries in flight, and a query no nameserver answered, get SERVFAIL at once
+rather than silence, so the laptop's resolver never waits out its timeout.
+
 The nameservers are the administrator's own configuration, often on
 loopback (systemd-resolved's 127.0.0.53), so the destination policy does not
 apply to them; only their port 53 is ever contacted.
@@ -39,7 +47,13 @@ FALLBACK_NAMESERVERS = ("127.0.0.53", "::1")
 UDP_TIMEOUT = 2.0
 TCP_TIMEOUT = 5.0
 ROUNDS = 2  # the whole list, then once more
-MAX_IN_FLIGHT = 64  # per session; the client retries what is dropped beyond that
+MAX_IN_FLIGHT = 64  # per session; beyond that, SERVFAIL at once
+NAME_MAX = 255  # wire length of a domain name
+
+OPCODE_QUERY = 0
+RCODE_FORMERR = 1
+RCODE_SERVFAIL = 2
+RCODE_NOTIMP = 4
 
 
 # --- sans-IO ------------------------------------------------------------------------
@@ -79,9 +93,64 @@ def is_truncated(message: bytes) -> bool:
     return len(message) >= HEADER_LEN and bool(message[2] & 0x02)
 
 
+def opcode(message: bytes) -> int:
+    return (message[2] >> 3) & 0x0F
+
+
+def question(message: bytes) -> tuple[bytes, int, int, int] | None:
+    """(name in lower case, type, class, end offset) of a message's only question.
+
+    None unless there is exactly one question whose name is written out in full
+    (a compression pointer in the first name of a message points nowhere valid).
+    """
+    if len(message) < HEADER_LEN:
+        return None
+    (qdcount,) = struct.unpack_from("!H", message, 4)
+    if qdcount != 1:
+        return None
+    pos = HEADER_LEN
+    for _ in range(128):  # labels of at least one byte each: a name has fewer
+        if pos >= len(message):
+            return None
+        length = message[pos]
+        if length == 0:
+            name = message[HEADER_LEN : pos + 1]
+            if len(name) > NAME_MAX or pos + 5 > len(message):
+                return None
+            qtype, qclass = struct.unpack_from("!2H", message, pos + 1)
+            return name.lower(), qtype, qclass, pos + 5
+        if length > 63:  # a pointer, or a reserved label type
+            return None
+        pos += 1 + length
+    return None
+
+
 def is_answer_to(answer: bytes, query: bytes) -> bool:
-    """Same id and the QR bit set: stray or late datagrams are not taken for the answer."""
-    return len(answer) >= HEADER_LEN and answer[:2] == query[:2] and bool(answer[2] & 0x80)
+    """Same id, the QR bit set, and the same question: stray, late or spoofed datagrams
+    are not taken for the answer."""
+    if len(answer) < HEADER_LEN or answer[:2] != query[:2] or not answer[2] & 0x80:
+        return False
+    asked, got = question(query), question(answer)
+    return asked is not None and got is not None and asked[:3] == got[:3]
+
+
+def error_answer(query: bytes, rcode: int) -> bytes:
+    """An answer to ``query`` with no records and ``rcode`` (FORMERR, SERVFAIL, NOTIMP).
+
+    It keeps the id, the opcode and the RD bit, and repeats the question when there is
+    exactly one, so the asker can match it.
+    """
+    flags1 = 0x80 | (query[2] & 0x79)  # QR, opcode, RD
+    flags2 = 0x80 | rcode  # RA
+    asked = question(query)
+    if asked is None:
+        return query[:2] + bytes([flags1, flags2]) + bytes(8)
+    return (
+        query[:2]
+        + bytes([flags1, flags2])
+        + struct.pack("!4H", 1, 0, 0, 0)
+        + query[HEADER_LEN : asked[3]]
+    )
 
 
 # --- the resolver ---------------------------------------------------------------------
@@ -245,8 +314,10 @@ async def serve_dns(pipe: DatagramPipe, resolver: Resolver, limit: int = MAX_IN_
                 reason = "ended by the client"
                 break
             for query in frames:
-                if not is_query(query) or len(inflight) >= limit:
-                    log.debug("DNS: dropped a message of %d bytes", len(query))
+                refusal = _refusal(query, len(inflight) >= limit)
+                if refusal is not None:
+                    if refusal:
+                        await pipe.send(refusal)
                     continue
                 task = spawn(_answer(pipe, resolver, query), f"dns query {message_id(query)}")
                 inflight.add(task)
@@ -257,11 +328,27 @@ async def serve_dns(pipe: DatagramPipe, resolver: Resolver, limit: int = MAX_IN_
     return reason
 
 
+def _refusal(query: bytes, full: bool) -> bytes | None:
+    """None if ``query`` may go to the nameservers; else the answer to send at once
+    (empty when there is no one to answer: not a query at all)."""
+    if not is_query(query):
+        log.debug("DNS: dropped a message of %d bytes", len(query))
+        return b""
+    if opcode(query) != OPCODE_QUERY:
+        log.debug("DNS: opcode %d is not forwarded", opcode(query))
+        return error_answer(query, RCODE_NOTIMP)
+    if question(query) is None:
+        return error_answer(query, RCODE_FORMERR)
+    if full:
+        return error_answer(query, RCODE_SERVFAIL)
+    return None
+
+
 async def _answer(pipe: DatagramPipe, resolver: Resolver, query: bytes) -> None:
     answer = await resolver.query(query)
     if answer is None:
         log.debug("DNS: no nameserver answered query %d", message_id(query))
-        return
+        answer = error_answer(query, RCODE_SERVFAIL)
     try:
         await pipe.send(answer)
     except OSError as exc:  # the tunnel died; the session's reader sees it too
@@ -271,10 +358,13 @@ async def _answer(pipe: DatagramPipe, resolver: Resolver, query: bytes) -> None:
 __all__ = [
     "Nameserver",
     "Resolver",
+    "error_answer",
     "is_answer_to",
     "is_query",
     "is_truncated",
     "message_id",
+    "opcode",
     "parse_resolv_conf",
+    "question",
     "serve_dns",
 ]

@@ -4,10 +4,12 @@ braidd probes the server over each link several times a second to notice within
 a second that a link silently stopped forwarding. A UDP echo on the internet
 must never become a reflector, so this one
 
-* answers only requests carrying a valid MAC under the current token hash,
-  with a reply of exactly the request's size (no amplification);
-* answers no request twice (a replayed capture gets nothing) and never a
-  source port below 1024 (no bouncing into other UDP services);
+* answers only requests carrying a valid MAC under one of the devices' token
+  hashes, with a reply of exactly the request's size (no amplification);
+* answers only requests sent within 30 s of its own clock, and none twice: it
+  remembers those it answered for as long, so a replayed capture gets nothing,
+  however many probes came since; and never a source port below 1024 (no
+  bouncing into other UDP services);
 * limits replies per source (per /64 for IPv6) and in total, and drops
   everything else silently, counting it.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import ipaddress
 import logging
 import socket
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, fields
 
 from braid.protocol import probe
 from braid.protocol.probe import ProbeType
+from braid.server.admission import source_key
 from braid.server.policy import normalise
 from braid.server.state import format_hostport
 
@@ -33,12 +35,15 @@ log = logging.getLogger(__name__)
 
 PER_SOURCE_RATE = 50.0  # replies per second; a laptop with 4 links sends 20
 PER_SOURCE_BURST = 100.0
-GLOBAL_RATE = 5000.0  # 42-byte replies: at most about 1.7 Mbit/s in all
+GLOBAL_RATE = 5000.0  # 50-byte replies: at most about 2 Mbit/s in all
 GLOBAL_BURST = 500.0
 LOG_RATE = 1.0  # warnings about wrong-key probes, across all sources
 LOG_BURST = 5.0
 MAX_SOURCES = 4096
-REPLAY_MEMORY = 8192  # MACs of the latest answered requests
+# MACs of the requests answered in the last 2 * WINDOW_MS: far more than the probes of
+# a household's devices in that time; when full, nothing more is answered until
+# the oldest expire (forgetting one early would let its capture be replayed).
+REPLAY_MEMORY = 65536
 
 
 class TokenBucket:
@@ -69,6 +74,7 @@ class ProbeStats:
     wrong_key: int = 0  # the right shape but not authentic: a stale token, or a forgery
     malformed: int = 0  # not a probe request at all
     replayed: int = 0
+    stale: int = 0  # sent more than 30 s before or after the server's clock
     bad_source: int = 0  # a source port below 1024
 
     def dropped(self) -> int:
@@ -80,29 +86,12 @@ class ProbeStats:
         )
 
 
-def source_key(host: str) -> str:
-    """What the per-source limit counts by: the IPv4 address, or the IPv6 /64.
-
-    One IPv6 host usually owns a whole /64, so counting single addresses would
-    let it (or a spoofer aiming at it) multiply its share.
-    """
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
 class ProbeResponder(asyncio.DatagramProtocol):
     """Answers authentic probe requests; drops (and counts) everything else."""
 
     def __init__(
         self,
-        token_sha256: Callable[[], str],
+        token_hashes: Callable[[], list[str]],
         *,
         warn: Callable[[str, str], object] | None = None,
         per_source_rate: float = PER_SOURCE_RATE,
@@ -111,11 +100,13 @@ class ProbeResponder(asyncio.DatagramProtocol):
         global_burst: float = GLOBAL_BURST,
         max_sources: int = MAX_SOURCES,
         clock: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = probe.now_ms,
     ) -> None:
-        # Asked per datagram, so that `init --new-token` locks out the old key at once.
-        self._token_sha256 = token_sha256
-        self._hash = ""
-        self._key = b""
+        # Asked per datagram, so that a removed device's key stops working at once.
+        self._token_hashes = token_hashes
+        self._hashes: list[str] = []
+        self._keys: list[bytes] = []
+        self._wall_ms = wall_ms
         self._warn = warn
         self._clock = clock
         self._source_rate, self._source_burst = per_source_rate, per_source_burst
@@ -125,7 +116,7 @@ class ProbeResponder(asyncio.DatagramProtocol):
         self._log_bucket = TokenBucket(LOG_RATE, LOG_BURST, now)
         self._sources: dict[str, TokenBucket] = {}
         self._seen: set[bytes] = set()
-        self._seen_order: collections.deque[bytes] = collections.deque()
+        self._seen_order: collections.deque[tuple[int, bytes]] = collections.deque()
         self.stats = ProbeStats()
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -140,8 +131,13 @@ class ProbeResponder(asyncio.DatagramProtocol):
         if not probe.looks_like_probe(data):
             self.stats.malformed += 1
             return
-        key = self._current_key()
-        request = probe.parse(key, data)
+        # One HMAC per device (at most MAX_DEVICES): no identifier in the clear tells
+        # which, so an observer cannot follow a device from network to network.
+        request, key = None, b""
+        for key in self._current_keys():
+            request = probe.parse(key, data)
+            if request is not None:
+                break
         if request is None:
             self.stats.wrong_key += 1
             self._log_wrong_key(addr)
@@ -152,24 +148,29 @@ class ProbeResponder(asyncio.DatagramProtocol):
         if addr[1] < 1024:
             self.stats.bad_source += 1
             return
+        wall = self._wall_ms()
+        self._expire(wall)
+        if not probe.is_fresh(request, wall):
+            self.stats.stale += 1
+            return
         mac = data[-16:]
         if mac in self._seen:
             self.stats.replayed += 1
             return
         now = self._clock()
-        if not self._allow(source_key(addr[0]), now):
+        if len(self._seen) >= REPLAY_MEMORY or not self._allow(source_key(addr[0]), now):
             self.stats.rate_limited += 1
             return
-        self._remember(mac)
+        self._remember(mac, wall)
         if self.transport is not None:
             self.transport.sendto(probe.encode_reply(key, request), addr)
             self.stats.answered += 1
 
-    def _current_key(self) -> bytes:
-        current = self._token_sha256()
-        if current != self._hash:
-            self._hash, self._key = current, probe.key_from_hash(current)
-        return self._key
+    def _current_keys(self) -> list[bytes]:
+        current = self._token_hashes()
+        if current != self._hashes:
+            self._hashes, self._keys = list(current), [probe.key_from_hash(h) for h in current]
+        return self._keys
 
     def _allow(self, source: str, now: float) -> bool:
         bucket = self._sources.get(source)
@@ -187,11 +188,19 @@ class ProbeResponder(asyncio.DatagramProtocol):
             if bucket.full(now):
                 del self._sources[source]
 
-    def _remember(self, mac: bytes) -> None:
+    def _remember(self, mac: bytes, wall: int) -> None:
         self._seen.add(mac)
-        self._seen_order.append(mac)
-        if len(self._seen_order) > REPLAY_MEMORY:
-            self._seen.discard(self._seen_order.popleft())
+        self._seen_order.append((wall, mac))
+
+    def _expire(self, wall: int) -> None:
+        """Forget requests that could no longer pass the time check anyway.
+
+        A request answered at ``t`` was sent within WINDOW_MS of ``t``, and is
+        refused as stale from ``t + 2 * WINDOW_MS`` on, whatever the clocks did.
+        """
+        order = self._seen_order
+        while order and wall - order[0][0] > 2 * probe.WINDOW_MS:
+            self._seen.discard(order.popleft()[1])
 
     def _log_wrong_key(self, addr: tuple) -> None:
         # Spoofed sources could each earn a line of their own: cap the total too.
@@ -201,7 +210,7 @@ class ProbeResponder(asyncio.DatagramProtocol):
         self._warn(
             addr[0],
             f"ignored a health probe from {label} with a wrong key "
-            "(a client whose token was replaced must pair again)",
+            "(a device that was removed, or whose token was replaced, must pair again)",
         )
 
     def close(self) -> None:
@@ -229,7 +238,7 @@ def open_probe_socket(host: str, port: int) -> socket.socket:
 async def start_probe_responder(
     host: str,
     port: int,
-    token_sha256: Callable[[], str],
+    token_hashes: Callable[[], list[str]],
     warn: Callable[[str, str], object] | None = None,
 ) -> ProbeResponder | None:
     """The responder on udp host:port, or None (after a warning) if the port cannot be had.
@@ -252,7 +261,7 @@ async def start_probe_responder(
             reason,
         )
         return None
-    responder = ProbeResponder(token_sha256, warn=warn)
+    responder = ProbeResponder(token_hashes, warn=warn)
     await asyncio.get_running_loop().create_datagram_endpoint(lambda: responder, sock=sock)
     log.info("answering health probes on udp %s", where)
     return responder

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
+import hashlib
 import logging
 import os
 import signal
@@ -24,25 +26,37 @@ from dataclasses import dataclass, fields
 from braid import memory
 from braid.aio import cancel_all, spawn
 from braid.protocol.address import Address
-from braid.protocol.tunnel import (
-    AUTH_OK,
-    Command,
-    ProtocolError,
-    Reply,
-    Request,
-    encode_reply,
-    parse_hello,
-    parse_request,
+from braid.protocol.session import (
+    HelloReceived,
+    Phase,
+    RequestReceived,
+    Role,
+    SessionError,
+    TunnelSession,
+)
+from braid.protocol.tunnel import Command, ProtocolError, Reply, Request, encode_reply
+from braid.server.admission import (
+    CLOSED_OR_GARBAGE,
+    PER_SOURCE,
+    SILENT,
+    TLS,
+    TOTAL,
+    Admission,
+    Pending,
+    source_key,
 )
 from braid.server.dns import Resolver, serve_dns
 from braid.server.policy import judge, normalise
 from braid.server.probe import start_probe_responder
 from braid.server.state import (
+    Device,
+    DeviceSeen,
     ServerConfig,
     StateDir,
     StateError,
     format_hostport,
-    token_matches,
+    read_seen,
+    write_seen,
 )
 from braid.server.system import OwnAddresses
 from braid.server.udp import DatagramCounters, DatagramPipe, relay_udp
@@ -52,15 +66,25 @@ from braid.transport import (
     close_writer,
     is_mptcp,
     mptcp_socket,
+    read_event,
     relay,
 )
-from braid.tunnel_client import read_message
 
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL = 60.0
+DEVICES_INTERVAL = 0.5  # how often server.json is checked for removed devices
+SEEN_INTERVAL = 5.0  # how often devices-seen.json is written when something changed
+SEEN_HEARTBEAT = 60.0  # and when nothing did: `device list` tells a running server by it
 WARNING_INTERVAL = 10.0
+ACCEPT_BATCH = 64  # connections accepted per wake-up before others get a turn
 UDP_IDLE = 120.0  # default of timeouts.udp_idle: UDP and DNS sessions without a datagram
+
+
+# The activity record of the device a connection's task serves, for its byte counts.
+_current_device: contextvars.ContextVar[DeviceSeen | None] = contextvars.ContextVar(
+    "braid_server_device", default=None
+)
 
 
 class ListenError(Exception):
@@ -101,8 +125,8 @@ def open_listener(host: str, port: int, backlog: int = 1024) -> tuple[socket.soc
 @dataclass
 class Stats:
     connections: int = 0  # accepted, authenticated or not
-    auth_failures: int = 0
-    delayed: int = 0  # handshakes held back because their address kept failing
+    auth_failures: int = 0  # a wrong token, a bad HELLO, a failed TLS handshake
+    cut_short: int = 0  # closed or timed out before a HELLO, or pushed out by newer ones
     requests: int = 0
     refused: int = 0  # by the policy
     unreachable: int = 0  # the destination could not be reached
@@ -120,18 +144,13 @@ class Stats:
         return (
             f"{self.active} open from {self.clients} client addresses, "
             f"{self.connections} accepted, "
-            f"{self.auth_failures} failed authentication ({self.delayed} delayed), "
+            f"{self.auth_failures} failed authentication, "
+            f"{self.cut_short} handshakes cut short, "
             f"{self.requests} requests "
             f"({self.refused} refused, {self.unreachable} unreachable), "
             f"{self.bytes_up} bytes up, {self.bytes_down} bytes down, "
             f"{self.datagrams_up} datagrams up, {self.datagrams_down} datagrams down"
         )
-
-    def add_datagrams(self, counters: DatagramCounters) -> None:
-        self.bytes_up += counters.bytes_up
-        self.bytes_down += counters.bytes_down
-        self.datagrams_up += counters.datagrams_up
-        self.datagrams_down += counters.datagrams_down
 
 
 def udp_idle_timeout(config: ServerConfig, state: StateDir | None = None) -> float:
@@ -147,18 +166,39 @@ class WarningLimiter:
     show them without being flooded.
     """
 
-    def __init__(self, interval: float = WARNING_INTERVAL, max_sources: int = 4096) -> None:
+    def __init__(
+        self,
+        interval: float = WARNING_INTERVAL,
+        max_sources: int = 4096,
+        max_lines: int = 20,
+    ) -> None:
         self.interval = interval
         self.max_sources = max_sources
+        self.max_lines = max_lines  # per interval in all: many sources must not flood it either
         self._last: dict[str, tuple[float, int]] = {}  # source -> (logged at, suppressed)
+        self._window = (-float("inf"), 0, 0)  # (started, lines logged, lines suppressed)
 
     def warn(self, source: str, message: str) -> bool:
         """Log ``message`` unless ``source`` was reported recently; True if logged."""
         now = time.monotonic()
+        source = source_key(source)
         logged_at, suppressed = self._last.get(source, (-float("inf"), 0))
         if now - logged_at < self.interval:
             self._last[source] = (logged_at, suppressed + 1)
             return False
+        started, lines, dropped = self._window
+        if now - started >= self.interval:
+            if dropped:
+                log.warning(
+                    "%d more warnings from other addresses in the last %.0f s were not logged",
+                    dropped,
+                    now - started,
+                )
+            started, lines, dropped = now, 0, 0
+        if lines >= self.max_lines:
+            self._window = (started, lines, dropped + 1)
+            return False
+        self._window = (started, lines + 1, dropped)
         if suppressed:
             message += f" (and {suppressed} more from {source} in the last {now - logged_at:.0f} s)"
         log.warning("%s", message)
@@ -175,53 +215,22 @@ class WarningLimiter:
             self._last.clear()
 
 
-class Penalty:
-    """Per-address back-off for failed authentications: 0 s for the first few, then doubling.
+class Devices:
+    """The devices of server.json and their token hashes, re-read when the file changes.
 
-    Bounded in memory: the oldest addresses are forgotten first.
-    """
-
-    def __init__(
-        self, free: int = 5, window: float = 300.0, maximum: float = 30.0, max_sources: int = 65536
-    ) -> None:
-        self.free = free
-        self.window = window
-        self.maximum = maximum
-        self.max_sources = max_sources
-        self._failures: dict[str, tuple[int, float]] = {}
-
-    def delay(self, source: str) -> float:
-        count, last = self._failures.get(source, (0, 0.0))
-        if time.monotonic() - last > self.window:
-            self._failures.pop(source, None)
-            return 0.0
-        if count < self.free:
-            return 0.0
-        return min(self.maximum, 0.5 * 2 ** (count - self.free))
-
-    def failed(self, source: str) -> None:
-        count, last = self._failures.pop(source, (0, 0.0))
-        if time.monotonic() - last > self.window:
-            count = 0
-        self._failures[source] = (count + 1, time.monotonic())
-        while len(self._failures) > self.max_sources:
-            self._failures.pop(next(iter(self._failures)))
-
-    def succeeded(self, source: str) -> None:
-        self._failures.pop(source, None)
-
-
-class TokenHash:
-    """The stored token hash, re-read when server.json changes.
-
-    So that ``braid-server init --new-token`` locks out the old token at once,
-    without restarting the server.
+    So that ``braid-server device add`` and ``device remove`` (and ``init
+    --new-token``) apply at once, without restarting the server.
     """
 
     def __init__(self, config: ServerConfig, state: StateDir | None) -> None:
-        self._hash = config.token_sha256
         self._state = state
         self._mtime = self._stat()
+        self._by_digest: dict[bytes, Device] = {}
+        self._set(config.devices)
+
+    def _set(self, devices: list[Device]) -> None:
+        self.devices = list(devices)
+        self._by_digest = {bytes.fromhex(d.token_sha256): d for d in devices}
 
     def _stat(self) -> int | None:
         if self._state is None:
@@ -231,16 +240,91 @@ class TokenHash:
         except OSError:
             return None
 
-    def get(self) -> str:
+    def refresh(self) -> bool:
+        """Re-read server.json if it changed; True if the devices did."""
         mtime = self._stat()
-        if mtime is not None and mtime != self._mtime and self._state is not None:
-            self._mtime = mtime
-            try:
-                self._hash = self._state.load().token_sha256
-                log.info("the token was replaced: clients must pair again")
-            except StateError as exc:
-                log.warning("keeping the previous token: %s", exc)
-        return self._hash
+        if mtime is None or mtime == self._mtime or self._state is None:
+            return False
+        self._mtime = mtime
+        try:
+            devices = self._state.load().devices
+        except StateError as exc:
+            log.warning("keeping the previous devices: %s", exc)
+            return False
+        before = {(d.name, d.token_sha256) for d in self.devices}
+        after = {(d.name, d.token_sha256) for d in devices}
+        if before == after:
+            return False
+        for name in sorted({n for n, _ in after - before}):
+            log.info("device %s may connect (new, or with a new token)", name)
+        for name in sorted({n for n, _ in before - after}):
+            log.info("device %s: its token no longer works", name)
+        self._set(devices)
+        return True
+
+    def match(self, token: bytes) -> Device | None:
+        """The device whose token this is, if any.
+
+        A dictionary lookup on the token's SHA-256: timing can tell at most
+        something about the hash of a wrong guess, which helps nobody guess.
+        """
+        self.refresh()
+        return self._by_digest.get(hashlib.sha256(token).digest())
+
+    def hashes(self) -> list[str]:
+        """Every device's token hash (the keys of their health probes)."""
+        self.refresh()
+        return [d.token_sha256 for d in self.devices]
+
+    def current(self, device: Device) -> bool:
+        """Whether ``device`` may still connect: not removed, its token not replaced."""
+        return self._by_digest.get(bytes.fromhex(device.token_sha256)) == device
+
+
+def admission_for(max_files: int | None) -> Admission:
+    """Handshake limits that leave most descriptors to authenticated tunnels (two per flow)."""
+    total = TOTAL if max_files is None else max(16, min(TOTAL, max_files // 8))
+    return Admission(per_source=min(PER_SOURCE, total), total=total)
+
+
+class _Unauthenticated:
+    """A connection before its HELLO, and how to drop it from outside at once.
+
+    A handshake pushed out by newer connections closes its descriptor there and
+    then, not when its task next runs: under a flood that may be many batches later.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.started = False
+        self.waiting: asyncio.Future | None = None  # set while waiting for the first bytes
+
+    def drop(self) -> None:
+        if not self.started:
+            self.sock.close()  # its task will see it dropped before touching the socket
+        elif self.waiting is not None:
+            asyncio.get_running_loop().remove_reader(self.fd)  # before the fd can be reused
+            if not self.waiting.done():
+                self.waiting.set_result(None)
+            self.waiting = None
+            self.sock.close()
+        else:  # in TLS: the transport owns the socket; ending it wakes whatever waits on it
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _peek(sock: socket.socket) -> int:
+    """What the peer's unread bytes say: a TLS handshake begun, nothing yet, or neither."""
+    try:
+        head = sock.recv(3, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return SILENT
+    except OSError:
+        return CLOSED_OR_GARBAGE
+    if len(head) >= 2 and head[0] == 0x16 and head[1] == 0x03:
+        return TLS
+    return CLOSED_OR_GARBAGE  # closed (nothing to read) or not TLS
 
 
 def _drop(sock: socket.socket, transport: asyncio.BaseTransport | None) -> None:
@@ -271,6 +355,23 @@ _REPLY_RANK = [
 
 
 @dataclass
+class Authenticated:
+    """A tunnel whose HELLO was accepted: its streams, its device, its session (READY)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    device: Device
+    session: TunnelSession
+
+
+async def _reply_to_bad_request(writer: asyncio.StreamWriter, code: Reply) -> None:
+    """The REPLY a request the session refused calls for (the session has ended), then close."""
+    writer.write(encode_reply(code))
+    await writer.drain()
+    await close_writer(writer)
+
+
+@dataclass
 class Outcome:
     code: Reply
     detail: str
@@ -286,19 +387,24 @@ class BraidServer:
         *,
         state: StateDir | None = None,
         own_addresses: OwnAddresses | None = None,
+        max_files: int | None = None,
     ) -> None:
         self.config = config
         self.tls = tls
         self.listener = listener
         self.policy = config.policy()
-        self.token = TokenHash(config, state)
+        self.state = state
+        self.devices = Devices(config, state)
         self.own = own_addresses or OwnAddresses()
         self.udp_idle = udp_idle_timeout(config, state)
         self.resolver = Resolver()
         self.stats = Stats()
         self.warnings = WarningLimiter()
-        self.penalty = Penalty()
+        self.admission = admission_for(max_files)
         self._clients: Counter[str] = Counter()  # authenticated tunnels open per address
+        self._tunnels: dict[Device, set[asyncio.Task]] = {}  # open, per device
+        self.seen: dict[str, DeviceSeen] = read_seen(state)[1] if state is not None else {}
+        self._seen_dirty = False
         self._conns: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
 
@@ -315,12 +421,13 @@ class BraidServer:
         probes = await start_probe_responder(
             self.config.listen_host,
             self.listener.getsockname()[1],
-            self.token.get,
+            self.devices.hashes,
             WarningLimiter().warn,
         )
         accept = spawn(self._accept_loop(), "accept")
         ticker = spawn(self._stats_loop(), "stats")
         trimmer = spawn(memory.trim_periodically(), "malloc-trim")
+        watcher = spawn(self._devices_loop(), "devices")
         stopping = spawn(self._stop.wait(), "stop")
         try:
             await asyncio.wait([accept, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -329,12 +436,13 @@ class BraidServer:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
-            await cancel_all([accept, ticker, trimmer, stopping])
+            await cancel_all([accept, ticker, trimmer, watcher, stopping])
             self.listener.close()
             if probes is not None:
                 probes.close()
             await cancel_all(list(self._conns))
             self._log_stats()
+            self._write_seen()
 
     def stop(self, sig: int | None = None) -> None:
         if sig is not None:
@@ -343,25 +451,67 @@ class BraidServer:
             self._stop.set()
 
     async def _accept_loop(self) -> None:
+        """Accept in batches whenever the listener is readable.
+
+        Not ``loop.sock_accept``: cancelled at shutdown while a connection is
+        arriving, it logs an InvalidStateError traceback (Python 3.11).
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, peer = await loop.sock_accept(self.listener)
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept connections: %s; retrying in 1 s", exc.strerror)
-                    await asyncio.sleep(1)
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
-            # Small messages (AUTH_OK, REPLY, short frames) must not wait for
-            # Nagle's algorithm and the peer's delayed ACK: that costs 40 ms.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = spawn(self._handle(sock, peer), f"conn {peer[0]}:{peer[1]}")
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
+        fd = self.listener.fileno()
+        ready = asyncio.Event()
+        complained = -float("inf")
+        loop.add_reader(fd, ready.set)
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                for _ in range(ACCEPT_BATCH):
+                    try:
+                        sock, peer = self.listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:
+                        if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                            continue
+                        if exc.errno not in (
+                            errno.EMFILE,
+                            errno.ENFILE,
+                            errno.ENOBUFS,
+                            errno.ENOMEM,
+                        ):
+                            raise
+                        if time.monotonic() - complained > WARNING_INTERVAL:
+                            complained = time.monotonic()
+                            log.error("cannot accept connections: %s; retrying", exc.strerror)
+                        # Level-triggered: wait a little instead of spinning on the error.
+                        loop.remove_reader(fd)
+                        await asyncio.sleep(0.1)
+                        loop.add_reader(fd, ready.set)
+                        ready.set()
+                        break
+                    self._start(sock, peer)
+                else:
+                    ready.set()  # more may be waiting: let the others run first
+                    await asyncio.sleep(0)
+        finally:
+            loop.remove_reader(fd)
+
+    def _start(self, sock: socket.socket, peer: tuple) -> None:
+        sock.setblocking(False)
+        # Small messages (AUTH_OK, REPLY, short frames) must not wait for
+        # Nagle's algorithm and the peer's delayed ACK: that costs 40 ms.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Admitted here, before its task runs: the limits then bound what is held, not
+        # only what has been looked at.
+        conn = _Unauthenticated(sock)
+        entry, victims = self.admission.admit(
+            str(normalise(peer[0])), conn.drop, lambda: _peek(sock)
+        )
+        self.stats.cut_short += len(victims)
+        task = spawn(self._handle(conn, peer, entry), f"conn {peer[0]}:{peer[1]}")
+        self._conns.add(task)
+        task.add_done_callback(self._conns.discard)
 
     async def _stats_loop(self) -> None:
         reported = self.stats.snapshot()
@@ -373,24 +523,102 @@ class BraidServer:
 
     def _log_stats(self) -> None:
         log.info("stats: %s", self.stats.summary())
+        for device in self.devices.devices:
+            seen = self.seen.get(device.name, DeviceSeen())
+            log.info(
+                "device %s: %d open, last from %s, %d bytes up, %d bytes down",
+                device.name,
+                len(self._tunnels.get(device, ())),
+                seen.address or "nowhere yet",
+                seen.bytes_up,
+                seen.bytes_down,
+            )
+
+    async def _devices_loop(self) -> None:
+        """Cut the tunnels of removed devices at once; keep devices-seen.json current."""
+        self._write_seen()
+        written = time.monotonic()
+        while True:
+            await asyncio.sleep(DEVICES_INTERVAL)
+            if self.devices.refresh():
+                self._cut_removed()
+            since = time.monotonic() - written
+            if (self._seen_dirty and since >= SEEN_INTERVAL) or since >= SEEN_HEARTBEAT:
+                self._write_seen()
+                written = time.monotonic()
+
+    def _cut_removed(self) -> None:
+        names = {d.name for d in self.devices.devices}
+        for device, tasks in list(self._tunnels.items()):
+            if self.devices.current(device):
+                continue
+            log.info(
+                "device %s was removed or its token replaced: closing its %d tunnels",
+                device.name,
+                len(tasks),
+            )
+            for task in tasks:
+                task.cancel()
+            del self._tunnels[device]
+        for name in list(self.seen):
+            if name not in names:
+                del self.seen[name]
+                self._seen_dirty = True
+
+    def _write_seen(self) -> None:
+        if self.state is None:
+            return
+        for device in self.devices.devices:
+            if device.name in self.seen:
+                self.seen[device.name].open = len(self._tunnels.get(device, ()))
+        try:
+            write_seen(self.state, time.time(), self.seen)
+            self._seen_dirty = False
+        except OSError as exc:
+            log.debug("cannot write %s: %s", self.state.seen_path, exc)
+
+    def _count_datagrams(self, counters: DatagramCounters) -> None:
+        self.stats.datagrams_up += counters.datagrams_up
+        self.stats.datagrams_down += counters.datagrams_down
+        self._count(counters.bytes_up, counters.bytes_down)
+
+    def _count(self, up: int, down: int) -> None:
+        """Bytes relayed, in the server's counters and the device's."""
+        self.stats.bytes_up += up
+        self.stats.bytes_down += down
+        seen = _current_device.get()
+        if seen is not None:
+            seen.bytes_up += up
+            seen.bytes_down += down
+            self._seen_dirty = True
 
     # --- one connection ----------------------------------------------------------------
 
-    async def _handle(self, sock: socket.socket, peer: tuple) -> None:
+    async def _handle(self, conn: _Unauthenticated, peer: tuple, entry: Pending) -> None:
+        sock = conn.sock
         source = str(normalise(peer[0]))
         label = format_hostport(source, peer[1])
         self.stats.connections += 1
         self.stats.active += 1
         writer: asyncio.StreamWriter | None = None
+        device: Device | None = None
+        task = asyncio.current_task()
         try:
-            streams = await self._authenticate(sock, source, label)
-            if streams is None:
+            authenticated = await self._authenticate(conn, source, label, entry)
+            if authenticated is None:
                 return
-            reader, writer = streams
+            writer, device = authenticated.writer, authenticated.device
+            label = f"{device.name} from {label}"  # the log names the device
             log.debug("%s: authenticated (mptcp=%s)", label, is_mptcp(sock))
             self._clients[source] += 1
             self.stats.clients = len(self._clients)
-            await self._serve_request(reader, writer, label)
+            if task is not None:
+                self._tunnels.setdefault(device, set()).add(task)
+            seen = self.seen.setdefault(device.name, DeviceSeen())
+            seen.last_contact, seen.address = time.time(), source
+            self._seen_dirty = True
+            _current_device.set(seen)
+            await self._serve_request(authenticated, label)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.debug("%s: connection lost: %r", label, exc)
         except ProtocolError as exc:
@@ -399,6 +627,14 @@ class BraidServer:
             log.info("%s: %s", label, exc)
         finally:
             self.stats.active -= 1
+            if device is not None:
+                self._seen_dirty = True  # one tunnel fewer
+            if device is not None and task is not None:
+                tasks = self._tunnels.get(device)
+                if tasks is not None:
+                    tasks.discard(task)
+                    if not tasks:
+                        del self._tunnels[device]
             if writer is not None:
                 self._clients[source] -= 1
                 if self._clients[source] <= 0:
@@ -409,114 +645,164 @@ class BraidServer:
                 await close_writer(writer, abort=True)
 
     async def _authenticate(
-        self, sock: socket.socket, source: str, label: str
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        delay = self.penalty.delay(source)
-        if delay:
-            # An address that keeps failing waits before it may try again: guessing the
-            # token becomes slow, while authenticated clients elsewhere are not affected.
-            self.stats.delayed += 1
-            await asyncio.sleep(delay)
-        result = await self._handshake(sock, source, label)
-        if result is None:
-            self.penalty.failed(source)
-        else:
-            self.penalty.succeeded(source)
-        return result
+        self, conn: _Unauthenticated, source: str, label: str, entry: Pending
+    ) -> Authenticated | None:
+        """Run the admitted handshake, and let go of its slot whatever happens.
+
+        A newer connection may push this one out (see admission.py): its socket
+        is shut down, so whatever it waits for ends at once and it is dropped.
+        """
+        try:
+            return await self._handshake(conn, source, label, entry)
+        finally:
+            self.admission.release(entry)
+
+    async def _first_bytes(self, conn: _Unauthenticated, deadline: float) -> bool:
+        """Wait until the peer sends something; False if it closed (or was pushed out) first.
+
+        No TLS state exists until then: a connection that only connects costs a
+        descriptor, and is the first to go when the server is full.
+        """
+        loop = asyncio.get_running_loop()
+        ready = conn.waiting = loop.create_future()
+        loop.add_reader(conn.fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            async with asyncio.timeout_at(deadline):
+                await ready
+        finally:
+            if conn.waiting is not None:  # else drop() removed it and closed the socket
+                loop.remove_reader(conn.fd)
+                conn.waiting = None
+        try:
+            return bool(conn.sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            return True  # readable but nothing there yet: let TLS wait for it
+        except OSError:  # closed by drop() included
+            return False
 
     async def _handshake(
-        self, sock: socket.socket, source: str, label: str
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        self, conn: _Unauthenticated, source: str, label: str, entry: Pending
+    ) -> Authenticated | None:
         """TLS handshake and HELLO within the handshake timeout; None if refused.
 
         A refused peer is dropped without a byte of the protocol: it learns
         nothing about why, and a scanner cannot tell Braid from any TLS server.
+        A peer that was only slow, that closed, or that a newer connection pushed
+        out is dropped the same way; none of it counts against its address.
         """
+        sock = conn.sock
+        conn.started = True
+        if entry.dropped:  # pushed out before its task ever ran: already closed
+            log.debug("%s: dropped before its handshake: newer connections needed the room", label)
+            return None
         loop = asyncio.get_running_loop()
         timeout = self.config.timeouts.handshake
+        deadline = loop.time() + timeout
         reader = asyncio.StreamReader(limit=2**17)
         protocol = asyncio.StreamReaderProtocol(reader)
         transport: asyncio.BaseTransport | None = None
+        failed = False  # a real failure (bad TLS, bad HELLO, wrong token), not just a hang-up
+        spoke = timed_out = False
+        session = TunnelSession(Role.SERVER)
         try:
             reason = ""
             try:
-                async with asyncio.timeout(timeout):
-                    transport, _ = await loop.connect_accepted_socket(
-                        lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=timeout
-                    )
-                    writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
-                    hello, _ = await read_message(reader, parse_hello)
+                spoke = await self._first_bytes(conn, deadline)
+                if spoke:
+                    entry.spoke = _peek(sock) == TLS
+                    async with asyncio.timeout_at(deadline):
+                        transport, _ = await loop.connect_accepted_socket(
+                            lambda: protocol,
+                            sock,
+                            ssl=self.tls,
+                            ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
+                        )
+                        writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+                        event = await read_event(reader, session)
+                        assert isinstance(event, HelloReceived)  # all the session allows here
             except TimeoutError:
                 reason = f"no TLS handshake and HELLO within {timeout:g} s"
+                timed_out = True
             except ssl.SSLError as exc:
                 reason = f"TLS handshake failed ({exc.reason or exc})"
-            except asyncio.IncompleteReadError:
-                reason = "closed the connection without sending a HELLO"
-            except ProtocolError as exc:
-                reason = f"bad HELLO: {exc}"
+                failed = True
+            except SessionError as exc:
+                if exc.closed:
+                    reason = "closed the connection without sending a HELLO"
+                else:
+                    reason = f"bad HELLO: {exc}"
+                    failed = True
             except OSError as exc:
                 reason = f"connection failed: {exc.strerror or exc}"
             else:
-                if token_matches(hello.token, self.token.get()):
-                    writer.write(AUTH_OK)
+                if not spoke:
+                    reason = "closed the connection without sending anything"
+                elif (device := self.devices.match(event.hello.token)) is not None:
+                    self.admission.release(entry)  # authenticated: no longer anyone's to push out
+                    writer.write(session.send_auth_ok())
                     await writer.drain()
-                    return reader, writer
-                reason = "wrong token"
+                    return Authenticated(reader, writer, device, session)
+                else:
+                    reason = "wrong token"
+                    failed = True
         except BaseException:  # cancelled at shutdown, or the peer vanished after HELLO
             _drop(sock, transport)
             raise
-        self.stats.auth_failures += 1
-        self.warnings.warn(source, f"rejected {label}: {reason}")
         _drop(sock, transport)
+        if entry.dropped:
+            log.debug("%s: dropped while handshaking: newer connections needed the room", label)
+            return None
+        if failed:
+            self.stats.auth_failures += 1
+        else:
+            self.stats.cut_short += 1
+        if not spoke and not failed and not timed_out:
+            log.debug("%s: %s", label, reason)  # connected and closed: a port scan, say
+        else:
+            self.warnings.warn(source, f"rejected {label}: {reason}")
         return None
 
-    async def _serve_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str
-    ) -> None:
+    async def _serve_request(self, tunnel: Authenticated, label: str) -> None:
         idle = self.config.timeouts.idle
+        reader, writer, session = tunnel.reader, tunnel.writer, tunnel.session
         try:
             async with asyncio.timeout(idle):
-                first = await reader.readexactly(1)
-                if first[0] not in Command._value2member_map_:
-                    await self._reply(writer, Reply.COMMAND_NOT_SUPPORTED)
-                    log.info("%s: unknown command %d", label, first[0])
-                    return
-                request, _ = await read_message(reader, parse_request, prefix=first)
+                event = await read_event(reader, session)
+                assert isinstance(event, RequestReceived)  # all the session allows here
         except TimeoutError:
             log.debug("%s: no request within %g s, closing the idle tunnel", label, idle)
             await close_writer(writer)
             return
-        except asyncio.IncompleteReadError:
-            log.debug("%s: the client closed an unused tunnel", label)
-            await close_writer(writer)
-            return
-        except ProtocolError as exc:
-            log.info("%s: bad request: %s", label, exc)
-            await self._reply(writer, Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+        except SessionError as exc:
+            if exc.closed and exc.phase is Phase.READY:
+                log.debug("%s: the client closed an unused tunnel", label)
+                await close_writer(writer)
+            elif exc.closed:
+                log.debug("%s: the client closed the tunnel mid-request", label)
+                await close_writer(writer, abort=True)
+            else:
+                log.info("%s: bad request: %s", label, exc)
+                await _reply_to_bad_request(writer, exc.reply or Reply.GENERAL_FAILURE)
             return
 
+        request = event.request
         self.stats.requests += 1
         if request.command == Command.CONNECT:
-            await self._serve_connect(request, reader, writer, label)
+            await self._serve_connect(request, tunnel, label)
         elif request.command == Command.UDP:
-            await self._serve_udp(request, reader, writer, label)
+            await self._serve_udp(request, tunnel, label)
         elif request.command == Command.DNS:
-            await self._serve_dns(reader, writer, label)
+            await self._serve_dns(tunnel, label)
         else:
             log.info("%s: unsupported command %s", label, request.command.name)
-            await self._reply(writer, Reply.COMMAND_NOT_SUPPORTED)
+            await self._reply(tunnel, Reply.COMMAND_NOT_SUPPORTED)
 
-    async def _serve_connect(
-        self,
-        request: Request,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        label: str,
-    ) -> None:
+    async def _serve_connect(self, request: Request, tunnel: Authenticated, label: str) -> None:
+        reader, writer = tunnel.reader, tunnel.writer
         dest = request.address
         outcome = await self._connect(dest)
         if outcome.sock is None:
-            await self._refuse(writer, label, dest, outcome)
+            await self._refuse(tunnel, label, dest, outcome)
             return
 
         target = outcome.sock
@@ -526,10 +812,11 @@ class BraidServer:
             plain = await asyncio.open_connection(sock=target, limit=2**17)
         except OSError as exc:
             target.close()
-            await self._reply(writer, Reply.GENERAL_FAILURE)
+            await self._reply(tunnel, Reply.GENERAL_FAILURE)
             log.info("%s: lost the connection to %s at once: %s", label, dest, exc)
             return
-        writer.write(encode_reply(Reply.SUCCEEDED, Address(str(normalise(host)), port)))
+        bound = Address(str(normalise(host)), port)
+        writer.write(tunnel.session.send_reply(Reply.SUCCEEDED, bound))
         counters = RelayCounters()
         try:
             await relay(
@@ -540,34 +827,29 @@ class BraidServer:
                 label=f"{label}: {dest}",
             )
         finally:
-            self.stats.bytes_up += counters.up
-            self.stats.bytes_down += counters.down
+            self._count(counters.up, counters.down)
             log.debug("%s: %s done, %d bytes up, %d down", label, dest, counters.up, counters.down)
 
-    async def _serve_udp(
-        self,
-        request: Request,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        label: str,
-    ) -> None:
+    async def _serve_udp(self, request: Request, tunnel: Authenticated, label: str) -> None:
+        reader, writer = tunnel.reader, tunnel.writer
         dest = request.address
         outcome = await self._open_udp(dest)
         if outcome.sock is None:
-            await self._refuse(writer, label, dest, outcome)
+            await self._refuse(tunnel, label, dest, outcome)
             return
         target = outcome.sock
         counters = DatagramCounters()
         try:
             host, port = target.getpeername()[:2]
             log.debug("%s: UDP to %s (%s)", label, dest, format_hostport(host, port))
-            writer.write(encode_reply(Reply.SUCCEEDED, Address(str(normalise(host)), port)))
+            bound = Address(str(normalise(host)), port)
+            writer.write(tunnel.session.send_reply(Reply.SUCCEEDED, bound))
             pipe = DatagramPipe(reader, writer, self.udp_idle, counters)
             reason = await relay_udp(pipe, target)
             log.debug("%s: UDP to %s ended (%s)", label, dest, reason)
         finally:
             target.close()
-            self.stats.add_datagrams(counters)
+            self._count_datagrams(counters)
             log.debug(
                 "%s: UDP to %s done, %d datagrams up, %d down",
                 label,
@@ -576,17 +858,15 @@ class BraidServer:
                 counters.datagrams_down,
             )
 
-    async def _serve_dns(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str
-    ) -> None:
+    async def _serve_dns(self, tunnel: Authenticated, label: str) -> None:
         counters = DatagramCounters()
-        writer.write(encode_reply(Reply.SUCCEEDED))
+        tunnel.writer.write(tunnel.session.send_reply(Reply.SUCCEEDED))
         try:
-            pipe = DatagramPipe(reader, writer, self.udp_idle, counters)
+            pipe = DatagramPipe(tunnel.reader, tunnel.writer, self.udp_idle, counters)
             reason = await serve_dns(pipe, self.resolver)
             log.debug("%s: DNS session ended (%s)", label, reason)
         finally:
-            self.stats.add_datagrams(counters)
+            self._count_datagrams(counters)
             log.debug(
                 "%s: DNS done, %d messages from the client, %d answers",
                 label,
@@ -595,7 +875,7 @@ class BraidServer:
             )
 
     async def _refuse(
-        self, writer: asyncio.StreamWriter, label: str, dest: Address, outcome: Outcome
+        self, tunnel: Authenticated, label: str, dest: Address, outcome: Outcome
     ) -> None:
         if outcome.code == Reply.NOT_ALLOWED:
             self.stats.refused += 1
@@ -603,13 +883,14 @@ class BraidServer:
         else:
             self.stats.unreachable += 1
             log.debug("%s: cannot reach %s: %s", label, dest, outcome.detail)
-        await self._reply(writer, outcome.code)
+        await self._reply(tunnel, outcome.code)
 
-    async def _reply(self, writer: asyncio.StreamWriter, code: Reply) -> None:
+    @staticmethod
+    async def _reply(tunnel: Authenticated, code: Reply) -> None:
         """Send a failure REPLY and close the tunnel cleanly, so the client reads it."""
-        writer.write(encode_reply(code))
-        await writer.drain()
-        await close_writer(writer)
+        tunnel.writer.write(tunnel.session.send_reply(code))
+        await tunnel.writer.drain()
+        await close_writer(tunnel.writer)
 
     # --- destinations -----------------------------------------------------------------
 

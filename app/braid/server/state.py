@@ -1,13 +1,20 @@
-"""braid-server's state directory: configuration, certificate, key and token hash.
+"""braid-server's state directory: configuration, certificate, key and devices.
 
-DIR/server.json   settings and the token's SHA-256 (written last: its
-                  presence means the directory is initialised)
-DIR/cert.pem      self-signed certificate the clients pin by fingerprint
-DIR/key.pem       its private key (mode 0600)
+DIR/server.json        settings and the devices, each with its token's SHA-256
+                       (written last: its presence means the directory is initialised)
+DIR/cert.pem           self-signed certificate the clients pin by fingerprint
+DIR/key.pem            its private key (mode 0600)
+DIR/devices-seen.json  what the running server saw of each device: last contact,
+                       address, open tunnels, bytes (written by the server, read by
+                       ``braid-server device list``)
+
+Format 1 of server.json held a single ``token_sha256``; reading it upgrades the
+file in place to format 2, that token becoming the device ``first-device``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -29,14 +36,19 @@ from braid.files import load_json, write_atomic
 from braid.server.policy import Policy, PolicyError
 from braid.transport import fingerprint
 
-FORMAT = 1
+FORMAT = 2
 CONFIG_NAME = "server.json"
+SEEN_NAME = "devices-seen.json"
+UPGRADED_DEVICE = "first-device"  # the token of a format-1 server.json
+MAX_DEVICES = 64
 CERT_NAME = "cert.pem"
 KEY_NAME = "key.pem"
 CERT_DAYS = 3650
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+_DEVICE_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,30}[A-Za-z0-9])?$")
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class StateError(Exception):
@@ -109,6 +121,52 @@ def token_matches(token: bytes, stored_hash: str) -> bool:
     return hmac.compare_digest(hashlib.sha256(token).digest(), bytes.fromhex(stored_hash))
 
 
+def check_device_name(name: str) -> str:
+    """A device name: 1 to 32 letters, digits, '.', '_' or '-', starting and ending with
+    a letter or digit (it appears in logs and on the command line)."""
+    if not _DEVICE_RE.match(name):
+        raise ValueError(
+            f"{name!r} is not a device name: use 1 to 32 letters, digits, '.', '_' or '-' "
+            "(e.g. alice-laptop)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device allowed to use the server: a name and its token's SHA-256."""
+
+    name: str
+    token_sha256: str
+    added: str = ""  # ISO 8601, UTC
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "token_sha256": self.token_sha256, "added": self.added}
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> Device:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be an object")
+        name = data.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"{where}.name must be a string")
+        try:
+            check_device_name(name)
+        except ValueError as exc:
+            raise ValueError(f"{where}.name: {exc}") from None
+        token_hash = data.get("token_sha256")
+        if not isinstance(token_hash, str) or not _HASH_RE.fullmatch(token_hash):
+            raise ValueError(f"{where}.token_sha256 must be 64 lower-case hex digits")
+        added = data.get("added", "")
+        if not isinstance(added, str) or len(added) > 64:
+            raise ValueError(f"{where}.added must be a date")
+        return cls(name, token_hash, added)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+
+
 # --- configuration -------------------------------------------------------------------
 
 
@@ -135,7 +193,7 @@ class ServerConfig:
     listen_host: str
     listen_port: int
     public_host: str
-    token_sha256: str
+    devices: list[Device]
     allow: list[str] = field(default_factory=list)
     deny: list[str] = field(default_factory=list)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -147,12 +205,19 @@ class ServerConfig:
     def policy(self) -> Policy:
         return Policy.from_config(self.allow, self.deny)
 
+    def device(self, name: str) -> Device | None:
+        """The device called ``name`` (case-insensitively), if any."""
+        for device in self.devices:
+            if device.name.lower() == name.lower():
+                return device
+        return None
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
             "listen": self.listen,
             "public_host": self.public_host,
-            "token_sha256": self.token_sha256,
+            "devices": [d.to_json() for d in self.devices],
             "policy": {"allow": list(self.allow), "deny": list(self.deny)},
             "timeouts": {
                 "handshake": self.timeouts.handshake,
@@ -164,17 +229,32 @@ class ServerConfig:
 
     @classmethod
     def from_json(cls, data: object) -> ServerConfig:
-        """Validate what was read; raises ValueError naming the bad setting."""
+        """Validate what was read (format 1 or 2); raises ValueError naming the bad setting."""
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         version = data.get("format")
-        if version != FORMAT:
+        if version not in (1, FORMAT) or isinstance(version, bool):
             raise ValueError(f"format {version!r} is not {FORMAT} (written by another version?)")
         host, port = parse_listen(str(data.get("listen", "")))
         public = check_public_host(str(data.get("public_host", "")))
-        token_hash = str(data.get("token_sha256", ""))
-        if not re.fullmatch(r"[0-9a-f]{64}", token_hash):
-            raise ValueError("token_sha256 must be 64 lower-case hex digits")
+        if version == 1:
+            token_hash = str(data.get("token_sha256", ""))
+            if not _HASH_RE.fullmatch(token_hash):
+                raise ValueError("token_sha256 must be 64 lower-case hex digits")
+            devices = [Device(UPGRADED_DEVICE, token_hash, "")]
+        else:
+            raw_devices = data.get("devices")
+            if not isinstance(raw_devices, list):
+                raise ValueError("devices must be a list")
+            if len(raw_devices) > MAX_DEVICES:
+                raise ValueError(f"devices: at most {MAX_DEVICES}")
+            devices = [Device.from_json(d, f"devices[{i}]") for i, d in enumerate(raw_devices)]
+            names = [d.name.lower() for d in devices]
+            if len(set(names)) != len(names):
+                raise ValueError("devices: two devices have the same name")
+            hashes = [d.token_sha256 for d in devices]
+            if len(set(hashes)) != len(hashes):
+                raise ValueError("devices: two devices have the same token")
         policy = data.get("policy", {})
         if not isinstance(policy, dict):
             raise ValueError("policy must be an object")
@@ -195,7 +275,7 @@ class ServerConfig:
                 if not is_positive_seconds(value):
                     raise ValueError(f"timeouts.{name} must be a positive number of seconds")
                 setattr(timeouts, name, float(value))
-        return cls(host, port, public, token_hash, list(allow), list(deny), timeouts)
+        return cls(host, port, public, devices, list(allow), list(deny), timeouts)
 
 
 # --- files --------------------------------------------------------------------------
@@ -204,7 +284,8 @@ class ServerConfig:
 def make_certificate(public_host: str) -> tuple[bytes, bytes]:
     """A self-signed ECDSA P-256 certificate for ``public_host``: (cert PEM, key PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"braid-server {public_host}")])
+    # The host name alone, as any self-signed web server's: nothing names the service.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, public_host)])
     try:
         san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(public_host))
     except ValueError:
@@ -236,6 +317,7 @@ class StateDir:
         self.config_path = self.path / CONFIG_NAME
         self.cert_path = self.path / CERT_NAME
         self.key_path = self.path / KEY_NAME
+        self.seen_path = self.path / SEEN_NAME
 
     def is_initialised(self) -> bool:
         try:
@@ -257,6 +339,15 @@ class StateDir:
         write_atomic(self.config_path, text.encode(), 0o600)
 
     def load(self) -> ServerConfig:
+        """The configuration; a format-1 file is upgraded in place first (if it can be written:
+        else the upgrade is made again at the next load)."""
+        config, version = self._read()
+        if version != FORMAT:
+            with contextlib.suppress(OSError):
+                self.save(config)
+        return config
+
+    def _read(self) -> tuple[ServerConfig, int]:
         try:
             text = self.config_path.read_text()
         except FileNotFoundError:
@@ -268,7 +359,8 @@ class StateDir:
         except UnicodeDecodeError as exc:
             raise StateError(f"{self.config_path} is not UTF-8 text: {exc}") from None
         try:
-            return ServerConfig.from_json(load_json(text))
+            data = load_json(text)
+            return ServerConfig.from_json(data), data["format"]
         except ValueError as exc:  # JSONDecodeError and nesting too deep included
             raise StateError(f"{self.config_path} is invalid: {exc}") from None
 
@@ -290,3 +382,57 @@ class StateDir:
 
     def fingerprint(self) -> str:
         return fingerprint(self.certificate_der())
+
+
+# --- what the running server saw of each device ----------------------------------------
+
+
+@dataclass
+class DeviceSeen:
+    """A device's activity as the server last saw it."""
+
+    last_contact: float = 0.0  # Unix time of its last authenticated connection
+    address: str = ""  # where that came from
+    open: int = 0  # tunnels open when the file was written
+    bytes_up: int = 0  # from the device, since it was added
+    bytes_down: int = 0
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_json(cls, data: object) -> DeviceSeen:
+        seen = cls()
+        if isinstance(data, dict):
+            for name, default in vars(cls()).items():
+                value = data.get(name)
+                if type(value) is type(default) or (
+                    isinstance(default, float) and type(value) is int
+                ):
+                    setattr(seen, name, value)
+        return seen
+
+
+def read_seen(state: StateDir) -> tuple[float, dict[str, DeviceSeen]]:
+    """(when the server wrote it, activity per device name); (0, {}) if there is none.
+
+    Only the server writes this file and nothing depends on it but the listing:
+    an unreadable one is as good as none.
+    """
+    try:
+        data = load_json(state.seen_path.read_bytes()[: 1 << 20])
+    except (OSError, ValueError):
+        return 0.0, {}
+    if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
+        return 0.0, {}
+    written = data.get("written")
+    written = float(written) if isinstance(written, int | float) and math.isfinite(written) else 0.0
+    devices = {
+        str(k): DeviceSeen.from_json(v) for k, v in list(data["devices"].items())[:MAX_DEVICES]
+    }
+    return written, devices
+
+
+def write_seen(state: StateDir, written: float, devices: dict[str, DeviceSeen]) -> None:
+    data = {"written": written, "devices": {k: v.to_json() for k, v in devices.items()}}
+    write_atomic(state.seen_path, (json.dumps(data, indent=2) + "\n").encode(), 0o600)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import time
 
 import psutil
@@ -61,6 +62,25 @@ def raise_subflow_limit(minimum: int = MIN_SUBFLOWS) -> int | None:
         return None
     finally:
         mptcp.close()
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft limit on open files to the hard one; returns the soft limit now in force.
+
+    The soft limit is often 1024 while the hard one (systemd's LimitNOFILE, or
+    the default of 524288) is far higher: every relayed flow takes two descriptors.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the limit of open files from %d (%s)", soft, exc)
+        return soft
+    log.debug("raised the limit of open files from %d to %d", soft, target)
+    return target
 
 
 def _limits(mptcp) -> dict[str, int]:

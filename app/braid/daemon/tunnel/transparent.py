@@ -23,6 +23,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import struct
 import time
@@ -222,15 +223,21 @@ class ReplySockets:
         self._socks.clear()
 
 
+DNS_IN_FLIGHT = 4096  # queries waiting for an answer; more are refused at once
+
+
 class DnsRelay:
-    """All DNS queries over one tunnel, resolved at the server; ids rewritten to stay unique."""
+    """All DNS queries over one tunnel, resolved at the server; ids rewritten to stay unique.
+
+    The ids sent are random: they are half of what stops an off-path spoofer at the
+    server's resolver (the source port is the other), so they must not be guessable.
+    """
 
     def __init__(self, take_tunnel: TakeTunnel) -> None:
         self._take_tunnel = take_tunnel
         self._tunnel: Tunnel | None = None
         self._opening: asyncio.Lock = asyncio.Lock()
         self._pending: dict[int, tuple[int, asyncio.Future[bytes]]] = {}
-        self._next_id = 1
         self._reader: asyncio.Task | None = None
         self.queries = 0
         self.failures = 0
@@ -257,12 +264,17 @@ class DnsRelay:
         return struct.pack("!H", original_id) + answer[2:]
 
     def _allocate(self) -> int:
-        for _ in range(0x10000):
-            query_id = self._next_id
-            self._next_id = (self._next_id % 0xFFFF) + 1
+        """A random id not in use; at most DNS_IN_FLIGHT of 65536 are, so a few tries do."""
+        if len(self._pending) >= DNS_IN_FLIGHT:
+            raise TunnelError("too many DNS queries in flight")
+        for _ in range(64):
+            query_id = secrets.randbelow(0x10000)
             if query_id not in self._pending:
                 return query_id
-        raise TunnelError("too many DNS queries in flight")
+        start = secrets.randbelow(0x10000)  # all unlucky (about never): the next free one
+        return next(
+            i % 0x10000 for i in range(start, start + 0x10000) if i % 0x10000 not in self._pending
+        )
 
     async def _ensure_tunnel(self) -> Tunnel:
         async with self._opening:
