@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 import braid
-from braid import units
+from braid import logs, units
 from braid.client import ControlClient, DaemonUnavailable, default_control_path
 from braid.protocol.control import ControlError
 from braid.units import format_bytes, format_duration, format_rate
@@ -346,11 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    logs.setup(args.verbose)
     try:
         return args.func(args)
     except DaemonUnavailable as exc:
