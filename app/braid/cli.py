@@ -34,7 +34,7 @@ def render_status(status: dict) -> str:
         lines.append("")
         lines.append(render_links(links))
     else:
-        lines.append("no links found (name them with: braid daemon --link IFACE:KIND)")
+        lines.append("no links found (add one with: braid links add IFACE --kind KIND)")
     for event in (status.get("events") or [])[-5:]:
         when = time.strftime("%H:%M:%S", time.localtime(event["t"]))
         lines.append(f"  [{when}] {event['message']}")
@@ -78,15 +78,26 @@ def render_links(links: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LINK_EXAMPLES = {
+    "set": "braid links set usb0 --priority backup",
+    "add": "braid links add enx0c5b8f279a64 --kind cellular",
+    "remove": "braid links remove enx0c5b8f279a64",
+}
+
+
 def cmd_links(args) -> int:
-    if args.action == "set" and not args.iface:
+    if args.action in LINK_EXAMPLES and not args.iface:
         print(
-            "braid links set: name the link, e.g. braid links set usb0 --priority backup",
+            f"braid links {args.action}: name the interface, e.g. {LINK_EXAMPLES[args.action]}",
             file=sys.stderr,
         )
         return 2
     with _client(args) as client:
-        if args.action == "set":
+        if args.action == "add":
+            client.call("add-link", link=args.iface, kind=args.kind)
+        elif args.action == "remove":
+            client.call("remove-link", link=args.iface)
+        elif args.action == "set":
             changes = {}
             if args.priority:
                 changes["priority"] = args.priority
@@ -307,9 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("links", help="list the links, or change one (links set IFACE ...)")
-    p.add_argument("action", nargs="?", choices=["list", "set"], default="list")
-    p.add_argument("iface", nargs="?", help="the link to change (with set)")
+    p = sub.add_parser(
+        "links",
+        help="list the links, change one (links set IFACE ...), or add an interface braidd "
+        "skipped (links add IFACE [--kind KIND]; links remove IFACE undoes it)",
+    )
+    p.add_argument("action", nargs="?", choices=["list", "set", "add", "remove"], default="list")
+    p.add_argument("iface", nargs="?", help="the interface (with set, add, remove)")
     p.add_argument("--priority", choices=["always", "backup", "never"])
     p.add_argument("--order", type=int, help="position in the order of preference (0 first)")
     p.add_argument("--metered", action=argparse.BooleanOptionalAction, default=None)

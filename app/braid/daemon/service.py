@@ -127,11 +127,21 @@ class Daemon:
                 "down": self._cmd_down,
                 "links": self._cmd_links,
                 "set-link": self._cmd_set_link,
+                "add-link": self._cmd_add_link,
+                "remove-link": self._cmd_remove_link,
                 "set-order": self._cmd_set_order,
                 "get-settings": self._cmd_get_settings,
                 "set-settings": self._cmd_set_settings,
             },
-            changes={"up", "down", "set-link", "set-order", "set-settings"},
+            changes={
+                "up",
+                "down",
+                "set-link",
+                "add-link",
+                "remove-link",
+                "set-order",
+                "set-settings",
+            },
         )
         self._stopping = asyncio.Event()
         self._links_changed = asyncio.Event()
@@ -305,11 +315,12 @@ class Daemon:
                     log.warning("cannot classify interfaces: %s", exc)
                 self._classify_failed = True
         self._discovered_kinds = found
-        for name in list(self._named) + sorted(found):
+        added = self.store.added()
+        for name in list(self._named) + added + sorted(found):
             if name not in self.links:
                 self._add_link(name)
         for name in list(self.links):
-            if name not in self._named and name not in found:
+            if name not in self._named and name not in found and name not in added:
                 link = self.links.pop(name)
                 self._event("link-removed", link, f"{name} is gone")
                 await self._in_netlink(self._routing.remove, name)
@@ -322,7 +333,8 @@ class Daemon:
         named = self._named.get(name)
         kind = (named[0] if named else None) or self._discovered_kinds.get(name, ("other", None))[0]
         link = Link(name=name, kind=kind, priority=Priority.ALWAYS, order=0, slot=slot)
-        link.configured = named is not None
+        link.added = name in self.store.added()
+        link.configured = named is not None or link.added
         self.links[name] = link
         self._apply_choice(link)
         if not link.configured:
@@ -898,7 +910,11 @@ class Daemon:
         name = request.get("link")
         if not isinstance(name, str) or name not in self.links:
             known = ", ".join(self.links) or "none"
-            raise ControlError(ErrorCode.INVALID_ARGUMENT, f"no link {name!r} (links: {known})")
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"no link {name!r} (links: {known}); to use an interface braidd skipped: "
+                f"braid links add {name} --kind KIND",
+            )
         changes = {
             k: request[k] for k in ("kind", "priority", "order", "metered", "cap") if k in request
         }
@@ -924,6 +940,74 @@ class Daemon:
         log.info("link %s changed by %s: %s", name, caller.describe(), changes)
         await self._refresh_links()
         return link.to_json()
+
+    async def _cmd_add_link(self, caller: Caller, request: dict) -> dict:
+        """Make an interface that discovery skipped a link, kept across restarts."""
+        name, kind = request.get("link"), request.get("kind")
+        if not isinstance(name, str) or not name:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "link must be an interface name")
+        try:
+            socket.if_nametoindex(name)
+        except (OSError, ValueError):
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"no interface {name!r} on this computer (plug it in first; see: ip link)",
+            ) from None
+        if name in self.links:
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"{name} is already a link; change it with: braid links set {name} …",
+            )
+        if len(self.links) >= SLOTS:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, f"Braid uses at most {SLOTS} links")
+        had = name in self.store.choices
+        choice = self.store.choice(name)
+        before = choice.to_json()
+        try:
+            choice.update({"kind": kind} if kind is not None else {})
+            choice.added = True
+            self.store.save_choices()
+        except (StoreError, OSError) as exc:
+            if had:
+                choice.update(before)
+                choice.added = before["added"]
+            else:
+                del self.store.choices[name]
+            if isinstance(exc, OSError):
+                raise self._cannot_save(exc) from None
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        log.info("link %s added by %s (kind %s)", name, caller.describe(), kind or "other")
+        await self._refresh_links()
+        link = self.links[name]
+        self._event("link-added", link, f"{name} added ({link.kind})")
+        return link.to_json()
+
+    async def _cmd_remove_link(self, caller: Caller, request: dict) -> list:
+        """Forget an interface the user added: it stops being a link."""
+        name = request.get("link")
+        choice = self.store.choices.get(name) if isinstance(name, str) else None
+        if choice is None or not choice.added:
+            added = ", ".join(self.store.added()) or "none"
+            if isinstance(name, str) and name in self.links:
+                how = (
+                    "it is named with --link in braidd's command line"
+                    if name in self._named
+                    else f"braidd found it itself; to stop using it: braid links set {name} "
+                    "--priority never"
+                )
+                message = f"{name} was not added with braid links add: {how}"
+            else:
+                message = f"no added link {name!r} (added links: {added})"
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, message)
+        del self.store.choices[name]
+        try:
+            self.store.save_choices()
+        except OSError as exc:
+            self.store.choices[name] = choice
+            raise self._cannot_save(exc) from None
+        log.info("link %s removed by %s", name, caller.describe())
+        await self._refresh_links()
+        return [link.to_json() for link in self._ordered()]
 
     async def _cmd_set_order(self, caller: Caller, request: dict) -> list:
         names = request.get("links")
