@@ -73,6 +73,9 @@ USAGE_SAVE_INTERVAL = 10.0
 UP_WAIT = 12.0
 NM_REFRESH = 30.0  # NetworkManager's view changes rarely; netlink tells us about links
 SUBSCRIBER_BACKLOG = 1 << 20  # a subscriber this far behind is dropped, not buffered forever
+# On stop, connections get this long to close cleanly, then are reset: a server that went away
+# would hold every TLS close for seconds, and each shutdown of the computer with it.
+CLOSE_GRACE = 0.25
 
 
 @dataclass
@@ -208,15 +211,25 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._down()
         await self._set_capture(False)
-        await self.transparent_tcp.stop()
-        await self.transparent_udp.stop()
-        await self.dns.close()
+        closing = [
+            spawn(self._down(), name="stop-tunnels"),
+            spawn(self.transparent_tcp.stop(), name="stop-transparent-tcp"),
+            spawn(self.transparent_udp.stop(), name="stop-transparent-udp"),
+            spawn(self.dns.close(), name="stop-dns"),
+            spawn(self.socks.stop(), name="stop-socks"),
+        ]
+        _, late = await asyncio.wait(closing, timeout=CLOSE_GRACE)
+        if late:
+            log.info(
+                "stopping: resetting the connections that did not close within %g s", CLOSE_GRACE
+            )
+            for task in late:
+                task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
         for writer in list(self._subscribers):
             writer.close()
         await self.control.stop()
-        await self.socks.stop()
         with contextlib.suppress(OSError):
             self.store.save_usage()
         if self._routing is not None:
