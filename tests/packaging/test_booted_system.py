@@ -372,6 +372,53 @@ def test_braidd_stops_in_under_a_second_with_the_server_there_or_gone(
     start_braidd(system)
 
 
+def newer_package(deb: Path, out: Path) -> Path:
+    """The same package with a higher version: what an upgrade installs over it."""
+    tree = out / "tree"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    text = control.read_text()
+    version = re.search(r"^Version: (.+)$", text, re.MULTILINE).group(1)  # type: ignore[union-attr]
+    control.write_text(text.replace(f"Version: {version}", f"Version: {version}+upgrade1"))
+    newer = out / deb.name.replace(f"_{version}_", f"_{version}+upgrade1_")
+    subprocess.run(
+        ["dpkg-deb", "-Zgzip", "-z1", "--root-owner-group", "-b", str(tree), str(newer)],
+        check=True,
+        capture_output=True,
+    )
+    shutil.rmtree(tree)
+    return newer
+
+
+def test_an_upgrade_keeps_links_settings_and_pairing(
+    system: booted.Booted, outside: dict, built: Built, tmp_path: Path
+) -> None:
+    system.run("braid", "up", "--mode", "system", user="alice")
+    system.run("braid", "links", "set", "eth0", "--metered", user="alice")
+    newer = newer_package(built.laptop, tmp_path)
+    shutil.copy(newer, system.root / "root" / "debs")
+    started = time.monotonic()
+    system.run("apt-get", "install", "-y", f"/root/debs/{newer.name}", timeout=600)
+    built.note(
+        f"booted system: upgrade (apt-get install of a newer braid) {time.monotonic() - started:.1f} s"
+    )
+    version = system.run("dpkg-query", "-W", "-f", "${Version}", "braid").stdout
+    assert version.endswith("+upgrade1"), version
+    assert wait_until(lambda: system.run("braid", "status", check=False).returncode == 0, 15), (
+        system.journal("braidd")
+    )
+    after = status(system)
+    assert after["mode"] == "system"
+    eth0 = next(link for link in after["links"] if link["name"] == "eth0")
+    assert eth0["added"] is True and eth0["kind"] == "ethernet" and eth0["metered"] is True
+    # the pairing: `braid up` without a URI reconnects to the same server
+    system.run("braid", "up", user="alice")
+    assert wait_until(lambda: status(system)["state"] == "connected", 15), status(system)
+    assert status(system)["server"] == f"{SERVER}:{SERVER_PORT}"
+    assert download(system) == outside["sha256"]  # system-wide, as before the upgrade
+    system.run("braid", "up", "--mode", "proxy", user="alice")
+
+
 def test_remove_leaves_nothing_behind_and_purge_removes_the_state(system: booted.Booted) -> None:
     system.run("braid", "up", user="alice", check=False)  # tables, rules, endpoints in place
     assert wait_until(lambda: "18400" in system.run("ip", "rule").stdout, 10)
