@@ -91,6 +91,15 @@ def cmd_links(args) -> int:
             f"braid links {args.action}: name the interface, e.g. {LINK_EXAMPLES[args.action]}",
             file=sys.stderr,
         )
+        if args.action == "add":
+            with _client(args) as client:
+                others = [i for i in client.call("interfaces") if not i["link"]]
+            if others:
+                print("interfaces that are not links:", file=sys.stderr)
+                for item in others:
+                    print(
+                        f"  {item['name']:<16}{item['kind']:<10}{item['reason']}", file=sys.stderr
+                    )
         return 2
     with _client(args) as client:
         if args.action == "add":

@@ -102,6 +102,14 @@ def test_a_skipped_interface_added_by_the_user_is_a_link_and_stays(
     assert set(links(stack)) == {"eth0"}
 
 
+def test_interfaces_say_which_are_links_and_why_the_others_are_not(stack: BraidStack) -> None:
+    interfaces = {item["name"]: item for item in stack.call("interfaces")}
+    assert "lo" not in interfaces
+    assert interfaces["eth0"]["link"] is True
+    assert interfaces["usb0"]["link"] is False
+    assert interfaces["usb0"]["reason"] == "virtual device", interfaces["usb0"]
+
+
 def test_adding_and_removing_say_why_they_refuse_and_change_nothing(stack: BraidStack) -> None:
     def shape() -> list:
         return [(x["name"], x["kind"], x["priority"], x["added"]) for x in stack.call("links")]
@@ -116,6 +124,8 @@ def test_adding_and_removing_say_why_they_refuse_and_change_nothing(stack: Braid
         (("remove", "eth0"), "named with --link"),
         (("remove", "usb0"), "no added link 'usb0'"),
         (("add",), "name the interface"),
+        (("add",), "usb0"),  # offered: not a link
+        (("add", "lo"), "loopback cannot be a link"),
     ]
     for args, message in cases:
         result = braid_cli(stack, "links", *args)

@@ -27,7 +27,7 @@ import psutil
 from braid import memory
 from braid.aio import spawn
 from braid.daemon.control.server import Caller, ControlServer
-from braid.daemon.links.classify import CachedClassifier
+from braid.daemon.links.classify import CachedClassifier, classify_all
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkStore, StoreError
 from braid.daemon.routing import capture
@@ -129,6 +129,7 @@ class Daemon:
                 "up": self._cmd_up,
                 "down": self._cmd_down,
                 "links": self._cmd_links,
+                "interfaces": self._cmd_interfaces,
                 "set-link": self._cmd_set_link,
                 "add-link": self._cmd_add_link,
                 "remove-link": self._cmd_remove_link,
@@ -954,11 +955,24 @@ class Daemon:
         await self._refresh_links()
         return link.to_json()
 
+    async def _cmd_interfaces(self, caller: Caller, request: dict) -> list:
+        """Every interface and what discovery makes of it: those not links can be added."""
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, classify_all, self.config.sysfs
+        )
+        return [
+            {"name": c.name, "kind": c.kind, "link": c.name in self.links, "reason": c.reason}
+            for c in found
+            if c.name != "lo"
+        ]
+
     async def _cmd_add_link(self, caller: Caller, request: dict) -> dict:
         """Make an interface that discovery skipped a link, kept across restarts."""
         name, kind = request.get("link"), request.get("kind")
         if not isinstance(name, str) or not name:
             raise ControlError(ErrorCode.INVALID_ARGUMENT, "link must be an interface name")
+        if name == "lo":
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "loopback cannot be a link")
         try:
             socket.if_nametoindex(name)
         except (OSError, ValueError):
