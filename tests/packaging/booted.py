@@ -81,11 +81,27 @@ def fresh_copy(base: Path) -> Path:
     for old in CACHE.glob("root-*"):
         pid = old.name.removeprefix("root-")
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _kill_containers_of(old)
             shutil.rmtree(old, ignore_errors=True)
     root = CACHE / f"root-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
     subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(root)], check=True)
     return root
+
+
+def _kill_containers_of(root: Path) -> None:
+    """Kill a container still booted from ``root`` by a test run that died (its init first)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not argv[0].endswith(b"systemd-nspawn") or str(root).encode() not in argv:
+                continue
+            children = (entry / "task" / entry.name / "children").read_text().split()
+            for pid in [*children, entry.name]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
 
 
 class Booted:
@@ -101,7 +117,7 @@ class Booted:
         """Boot; returns the seconds until systemd reported the system up."""
         started = time.monotonic()
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "0"}
-        with open(self.log, "ab") as log:
+        with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [
                     "systemd-nspawn",

@@ -68,7 +68,7 @@ def system(built: Built) -> Iterator[booted.Booted]:
     started = time.monotonic()
     root = booted.fresh_copy(base)
     built.note(f"booted system: copy of the root {time.monotonic() - started:.1f} s")
-    machine = booted.Booted(root, booted.CACHE / f"boot-{os.getpid()}.log")
+    machine = booted.Booted(root, booted.CACHE / "boot.log")  # the last run's console
     try:
         built.note(f"booted system: boot {machine.start():.1f} s")
         # the MPTCP limits and path manager before braidd ever ran
@@ -110,8 +110,9 @@ def ip(ns: str, *args: str) -> None:
 def outside(system: booted.Booted) -> Iterator[dict]:
     """A braid-server and a web server in namespaces outside the container, which gets eth0:
     a veth into the server's namespace (discovery skips a veth: the user must add it)."""
-    tag = f"brd{os.getpid()}boot"
-    server_ns, target_ns = f"{tag}-server", f"{tag}-target"
+    # named like the test world's namespaces, so that a run that died has them swept
+    tag = f"brd{os.getpid()}x900"
+    server_ns, target_ns = f"{tag}-boot-server", f"{tag}-boot-target"
     work = Path(tempfile.mkdtemp(prefix="braid-booted-"))
     processes: list[subprocess.Popen] = []
     try:
