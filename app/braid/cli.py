@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 import braid
-from braid import units
+from braid import logs, units
 from braid.client import ControlClient, DaemonUnavailable, default_control_path
 from braid.protocol.control import ControlError
 from braid.protocol.pairing import PairingError, parse_pairing
@@ -36,7 +35,7 @@ def render_status(status: dict) -> str:
         lines.append("")
         lines.append(render_links(links))
     else:
-        lines.append("no links found (name them with: braid daemon --link IFACE:KIND)")
+        lines.append("no links found (add one with: braid links add IFACE --kind KIND)")
     for event in (status.get("events") or [])[-5:]:
         when = time.strftime("%H:%M:%S", time.localtime(event["t"]))
         lines.append(f"  [{when}] {event['message']}")
@@ -80,15 +79,35 @@ def render_links(links: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LINK_EXAMPLES = {
+    "set": "braid links set usb0 --priority backup",
+    "add": "braid links add enx0c5b8f279a64 --kind cellular",
+    "remove": "braid links remove enx0c5b8f279a64",
+}
+
+
 def cmd_links(args) -> int:
-    if args.action == "set" and not args.iface:
+    if args.action in LINK_EXAMPLES and not args.iface:
         print(
-            "braid links set: name the link, e.g. braid links set usb0 --priority backup",
+            f"braid links {args.action}: name the interface, e.g. {LINK_EXAMPLES[args.action]}",
             file=sys.stderr,
         )
+        if args.action == "add":
+            with _client(args) as client:
+                others = [i for i in client.call("interfaces") if not i["link"]]
+            if others:
+                print("interfaces that are not links:", file=sys.stderr)
+                for item in others:
+                    print(
+                        f"  {item['name']:<16}{item['kind']:<10}{item['reason']}", file=sys.stderr
+                    )
         return 2
     with _client(args) as client:
-        if args.action == "set":
+        if args.action == "add":
+            client.call("add-link", link=args.iface, kind=args.kind)
+        elif args.action == "remove":
+            client.call("remove-link", link=args.iface)
+        elif args.action == "set":
             changes = {}
             if args.priority:
                 changes["priority"] = args.priority
@@ -369,9 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("links", help="list the links, or change one (links set IFACE ...)")
-    p.add_argument("action", nargs="?", choices=["list", "set"], default="list")
-    p.add_argument("iface", nargs="?", help="the link to change (with set)")
+    p = sub.add_parser(
+        "links",
+        help="list the links, change one (links set IFACE ...), or add an interface braidd "
+        "skipped (links add IFACE [--kind KIND]; links remove IFACE undoes it)",
+    )
+    p.add_argument("action", nargs="?", choices=["list", "set", "add", "remove"], default="list")
+    p.add_argument("iface", nargs="?", help="the interface (with set, add, remove)")
     p.add_argument("--priority", choices=["always", "backup", "never"])
     p.add_argument("--order", type=int, help="position in the order of preference (0 first)")
     p.add_argument("--metered", action=argparse.BooleanOptionalAction, default=None)
@@ -407,11 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    logs.setup(args.verbose)
     try:
         return args.func(args)
     except DaemonUnavailable as exc:

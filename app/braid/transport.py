@@ -231,10 +231,20 @@ async def read_event(reader: asyncio.StreamReader, session: TunnelSession) -> Ev
 
 
 async def close_writer(writer: asyncio.StreamWriter, abort: bool = False) -> None:
-    """Close a stream, never raising; ``abort`` resets instead of a clean close."""
-    with contextlib.suppress(Exception):
+    """Close a stream, never raising; ``abort`` resets instead of a clean close.
+
+    A clean close that takes over 5 s (a TLS peer that went away never answers close_notify),
+    fails or is cancelled is aborted: the socket never outlives the call.
+    """
+    try:
         if abort:
             writer.transport.abort()
         else:
             writer.close()
         await asyncio.wait_for(writer.wait_closed(), 5)
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+    except Exception:
+        with contextlib.suppress(Exception):
+            writer.transport.abort()

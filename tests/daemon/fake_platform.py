@@ -68,6 +68,22 @@ class FakePlatform:
     async def discover(self) -> dict[str, tuple[str, bool | None]]:
         return {n: k for n, k in self.kinds.items() if n in self.devices}
 
+    async def interfaces(self) -> list:
+        from braid.daemon.links.classify import Classification
+
+        return [
+            Classification(
+                name=name,
+                kind=self.kinds.get(name, ("other", None))[0],
+                is_link=name in self.kinds,
+                metered=None,
+                reason="a test device",
+                driver=None,
+                devtype=None,
+            )
+            for name in self.devices
+        ]
+
     async def apply(self, routing: dict[str, LinkRouting | None], withdrawn: set[str]) -> None:
         if self.apply_gate is not None:
             await self.apply_gate.wait()

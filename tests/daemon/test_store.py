@@ -59,6 +59,30 @@ def test_choice_validation() -> None:
             choice.update(bad)
 
 
+def test_links_the_user_added_are_kept_and_files_without_them_still_load(tmp_path) -> None:
+    store = LinkStore(tmp_path)
+    store.choice("enx0c5b8f279a64").update({"kind": "cellular"})
+    store.choice("enx0c5b8f279a64").added = True
+    store.choice("wlan0").update({"priority": "backup"})
+    store.save_choices()
+    again = LinkStore(tmp_path).load()
+    assert again.added() == ["enx0c5b8f279a64"]
+    assert again.choice("enx0c5b8f279a64").kind == "cellular"
+    assert again.problems == []
+    # a file written before links could be added
+    (tmp_path / "links.json").write_text(
+        json.dumps({"version": 1, "links": {"wlan0": {"priority": "backup"}}})
+    )
+    older = LinkStore(tmp_path).load()
+    assert older.added() == [] and older.choice("wlan0").priority is Priority.BACKUP
+    (tmp_path / "links.json").write_text(
+        json.dumps({"version": 1, "links": {"usb1": {"added": "yes"}}})
+    )
+    bad = LinkStore(tmp_path).load()
+    assert bad.added() == []
+    assert bad.problems == ["settings of link usb1 ignored: added must be true or false"]
+
+
 def test_usage_is_kept_and_resets_with_the_period(tmp_path) -> None:
     store = LinkStore(tmp_path).load()
     store.choice("usb0").cap = Cap(1000, "day")

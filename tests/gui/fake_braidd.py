@@ -20,7 +20,16 @@ from braid.protocol import control
 from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.pairing import PairingError, parse_pairing
 
-CHANGES = {"up", "down", "test-pairing", "set-link", "set-order", "set-settings"}
+CHANGES = {
+    "up",
+    "down",
+    "test-pairing",
+    "set-link",
+    "add-link",
+    "remove-link",
+    "set-order",
+    "set-settings",
+}
 SCHEMA = [
     {
         "key": "discover_links",
@@ -57,6 +66,7 @@ def make_link(name: str, kind: str, order: int, priority: str = "always") -> dic
         "priority": priority,
         "effective_priority": priority,
         "order": order,
+        "added": False,
         "state": "up",
         "alive": True,
         "carrying": True,
@@ -83,6 +93,8 @@ class FakeBraidd:
         self.path = Path(path)
         pairs = links or [("eth0", "ethernet"), ("wlan0", "wifi"), ("usb0", "cellular")]
         self.links = [make_link(name, kind, i) for i, (name, kind) in enumerate(pairs)]
+        # interfaces that are not links: (name, kind, what discovery made of it)
+        self.others = [("veth0", "other", "virtual device: veth pair"), ("enx0c5b", "ethernet", "")]
         self.state = "disconnected"
         self.error: str | None = None  # the pool's last error, as braidd reports it
         # The pairing it keeps from an earlier "up" (None: never paired); reported while up.
@@ -345,6 +357,39 @@ class FakeBraidd:
             if "priority" in request:
                 link["effective_priority"] = request["priority"]
             return copy.deepcopy(link)
+
+    def _cmd_interfaces(self, conn: socket.socket, request: dict) -> list:
+        with self._lock:
+            links = [
+                {"name": x["name"], "kind": x["kind"], "link": True, "reason": ""}
+                for x in self.links
+            ]
+            others = [{"name": n, "kind": k, "link": False, "reason": r} for n, k, r in self.others]
+            return links + others
+
+    def _cmd_add_link(self, conn: socket.socket, request: dict) -> dict:
+        name = request.get("link")
+        with self._lock:
+            found = next((other for other in self.others if other[0] == name), None)
+            if found is None:
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, f"no interface {name!r}")
+            self.others.remove(found)
+            kind = request.get("kind") or "other"
+            link = make_link(
+                found[0], kind, len(self.links), "backup" if kind == "cellular" else "always"
+            )
+            link["added"] = True
+            self.links.append(link)
+            return copy.deepcopy(link)
+
+    def _cmd_remove_link(self, conn: socket.socket, request: dict) -> list:
+        with self._lock:
+            link = self._link(request.get("link"))
+            if not link["added"]:
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, f"{link['name']} was not added")
+            self.links.remove(link)
+            self.others.append((link["name"], link["kind"], "virtual device"))
+            return self.status()["links"]
 
     def _cmd_set_order(self, conn: socket.socket, request: dict) -> list:
         names = request.get("links")

@@ -204,3 +204,61 @@ def test_start_at_login_writes_and_removes_the_autostart_entry(
     dialog.accept()
     text = entry.read_text()
     assert "Exec=" in text and "braid" in text and "Icon=braid" in text
+
+
+def test_an_interface_braidd_skipped_is_added_on_ok_and_removed_again(
+    qtbot, daemon, dialog, session
+) -> None:
+    page = dialog.links_page
+    qtbot.waitUntil(lambda: page.interface_box.count() == 2, timeout=3000)
+    assert page.interface_box.itemText(0) == "veth0 — virtual device: veth pair"
+    page.interface_box.setCurrentIndex(page.interface_box.findData("enx0c5b"))
+    assert page.kind_box.currentData() == "ethernet"  # discovery's guess, to start from
+    page.kind_box.setCurrentIndex(page.kind_box.findData("cellular"))
+    page.add_button.click()
+    assert page.model.names() == ["eth0", "wlan0", "usb0", "enx0c5b"]
+    assert page.model.links()[3]["priority"] == "backup"  # a cellular link starts as backup
+    assert page.interface_box.count() == 1  # offered once
+    assert model_set(page, 3, "priority", "always")
+    page.table.selectRow(0)
+    assert not page.remove_button.isEnabled()  # found by braidd: set it Never instead
+    assert daemon.changes() == []  # nothing leaves before OK
+
+    dialog.accept()
+    qtbot.waitUntil(lambda: len(daemon.changes()) == 2, timeout=3000)
+    sent = [{k: v for k, v in r.items() if k != "id"} for r in daemon.changes()]
+    assert sent == [
+        {"cmd": "add-link", "link": "enx0c5b", "kind": "cellular"},
+        {"cmd": "set-link", "link": "enx0c5b", "priority": "always"},
+    ]
+    qtbot.waitUntil(lambda: "enx0c5b" in [x["name"] for x in session.links], timeout=3000)
+
+    again = SettingsDialog(session, IconSet(), session.tokens)
+    qtbot.addWidget(again)
+    page = again.links_page
+    page.table.selectRow(3)
+    assert page.remove_button.isEnabled()
+    page.remove_button.click()
+    assert page.model.names() == ["eth0", "wlan0", "usb0"]
+    again.accept()
+    qtbot.waitUntil(lambda: len(daemon.changes()) == 3, timeout=3000)
+    assert {k: v for k, v in daemon.changes()[2].items() if k != "id"} == {
+        "cmd": "remove-link",
+        "link": "enx0c5b",
+    }  # and no set-order: the others kept their order
+    assert [x["name"] for x in daemon.status()["links"]] == ["eth0", "wlan0", "usb0"]
+
+
+def test_an_added_interface_is_not_sent_on_cancel(qtbot, daemon, dialog) -> None:
+    page = dialog.links_page
+    qtbot.waitUntil(lambda: page.add_button.isEnabled(), timeout=3000)
+    page.add_button.click()
+    assert page.model.rowCount() == 4
+    dialog.reject()
+    with qtbot.assertNotEmitted(dialog.session.client.reply, wait=300):
+        pass
+    assert daemon.changes() == []
+
+
+def model_set(page, row: int, key: str, value) -> bool:
+    return page.model.setData(page.model.index(row, page.model.column_of(key)), value)

@@ -247,7 +247,11 @@ def test_server_postinst_makes_its_user_and_tells_how_to_pair(built: Built, tmp_
 def test_braidd_unit_is_root_without_other_capabilities_and_hardened(unpacked: Path) -> None:
     unit = unit_settings(unpacked / "lib/systemd/system/braidd.service")
     assert unit["ExecStartPre"] == ["/usr/bin/braid daemon --cleanup --state-dir /var/lib/braid"]
-    assert unit["ExecStopPost"] == ["/usr/bin/braid daemon --cleanup --state-dir /var/lib/braid"]
+    assert unit["ExecStopPost"] == [
+        '/bin/sh -c \'[ "$SERVICE_RESULT" = success ] || '
+        "exec /usr/bin/braid daemon --cleanup --state-dir /var/lib/braid'"
+    ]
+    assert unit["ReadWritePaths"] == ["/proc/sys/net/mptcp"]
     assert unit["ExecStart"] == [
         "/usr/bin/braid --control /run/braid/control.sock daemon --state-dir /var/lib/braid"
     ]

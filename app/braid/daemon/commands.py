@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,9 +20,11 @@ from braid.daemon.links.store import StoreError
 from braid.daemon.reconciler import PAIRING_FILE, Reconciler
 from braid.daemon.routing import capture
 from braid.daemon.routing.capture import OWN_MARK
+from braid.daemon.routing.policy import SLOTS
 from braid.daemon.settings import SETTINGS, Settings
 from braid.files import load_json
 from braid.protocol.control import ControlError, ErrorCode
+from braid.protocol.events import Event, EventKind
 from braid.protocol.pairing import Pairing, PairingError, parse_pairing
 from braid.tunnel_client import TunnelError, open_tunnel
 
@@ -57,14 +60,28 @@ class Commands:
             "down": self.down,
             "test-pairing": self.test_pairing,
             "links": self.links,
+            "interfaces": self.interfaces,
             "set-link": self.set_link,
+            "add-link": self.add_link,
+            "remove-link": self.remove_link,
             "set-order": self.set_order,
             "get-settings": self.get_settings,
             "set-settings": self.set_settings,
         }
 
     #: The commands that change state: braidd refuses them to callers without the right.
-    CHANGES = frozenset({"up", "down", "test-pairing", "set-link", "set-order", "set-settings"})
+    CHANGES = frozenset(
+        {
+            "up",
+            "down",
+            "test-pairing",
+            "set-link",
+            "add-link",
+            "remove-link",
+            "set-order",
+            "set-settings",
+        }
+    )
 
     # -- reading ------------------------------------------------------------------
 
@@ -172,7 +189,7 @@ class Commands:
         source = None
         family_hint = None
         for address in addresses:
-            family = 10 if ":" in address else 2
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
             source = self.r.best_source(family)
             if source is not None:
                 family_hint = family
@@ -213,7 +230,11 @@ class Commands:
         name = request.get("link")
         if not isinstance(name, str) or name not in self.r.links:
             known = ", ".join(self.r.links) or "none"
-            raise ControlError(ErrorCode.INVALID_ARGUMENT, f"no link {name!r} (links: {known})")
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"no link {name!r} (links: {known}); to use an interface braidd skipped: "
+                f"braid links add {name} --kind KIND",
+            )
         changes = {
             k: request[k] for k in ("kind", "priority", "order", "metered", "cap") if k in request
         }
@@ -247,6 +268,95 @@ class Commands:
                 f"{name} vanished meanwhile; its settings are kept for when it returns",
             )
         return link.to_json()
+
+    async def interfaces(self, caller: Caller, request: dict) -> list:
+        """Every interface and what discovery makes of it: those not links can be added."""
+        found = await self.r.platform.interfaces()
+        return [
+            {"name": c.name, "kind": c.kind, "link": c.name in self.r.links, "reason": c.reason}
+            for c in found
+            if c.name != "lo"
+        ]
+
+    async def add_link(self, caller: Caller, request: dict) -> dict:
+        """Make an interface that discovery skipped a link, kept across restarts."""
+        name, kind = request.get("link"), request.get("kind")
+        if not isinstance(name, str) or not name:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "link must be an interface name")
+        if name == "lo":
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "loopback cannot be a link")
+        try:
+            socket.if_nametoindex(name)
+        except (OSError, ValueError):
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"no interface {name!r} on this computer (plug it in first; see: ip link)",
+            ) from None
+
+        async def change() -> None:
+            if name in self.r.links:
+                raise ControlError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"{name} is already a link; change it with: braid links set {name} …",
+                )
+            if len(self.r.links) >= SLOTS:
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, f"Braid uses at most {SLOTS} links")
+            store = self.r.store
+            had = name in store.choices
+            choice = store.choice(name)
+            before = choice.to_json()
+            try:
+                choice.update({"kind": kind} if kind is not None else {})
+                choice.added = True
+                store.save_choices()
+            except (StoreError, OSError) as exc:
+                if had:
+                    choice.update(before)
+                    choice.added = before["added"]
+                else:
+                    del store.choices[name]
+                if isinstance(exc, OSError):
+                    raise self._cannot_save(exc) from None
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+            log.info("link %s added by %s (kind %s)", name, caller.describe(), kind or "other")
+
+        await self.r.submit(change)
+        link = self.r.links.get(name)
+        if link is None:
+            raise ControlError(ErrorCode.FAILED, f"{name} vanished meanwhile; it stays added")
+        self.r.event(Event(EventKind.LINK_ADDED, name, f"{name} added ({link.kind})"))
+        return link.to_json()
+
+    async def remove_link(self, caller: Caller, request: dict) -> list:
+        """Forget an interface the user added: it stops being a link."""
+        name = request.get("link")
+
+        async def change() -> None:
+            store = self.r.store
+            choice = store.choices.get(name) if isinstance(name, str) else None
+            if choice is None or not choice.added:
+                added = ", ".join(store.added()) or "none"
+                if isinstance(name, str) and name in self.r.links:
+                    how = (
+                        "it is named with --link in braidd's command line"
+                        if self.r.links[name].configured
+                        else f"braidd found it itself; to stop using it: braid links set {name} "
+                        "--priority never"
+                    )
+                    message = f"{name} was not added with braid links add: {how}"
+                else:
+                    message = f"no added link {name!r} (added links: {added})"
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, message)
+            del store.choices[name]
+            try:
+                store.save_choices()
+            except OSError as exc:
+                store.choices[name] = choice
+                raise self._cannot_save(exc) from None
+            log.info("link %s removed by %s", name, caller.describe())
+
+        await self.r.submit(change)
+        return [link.to_json() for link in self.r.ordered()]
 
     async def set_order(self, caller: Caller, request: dict) -> list:
         names = request.get("links")

@@ -46,6 +46,8 @@ class Inputs:
     discovered: Mapping[str, tuple[str, bool | None]] = field(default_factory=dict)
     choices: Mapping[str, LinkChoice] = field(default_factory=dict)
     views: Mapping[str, DeviceView | None] = field(default_factory=dict)
+    #: Interfaces the user made links (braid links add), kept while unplugged.
+    added: tuple[str, ...] = ()
     #: The probes' verdicts (absent: not probed, or no verdict yet).
     alive: Mapping[str, bool] = field(default_factory=dict)
     used: Mapping[str, int] = field(default_factory=dict)  # bytes used this billing period
@@ -66,9 +68,14 @@ class Decision:
     events: list[Event]
 
 
-def wanted_names(named: Mapping[str, Named], discovered: Mapping[str, object]) -> list[str]:
-    """The interfaces that are links: those named first, then discovery's, sorted."""
-    return list(named) + sorted(name for name in discovered if name not in named)
+def wanted_names(
+    named: Mapping[str, Named], discovered: Mapping[str, object], added: tuple[str, ...] = ()
+) -> list[str]:
+    """The interfaces that are links: those named first, then those the user added, then
+    discovery's, sorted."""
+    out = list(named)
+    out += [name for name in added if name not in out]
+    return out + sorted(name for name in discovered if name not in out)
 
 
 def choose(
@@ -76,6 +83,7 @@ def choose(
     choice: LinkChoice,
     named: Named | None,
     discovered: tuple[str, bool | None] | None,
+    added: bool = False,
 ) -> Link:
     """Apply the user's choices: stored choices win over --link, which wins over discovery."""
     kind = choice.kind or (named.kind if named and named.kind else None)
@@ -101,7 +109,8 @@ def choose(
         order=order,
         metered=metered,
         cap=choice.cap.to_json() if choice.cap else None,
-        configured=named is not None,
+        configured=named is not None or added,
+        added=added,
     )
 
 
@@ -248,7 +257,7 @@ def decide(
     ``links`` are the links as last decided (their slots, gateways and counters carry over);
     ``connected`` is whether the tunnels reach the server (None: Braid is not up).
     """
-    names = wanted_names(inputs.named, inputs.discovered)
+    names = wanted_names(inputs.named, inputs.discovered, inputs.added)
     out: dict[str, Link] = {}
     events: list[Event] = []
     for name, before in links.items():
@@ -270,6 +279,7 @@ def decide(
             inputs.choices.get(name, LinkChoice()),
             inputs.named.get(name),
             inputs.discovered.get(name),
+            name in inputs.added,
         )
         view = inputs.views.get(name)
         link = observe(link, view)

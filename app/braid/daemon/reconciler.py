@@ -159,11 +159,13 @@ class Reconciler:
         if discover is None:
             discover = self.settings["discover_links"]
         discovered = await self.platform.discover() if discover else {}
-        names = policy.wanted_names(self._named, discovered)
+        added = tuple(self.store.added())
+        names = policy.wanted_names(self._named, discovered, added)
         views = await self.platform.views(names)
         inputs = policy.Inputs(
             named=self._named,
             discovered=discovered,
+            added=added,
             choices={name: self.store.choice(name) for name in names},
             views=views,
             alive=dict(self._alive),

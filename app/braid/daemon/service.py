@@ -58,6 +58,9 @@ DEFAULT_STATE_DIR = Path("/var/lib/braid")
 LINK_POLL = 1.0  # netlink events wake the reconciler at once; this catches what they miss
 USAGE_SAVE_INTERVAL = 10.0
 SUBSCRIBER_BACKLOG = 1 << 20  # a subscriber this far behind is dropped, not buffered forever
+# On stop, connections get this long to close cleanly, then are reset: a server that went away
+# would hold every TLS close for seconds, and each shutdown of the computer with it.
+CLOSE_GRACE = 0.25
 
 __all__ = ["PAIRING_FILE", "Daemon", "DaemonConfig", "StartupError", "cleanup", "run_daemon"]
 
@@ -158,15 +161,26 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # The writer is stopped: the shutdown is the last change, made here.
-        await self.reconciler.down()
-        await self.transparent_tcp.stop()
-        await self.transparent_udp.stop()
-        await self.dns.close()
+        # The writer is stopped: the shutdown is the last change, made here. Connections get
+        # CLOSE_GRACE to close cleanly, then are reset.
+        closing = [
+            spawn(self.reconciler.down(), name="stop-tunnels"),
+            spawn(self.transparent_tcp.stop(), name="stop-transparent-tcp"),
+            spawn(self.transparent_udp.stop(), name="stop-transparent-udp"),
+            spawn(self.dns.close(), name="stop-dns"),
+            spawn(self.socks.stop(), name="stop-socks"),
+        ]
+        _, late = await asyncio.wait(closing, timeout=CLOSE_GRACE)
+        if late:
+            log.info(
+                "stopping: resetting the connections that did not close within %g s", CLOSE_GRACE
+            )
+            for task in late:
+                task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
         for writer in list(self._subscribers):
             writer.close()
         await self.control.stop()
-        await self.socks.stop()
         with contextlib.suppress(OSError):
             self.store.save_usage()
         await self.platform.stop()

@@ -189,6 +189,15 @@ class DaemonClient(QObject):
     def set_link(self, name: str, **changes: Any) -> int:
         return self._send("set-link", link=name, **changes)
 
+    def interfaces(self) -> int:
+        return self._send("interfaces")
+
+    def add_link(self, name: str, kind: str | None = None) -> int:
+        return self._send("add-link", link=name, **({"kind": kind} if kind else {}))
+
+    def remove_link(self, name: str) -> int:
+        return self._send("remove-link", link=name)
+
     def set_order(self, names: list[str]) -> int:
         return self._send("set-order", links=list(names))
 
@@ -244,7 +253,7 @@ class DaemonClient(QObject):
                 self.status.emit(result.get("status") or {})
             elif reply.cmd in ("status", "up", "down") and isinstance(result, dict):
                 self.status.emit(result)
-            elif reply.cmd in ("set-link", "set-order", "set-settings"):
+            elif reply.cmd in ("set-link", "add-link", "remove-link", "set-order", "set-settings"):
                 self.request_status()  # links changed: let every view see the new state now
             self.reply.emit(reply.id, True, result)
             return

@@ -46,6 +46,7 @@ from braid.gui import autostart
 from braid.gui.icons import IconSet
 from braid.gui.model import (
     CHOICES_ROLE,
+    KIND_LABELS,
     SETTINGS_COLUMNS,
     LinkTableModel,
     link_changes,
@@ -268,7 +269,8 @@ class LinksPage(QWidget):
                 "Drag a link up or down to set the order new connections try them in. "
                 "<b>Always</b> carries traffic, <b>Backup</b> only when no Always link works, "
                 "<b>Never</b> leaves the link alone. A data cap turns a link into Backup or "
-                "Never once it is used up."
+                "Never once it is used up. An interface Braid skipped can be added below; "
+                "<b>Remove</b> forgets one you added."
             )
         )
         self.table = QTableView()
@@ -300,19 +302,52 @@ class LinksPage(QWidget):
         self.down_button = QPushButton("Move down")
         self.up_button.clicked.connect(lambda: self._move(-1))
         self.down_button.clicked.connect(lambda: self._move(+1))
+        self.remove_button = QPushButton("Remove")
+        self.remove_button.setToolTip("Stop using an interface you added")
+        self.remove_button.setEnabled(False)
+        self.remove_button.clicked.connect(self._remove)
         buttons.addWidget(self.up_button)
         buttons.addWidget(self.down_button)
+        buttons.addWidget(self.remove_button)
         buttons.addStretch(1)
         self.message = QLabel()
         self.message.setStyleSheet(f"color: {ERROR_COLOUR}")
         buttons.addWidget(self.message)
         layout.addLayout(buttons)
+
+        # Interfaces braidd skipped (a veth, a modem it does not know) can be made links.
+        adding = QHBoxLayout()
+        adding.addWidget(QLabel("Use an interface Braid skipped:"))
+        self.interface_box = QComboBox()
+        self.interface_box.setMinimumContentsLength(24)
+        self.interface_box.setPlaceholderText("asking the daemon…")
+        self.kind_box = QComboBox()
+        for kind, label in KIND_LABELS.items():
+            self.kind_box.addItem(label, kind)
+        self.interface_box.currentIndexChanged.connect(self._guess_kind)
+        self.add_button = QPushButton("Add")
+        self.add_button.setEnabled(False)
+        self.add_button.clicked.connect(self._add)
+        adding.addWidget(self.interface_box, 1)
+        adding.addWidget(self.kind_box)
+        adding.addWidget(self.add_button)
+        layout.addLayout(adding)
+        self.added: dict[str, str] = {}  # interface → kind, added on OK
+        self.removed: list[str] = []  # links the user added before, removed on OK
+        self._initial: dict[str, dict[str, Any]] = {}  # an added row as it was made
+
         if not self.original:
             self.message.setText("No links yet: is the daemon running?")
         self.model.invalid.connect(self.message.setText)
         self.model.rowsMoved.connect(self._open_editors)
         self.model.modelReset.connect(self._open_editors)
+        self.table.selectionModel().selectionChanged.connect(self._selected)
+        self.model.modelReset.connect(self._selected)
         self._open_editors()
+        self._client = session.client
+        self._client.reply.connect(self._on_reply)
+        self._interfaces_request: int | None = self._client.interfaces()
+        self._interfaces: list[dict[str, Any]] = []
 
     def _open_editors(self, *_: object) -> None:
         """Priority as a visible drop-down on every row: the one choice everybody makes."""
@@ -331,8 +366,92 @@ class LinksPage(QWidget):
         if self.model.move(row, offset):
             self.table.selectRow(row + offset)
 
+    # -- adding and removing interfaces ------------------------------------------------
+
+    def _on_reply(self, request_id: int, ok: bool, result: object) -> None:
+        if request_id != self._interfaces_request:
+            return
+        self._interfaces_request = None
+        if not ok or not isinstance(result, list):
+            message = result.get("message") if isinstance(result, dict) else str(result)
+            self.interface_box.setPlaceholderText("unknown")
+            self.message.setText(f"The daemon's interfaces could not be read: {message}")
+            return
+        self._interfaces = [i for i in result if isinstance(i, dict) and not i.get("link")]
+        self._fill_interfaces()
+
+    def _fill_interfaces(self) -> None:
+        self.interface_box.clear()
+        shown = set(self.model.names())
+        for item in self._interfaces:
+            name = str(item.get("name"))
+            if name not in shown:
+                self.interface_box.addItem(f"{name} — {item.get('reason', '')}", name)
+        if self.interface_box.count():
+            self.interface_box.setCurrentIndex(0)
+        else:
+            self.interface_box.setPlaceholderText("none: every interface is a link")
+        self.add_button.setEnabled(self.interface_box.count() > 0)
+
+    def _guess_kind(self, *_: object) -> None:
+        name = self.interface_box.currentData()
+        kind = next((i.get("kind") for i in self._interfaces if i.get("name") == name), None)
+        index = self.kind_box.findData(kind)
+        if index >= 0:
+            self.kind_box.setCurrentIndex(index)
+
+    def _add(self) -> None:
+        name = self.interface_box.currentData()
+        if not name:
+            return
+        kind = str(self.kind_box.currentData())
+        priority = "backup" if kind == "cellular" else "always"  # as braidd decides for a kind
+        row = {
+            "name": name,
+            "kind": kind,
+            "priority": priority,
+            "effective_priority": priority,
+            "order": self.model.rowCount(),
+            "state": "down",
+            "metered": kind == "cellular",
+            "cap": None,
+            "added": True,
+        }
+        self.added[name] = kind
+        self._initial[name] = dict(row)
+        self.model.set_links([*self.model.links(), row])
+        self._fill_interfaces()
+        self.message.setText("")
+
+    def _selected(self, *_: object) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        links = self.model.links()
+        chosen = links[rows[0].row()] if rows and rows[0].row() < len(links) else None
+        self.remove_button.setEnabled(bool(chosen and chosen.get("added")))
+
+    def _remove(self) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        if not rows:
+            return
+        links = self.model.links()
+        name = str(links[rows[0].row()].get("name"))
+        if not links[rows[0].row()].get("added"):
+            return
+        if name in self.added:
+            del self.added[name]
+            del self._initial[name]
+        else:
+            self.removed.append(name)
+        self.model.set_links([link for link in links if link.get("name") != name])
+        self._fill_interfaces()
+
     def changes(self) -> tuple[list[tuple[str, dict[str, Any]]], list[str] | None]:
-        return link_changes(self.original, self.model.links())
+        """set-link arguments and the new order; added interfaces count from how they were added
+        (a priority changed after Add is sent), removed ones are left out."""
+        before = [*self.original, *self._initial.values()]
+        changes, order = link_changes(before, self.model.links())
+        kept = [str(link.get("name")) for link in before if link.get("name") not in self.removed]
+        return changes, (None if order == kept else order)
 
 
 # -- the server page ---------------------------------------------------------------------
@@ -644,6 +763,10 @@ class SettingsDialog(QDialog):
             return  # the page says what is wrong; nothing is applied
         client = self.session.client
         self.server_page.save()
+        for name in self.links_page.removed:
+            client.remove_link(name)
+        for name, kind in self.links_page.added.items():
+            client.add_link(name, kind)
         changes, order = self.links_page.changes()
         if order is not None:
             client.set_order(order)

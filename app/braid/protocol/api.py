@@ -22,6 +22,7 @@ class LinkObject(TypedDict):
     priority: PriorityName
     effective_priority: PriorityName
     order: int
+    added: bool  # the user made it a link (braid links add)
     state: LinkStateName
     alive: bool | None  # the health probes' verdict; null when not probed
     carrying: bool  # its MPTCP endpoint is in place

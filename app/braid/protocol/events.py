@@ -35,6 +35,7 @@ class EventKind(enum.StrEnum):
         return member
 
     LINK_FOUND = ("link-found", Level.INFO, "A link was found")
+    LINK_ADDED = ("link-added", Level.INFO, "A link was added")
     LINK_REMOVED = ("link-removed", Level.WARNING, "A link is gone")
     LINK_UP = ("link-up", Level.INFO, "A link is up")
     LINK_DOWN = ("link-down", Level.WARNING, "A link is down")

@@ -7,12 +7,12 @@ import argparse
 import asyncio
 import datetime
 import logging
-import os
 import ssl
 import sys
 import time
 
 import braid
+from braid import logs
 from braid.protocol.pairing import Pairing
 from braid.server.state import (
     MAX_DEVICES,
@@ -263,23 +263,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(verbose: bool) -> None:
-    # Under systemd the journal stamps every line already.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(stamp + "%(levelname)s %(message)s"))
-    # -v is for our own debug lines; libraries (pyroute2 resets its own
-    # logger's level on import) stay at INFO and above.
-    handler.addFilter(lambda r: r.levelno >= logging.INFO or r.name.startswith("braid"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from braid.server.server import BraidServer, open_listener
     from braid.server.system import raise_descriptor_limit, raise_subflow_limit
     from braid.transport import server_tls_context
 
-    _setup_logging(args.verbose)
+    logs.setup(args.verbose, with_names=False)
     state = StateDir(args.state_dir)
     config = state.load()
     fp = state.fingerprint()

@@ -57,7 +57,8 @@ class Link:
     tx_bytes: int = 0
     rx_bps: float = 0.0
     tx_bps: float = 0.0
-    configured: bool = False  # named with --link: kept even while unplugged
+    configured: bool = False  # named with --link or added by the user: kept while unplugged
+    added: bool = False  # added by the user (braid links add); braid links remove forgets it
     metered: bool = False
     cap: dict | None = None
     used_bytes: int = 0
@@ -86,6 +87,7 @@ class Link:
             "priority": str(self.priority),
             "effective_priority": str(self.effective or self.priority),
             "order": self.order,
+            "added": self.added,
             "state": str(self.state),
             "alive": self.alive,
             "carrying": self.carrying,

@@ -88,6 +88,7 @@ class LinkChoice:
     order: int | None = None
     metered: bool | None = None
     cap: Cap | None = None
+    added: bool = False  # the user made this interface a link (braid links add)
 
     @classmethod
     def from_json(cls, data: Any) -> LinkChoice:
@@ -95,6 +96,10 @@ class LinkChoice:
             raise StoreError("a link's settings must be an object")
         choice = cls()
         choice.update(data)
+        added = data.get("added", False)
+        if not isinstance(added, bool):
+            raise StoreError("added must be true or false")
+        choice.added = added
         return choice
 
     def update(self, data: dict) -> None:
@@ -131,6 +136,7 @@ class LinkChoice:
             "order": self.order,
             "metered": self.metered,
             "cap": None if self.cap is None else self.cap.to_json(),
+            "added": self.added,
         }
 
 
@@ -164,6 +170,10 @@ class LinkStore:
 
     def choice(self, name: str) -> LinkChoice:
         return self.choices.setdefault(name, LinkChoice())
+
+    def added(self) -> list[str]:
+        """The interfaces the user made links (braid links add), by name."""
+        return sorted(name for name, choice in self.choices.items() if choice.added)
 
     def save_choices(self) -> None:
         write_json(

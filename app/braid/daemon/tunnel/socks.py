@@ -113,6 +113,10 @@ class SocksServer:
             # The application or the tunnel went away (reset, timeout, or ENOTCONN when the
             # stream is ended after the application has already gone).
             log.debug("flow ended: %s", exc)
+        except asyncio.CancelledError:
+            # braidd is stopping. Python 3.11's start_server logs a handler that ends
+            # cancelled as an error with a traceback, so this one ends normally.
+            pass
         finally:
             self._flows.discard(task)
             if self.caps is not None:

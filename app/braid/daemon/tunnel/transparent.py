@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from braid.aio import spawn
 from braid.daemon.routing.capture import OWN_MARK
+from braid.logs import reason
 from braid.protocol.address import Address
 from braid.protocol.socks5 import encode_reply
 from braid.protocol.tunnel import Command, Reply
@@ -257,7 +258,7 @@ class DnsRelay:
             answer = await asyncio.wait_for(future, DNS_TIMEOUT)
         except (TunnelError, ConnectionError, TimeoutError, OSError) as exc:
             self.failures += 1
-            log.info("DNS query failed: %s", exc)
+            log.info("DNS query failed: %s", reason(exc))
             return None
         finally:
             self._pending.pop(query_id, None)
