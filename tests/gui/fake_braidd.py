@@ -16,20 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from braid.daemon.commands import Commands
 from braid.protocol import control
 from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.pairing import PairingError, parse_pairing
 
-CHANGES = {
-    "up",
-    "down",
-    "test-pairing",
-    "set-link",
-    "add-link",
-    "remove-link",
-    "set-order",
-    "set-settings",
-}
+CHANGES = set(Commands.CHANGES)  # the commands that need an operator, as braidd has them
 SCHEMA = [
     {
         "key": "discover_links",
