@@ -26,6 +26,10 @@ from braid.tunnel_client import TunnelError
 
 log = logging.getLogger(__name__)
 
+#: The listen backlog, which is also how many pending connections asyncio accepts at one wake-up
+#: before any handler runs: a burst over the caps is refused a moment later, not at accept.
+ACCEPT_BACKLOG = 512
+
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -77,7 +81,7 @@ class SocksServer:
         self.caps = limits.socks_caps()
         host, port = self.listen
         self._server = await asyncio.start_server(
-            self._accept, host, port, reuse_address=True, backlog=512
+            self._accept, host, port, reuse_address=True, backlog=ACCEPT_BACKLOG
         )
         sock = self._server.sockets[0]
         self.listen = sock.getsockname()[:2]
