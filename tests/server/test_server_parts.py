@@ -144,51 +144,72 @@ def test_server_tls_sends_nothing_after_the_handshake(tmp_path: Path) -> None:
         client.read(1)
 
 
-def test_admission_drops_silent_handshakes_of_the_same_source_first() -> None:
-    from braid.server.admission import Admission
+def test_admission_drops_a_sources_junk_first() -> None:
+    from braid.server.admission import CLOSED_OR_GARBAGE, SILENT, TLS, Admission
 
-    admission = Admission(per_source=3, total=10)
+    clock = FakeClock()
+    admission = Admission(per_source=3, total=100, grace=1.0, clock=clock)
     dropped: list[str] = []
-    talker, _ = admission.admit("198.18.0.9", lambda: dropped.append("talker"))
-    talker.spoke = True
-    for i in range(2):
-        admission.admit("198.18.0.9", lambda i=i: dropped.append(f"silent{i}"))
-    for i in range(5):
-        admission.admit("198.18.0.9", lambda i=i: dropped.append(f"new{i}"))
-    # The source never holds more than 3; the silent ones went first, the one that spoke stays.
-    assert len(admission) == 3
-    assert dropped[:2] == ["silent0", "silent1"]
-    assert "talker" not in dropped
-    assert admission.dropped == 5
+
+    def admit(name: str, standing: int) -> None:
+        admission.admit("198.18.0.9", lambda: dropped.append(name), lambda: standing)
+
+    admit("client", TLS)
+    admit("quiet", SILENT)
+    admit("garbage", CLOSED_OR_GARBAGE)
+    admit("closed", CLOSED_OR_GARBAGE)  # the source is full: the oldest junk goes
+    assert dropped == ["garbage"]
+    admit("fresh", SILENT)
+    assert dropped == ["garbage", "closed"]
+    admit("fresh2", SILENT)  # silent for less than the grace: nobody is junk yet
+    assert dropped == ["garbage", "closed"] and len(admission) == 4
+    clock.now += 1.5
+    admit("later", SILENT)  # silent past the grace: junk now, the oldest first
+    assert dropped == ["garbage", "closed", "quiet"]
+    assert "client" not in dropped
+
+
+def test_a_burst_of_tls_handshakes_from_one_address_is_kept() -> None:
+    """A laptop opening hundreds of tunnels at once from one address."""
+    from braid.server.admission import TLS, Admission
+
+    admission = Admission(per_source=32, total=1024, clock=FakeClock())
+    dropped: list[int] = []
+    for i in range(600):
+        admission.admit("198.18.0.9", lambda i=i: dropped.append(i), lambda: TLS)
+    assert dropped == [] and len(admission) == 600
 
 
 def test_admission_total_takes_from_the_heaviest_source() -> None:
-    from braid.server.admission import Admission
+    from braid.server.admission import SILENT, TLS, Admission
 
-    admission = Admission(per_source=8, total=10)
+    admission = Admission(per_source=8, total=10, clock=FakeClock())
     dropped: list[str] = []
-    for i in range(8):
-        admission.admit("198.18.0.66", lambda i=i: dropped.append(f"flood{i}"))
+    # The attacker shares the client's address: its silent connections go before the client's.
+    admission.admit("198.18.0.66", lambda: dropped.append("client"), lambda: TLS)
+    for i in range(7):
+        admission.admit("198.18.0.66", lambda i=i: dropped.append(f"flood{i}"), lambda: SILENT)
     mine, _ = admission.admit("198.18.0.7", lambda: dropped.append("mine"))
     admission.admit("198.18.0.8", lambda: dropped.append("other"))
-    for i in range(8):
+    for i in range(7):
         admission.admit(f"198.18.1.{i}", lambda i=i: dropped.append(f"new{i}"))
     assert len(admission) == 10
-    assert "mine" not in dropped and "other" not in dropped
-    assert dropped[:8] == [f"flood{i}" for i in range(8)]
+    assert dropped == [f"flood{i}" for i in range(7)]
     admission.release(mine)
     admission.release(mine)  # idempotent
-    assert len(admission) == 9
+    assert len(admission) == 9 and admission.dropped == 7
 
 
 def test_admission_counts_an_ipv6_64_as_one_source() -> None:
-    from braid.server.admission import Admission, source_key
+    from braid.server.admission import CLOSED_OR_GARBAGE, Admission, source_key
 
     assert source_key("2001:db8:1:2::5") == source_key("2001:db8:1:2:ffff::1")
-    admission = Admission(per_source=2, total=100)
+    admission = Admission(per_source=2, total=100, clock=FakeClock())
     dropped: list[int] = []
     for i in range(10):
-        admission.admit(f"2001:db8:1:2::{i + 1:x}", lambda i=i: dropped.append(i))
+        admission.admit(
+            f"2001:db8:1:2::{i + 1:x}", lambda i=i: dropped.append(i), lambda: CLOSED_OR_GARBAGE
+        )
     assert len(admission) == 2 and admission.sources() == 1
     assert dropped == list(range(8))
 
@@ -196,7 +217,7 @@ def test_admission_counts_an_ipv6_64_as_one_source() -> None:
 def test_admission_memory_is_bounded_and_released() -> None:
     from braid.server.admission import Admission
 
-    admission = Admission(per_source=4, total=100)
+    admission = Admission(per_source=4, total=100, clock=FakeClock())
     entries = [
         admission.admit(f"198.18.{i // 256}.{i % 256}", lambda: None)[0] for i in range(5000)
     ]
@@ -209,10 +230,10 @@ def test_admission_memory_is_bounded_and_released() -> None:
 def test_admission_limits_follow_the_descriptor_limit() -> None:
     from braid.server.server import admission_for
 
-    assert admission_for(None).total == 512
+    assert admission_for(None).total == 1024
     assert admission_for(1024).total == 128
     assert admission_for(64).total == 16
-    assert admission_for(1 << 20).total == 512
+    assert admission_for(65536).total == 1024
 
 
 def test_warnings_from_many_sources_are_capped_in_all(monkeypatch, caplog) -> None:

@@ -6,17 +6,17 @@ token). So nothing an unauthenticated peer does may make the server refuse or
 delay anyone else: there is no per-address penalty. What hostile peers could
 exhaust instead, descriptors and memory, is bounded here:
 
-* at most ``per_source`` handshakes at once per source (an IPv4 address, or
-  an IPv6 /64, which one host usually owns whole), and ``total`` in all;
-* when a new connection finds its source or the whole server full, it is
-  admitted and an older handshake is dropped instead, for the global limit
-  one of the source holding the most. First one that closed or sent something
-  that is not TLS, then one that has sent nothing yet, then one that began a
-  TLS handshake; the oldest first in each. A legitimate client sends its TLS
-  ClientHello right behind its connection's last ACK, so a flood of
-  connections that connect and close or send garbage never pushes it out,
-  and one that stays silent only if it opens ``per_source`` connections from
-  the same address before the client's first bytes arrive.
+* a source with ``per_source`` handshakes or more loses its junk first: when
+  another connection from it arrives, one of its handshakes that closed or sent
+  something that is not TLS, or that has stayed silent for ``grace`` seconds, is
+  dropped (the oldest first). A legitimate client sends its TLS ClientHello
+  right behind its connection's last ACK, so what it opens is never junk, and a
+  laptop opening hundreds of tunnels at once from one address is not held back;
+* at most ``total`` handshakes in all: a new connection is always admitted and,
+  when the server is full, the source holding the most loses one: first junk,
+  then one that has sent nothing yet, then one that began TLS, the oldest first.
+  An attacker on a client's own address is that source, and loses its own
+  connections before the client's.
 
 Each admitted handshake is a ``Pending``; ``admit`` returns the ones to drop and
 the caller closes their sockets.
@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PER_SOURCE = 32
-TOTAL = 512
+TOTAL = 1024
+GRACE = 0.5  # seconds a connection may stay silent before it counts as junk
+SCAN = 16  # the oldest handshakes of a source looked at to choose one to drop
 
 # What a connection has sent so far, in the order they are dropped.
 CLOSED_OR_GARBAGE = 0
@@ -61,6 +64,7 @@ class Pending:
 
     source: str
     order: int
+    since: float  # when it was admitted (monotonic seconds)
     drop: Callable[[], None] = field(repr=False)
     # What the unread bytes say (CLOSED_OR_GARBAGE, SILENT or TLS): a client's ClientHello
     # is often there before the server has looked, and must count when choosing whom to drop.
@@ -80,12 +84,21 @@ class Pending:
 class Admission:
     """The handshakes in progress, bounded per source and in total."""
 
-    def __init__(self, per_source: int = PER_SOURCE, total: int = TOTAL) -> None:
+    def __init__(
+        self,
+        per_source: int = PER_SOURCE,
+        total: int = TOTAL,
+        grace: float = GRACE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if per_source < 1 or total < per_source:
             raise ValueError("need 1 <= per_source <= total")
         self.per_source = per_source
         self.total = total
-        self._by_source: dict[str, set[Pending]] = {}
+        self.grace = grace
+        self._clock = clock
+        # Per source, in arrival order (a dict keeps it): the oldest come first.
+        self._by_source: dict[str, dict[Pending, None]] = {}
         self._count = 0
         self._order = itertools.count()
         self.dropped = 0  # handshakes pushed out since start
@@ -107,11 +120,14 @@ class Admission:
         The dropped ones are already forgotten here; ``drop`` has been called for each.
         """
         source = source_key(host)
+        now = self._clock()
         victims: list[Pending] = []
         mine = self._by_source.get(source)
         if mine is not None and len(mine) >= self.per_source:
-            victims.append(self._pick(mine))
-        elif self._count >= self.total:
+            junk = self._junk(mine, now)
+            if junk is not None:
+                victims.append(junk)
+        if not victims and self._count >= self.total:
             heaviest = max(self._by_source.values(), key=len)
             victims.append(self._pick(heaviest))
         for victim in victims:
@@ -119,8 +135,8 @@ class Admission:
             victim.dropped = True
             self.dropped += 1
             victim.drop()
-        entry = Pending(source, next(self._order), drop, peek)
-        self._by_source.setdefault(source, set()).add(entry)
+        entry = Pending(source, next(self._order), now, drop, peek)
+        self._by_source.setdefault(source, {})[entry] = None
         self._count += 1
         return entry, victims
 
@@ -129,15 +145,27 @@ class Admission:
         self._forget(entry)
 
     @staticmethod
-    def _pick(entries: set[Pending]) -> Pending:
-        """The oldest of the lowest standing."""
-        return min(entries, key=lambda e: (e.standing(), e.order))
+    def _pick(entries: dict[Pending, None]) -> Pending:
+        """The oldest of the lowest standing, among the oldest SCAN (each look is a syscall)."""
+        return min(itertools.islice(entries, SCAN), key=lambda e: (e.standing(), e.order))
+
+    def _junk(self, entries: dict[Pending, None], now: float) -> Pending | None:
+        """The oldest that closed, sent garbage, or stayed silent past the grace, among the
+        oldest SCAN; or None. (Junk that is newer has its own task close it soon.)"""
+        best: tuple[int, int, Pending] | None = None
+        for entry in itertools.islice(entries, SCAN):
+            standing = entry.standing()
+            if standing == TLS or (standing == SILENT and now - entry.since < self.grace):
+                continue
+            if best is None or (standing, entry.order) < best[:2]:
+                best = (standing, entry.order, entry)
+        return None if best is None else best[2]
 
     def _forget(self, entry: Pending) -> None:
         mine = self._by_source.get(entry.source)
         if mine is None or entry not in mine:
             return
-        mine.discard(entry)
+        del mine[entry]
         self._count -= 1
         if not mine:
             del self._by_source[entry.source]
@@ -145,6 +173,7 @@ class Admission:
 
 __all__ = [
     "CLOSED_OR_GARBAGE",
+    "GRACE",
     "PER_SOURCE",
     "SILENT",
     "TLS",

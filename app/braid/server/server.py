@@ -287,6 +287,10 @@ def admission_for(max_files: int | None) -> Admission:
     return Admission(per_source=min(PER_SOURCE, total), total=total)
 
 
+class _NotTls(Exception):
+    """The first bytes of a connection are not a TLS handshake record."""
+
+
 class _Unauthenticated:
     """A connection before its HELLO, and how to drop it from outside at once.
 
@@ -322,7 +326,7 @@ def _peek(sock: socket.socket) -> int:
         return SILENT
     except OSError:
         return CLOSED_OR_GARBAGE
-    if len(head) >= 2 and head[0] == 0x16 and head[1] == 0x03:
+    if head[:1] == b"\x16" and head[1:2] in (b"", b"\x03"):  # a record's start, maybe cut short
         return TLS
     return CLOSED_OR_GARBAGE  # closed (nothing to read) or not TLS
 
@@ -708,8 +712,12 @@ class BraidServer:
             reason = ""
             try:
                 spoke = await self._first_bytes(conn, deadline)
+                if spoke and _peek(sock) != TLS:
+                    # Every TLS connection opens with a handshake record: anything else is
+                    # refused before any TLS state (Python's takes 256 KiB) is made for it.
+                    raise _NotTls
                 if spoke:
-                    entry.spoke = _peek(sock) == TLS
+                    entry.spoke = True
                     async with asyncio.timeout_at(deadline):
                         transport, _ = await loop.connect_accepted_socket(
                             lambda: protocol,
@@ -723,6 +731,9 @@ class BraidServer:
             except TimeoutError:
                 reason = f"no TLS handshake and HELLO within {timeout:g} s"
                 timed_out = True
+            except _NotTls:
+                reason = "not a TLS handshake"
+                failed = True
             except ssl.SSLError as exc:
                 reason = f"TLS handshake failed ({exc.reason or exc})"
                 failed = True
