@@ -115,9 +115,11 @@ class SocksServer:
             log.debug("flow ended: %s", exc)
         finally:
             self._flows.discard(task)
-            if self.caps is not None:
-                self.caps.release(uid)
-            await close_writer(writer)
+            try:
+                await close_writer(writer)
+            finally:
+                if self.caps is not None:  # only once its descriptor is gone
+                    self.caps.release(uid)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
