@@ -885,8 +885,8 @@ class Daemon:
             if pairing is None:
                 raise ControlError(
                     ErrorCode.INVALID_ARGUMENT,
-                    "Braid is not paired with a server yet: run  braid up --pairing 'braid://…'  "
-                    "with the URI that braid-server init printed",
+                    "Braid is not paired with a server yet: run  braid up --pairing -  and paste "
+                    "the URI that braid-server init printed",
                 )
         mode = request.get("mode")
         if mode is not None:
