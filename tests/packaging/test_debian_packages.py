@@ -261,6 +261,8 @@ def test_braidd_unit_is_root_without_other_capabilities_and_hardened(unpacked: P
     assert set(unit["CapabilityBoundingSet"][0].split()) == needed
     assert set(unit["AmbientCapabilities"][0].split()) == needed
     assert unit["Restart"] == ["on-failure"]
+    # Two descriptors per flow; systemd's default soft limit (1024) is not enough.
+    assert unit["LimitNOFILE"] == ["65536"]
     assert unit["RuntimeDirectory"] == ["braid"] and unit["RuntimeDirectoryMode"] == ["0755"]
     assert unit["StateDirectory"] == ["braid"] and unit["StateDirectoryMode"] == ["0700"]
     assert unit["ProtectSystem"] == ["strict"]

@@ -125,8 +125,8 @@ class Commands:
         if pairing is None:
             raise ControlError(
                 ErrorCode.INVALID_ARGUMENT,
-                "Braid is not paired with a server yet: run  braid up --pairing-file FILE  "
-                "(or --pairing -) with the URI that braid-server printed",
+                "Braid is not paired with a server yet: run  braid up --pairing -  and paste "
+                "the URI that braid-server init printed (or braid up --pairing-file FILE)",
             )
         return pairing
 

@@ -29,8 +29,10 @@ CONTROL_ROOT_RESERVE = 32  # of the total, kept for root (and braidd's own user)
 #: A connection that is not subscribed to events and sends nothing for this long is closed.
 CONTROL_IDLE = 30.0
 
-#: The SOCKS5 port: each flow holds two descriptors (the application's and its tunnel).
-SOCKS_PER_USER = 1024
+#: Proxied TCP flows (the SOCKS5 port, and redirected ones in system-wide mode): each holds two
+#: descriptors (the application's and its tunnel). (The environment variable is for tests that
+#: reach the cap.)
+SOCKS_PER_USER = int(os.environ.get("BRAID_FLOWS_PER_USER", 1024))
 SOCKS_MOST = 16384
 
 #: At most one line a while for each kind of refusal or accept error.
@@ -52,14 +54,14 @@ def raise_nofile() -> int:
 
 
 def socks_caps() -> ConnectionCaps:
-    """Caps for the SOCKS5 port that fit the descriptors braidd may open (two per flow)."""
+    """Caps for proxied TCP flows that fit the descriptors braidd may open (two per flow)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
     flows = min(SOCKS_MOST, max(64, (soft - RESERVED_DESCRIPTORS) // 2))
     return ConnectionCaps(
-        "SOCKS5",
-        per_user=min(SOCKS_PER_USER, max(16, flows // 4)),
+        "proxied TCP flows",
+        per_user=max(1, min(SOCKS_PER_USER, flows // 4)),
         total=flows,
         root_reserve=flows // 4,
     )

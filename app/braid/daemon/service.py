@@ -90,7 +90,9 @@ class Daemon:
         self.socks = SocksServer(config.socks, self._take_tunnel)
         self.socks.udp_associate = SocksUdp(self._take_tunnel, config.socks[0]).associate
         self.dns = DnsRelay(self._take_tunnel)
-        self.transparent_tcp = TransparentTcp(0, self._carry_transparent, self.socks.track)
+        self.transparent_tcp = TransparentTcp(
+            0, self._carry_transparent, self.socks.track, admit=self.socks.admit
+        )
         self.transparent_udp = TransparentUdp(0, self._take_tunnel, self.dns)
         self.reconciler = Reconciler(
             self.platform,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -96,16 +97,26 @@ class SocksServer:
             await asyncio.gather(*self._flows, return_exceptions=True)
         self._owners.close()
 
-    def owner(self, writer: asyncio.StreamWriter) -> int | None:
-        """The uid of the application's end of an accepted connection, None if unknown."""
-        local, remote = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
-        if not local or not remote:
+    def admit(
+        self, writer: asyncio.StreamWriter, remote: tuple[str, int] | None = None
+    ) -> Callable[[], None] | None:
+        """Count a new flow against its owner's cap: a function that gives its place back, or
+        None if refused. The owner is that of the application's socket, whose remote end is
+        ``remote`` (default: this listener's address; a redirected flow passes its original
+        destination)."""
+        peer = writer.get_extra_info("peername")
+        remote = remote or writer.get_extra_info("sockname")
+        uid = self._owners.tcp_owner(peer[:2], remote[:2]) if peer and remote else None
+        caps = self.caps
+        if caps is None:
+            return lambda: None
+        if not caps.admit(uid):
             return None
-        return self._owners.tcp_owner(remote[:2], local[:2])
+        return functools.partial(caps.release, uid)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        uid = self.owner(writer)
-        if self.caps is not None and not self.caps.admit(uid):
+        release = self.admit(writer)
+        if release is None:
             writer.transport.abort()
             return
         task = asyncio.current_task()
@@ -123,9 +134,10 @@ class SocksServer:
             pass
         finally:
             self._flows.discard(task)
-            if self.caps is not None:
-                self.caps.release(uid)
-            await close_writer(writer)
+            try:
+                await close_writer(writer)
+            finally:
+                release()  # only once its descriptor is gone
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

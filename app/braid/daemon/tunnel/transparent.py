@@ -92,12 +92,17 @@ def _decode_origdst(cmsg_level: int, data: bytes) -> tuple[str, int]:
 
 
 class TransparentTcp:
-    """Accepts redirected TCP on loopback and hands each flow to ``carry``."""
+    """Accepts redirected TCP on loopback and hands each flow to ``carry``.
 
-    def __init__(self, port: int, carry, track) -> None:
+    ``admit(writer, original_destination)`` counts a flow against its owner's cap (see
+    SocksServer.admit): a function giving the place back, or None to refuse it.
+    """
+
+    def __init__(self, port: int, carry, track, admit=None) -> None:
         self.port = port
         self._carry = carry
         self._track = track
+        self._admit = admit
         self._servers: list[asyncio.base_events.Server] = []
 
     async def start(self) -> None:
@@ -129,6 +134,10 @@ class TransparentTcp:
             log.warning("redirected connection without an original destination: %s", exc)
             writer.close()
             return
+        release = self._admit(writer, (address.host, address.port)) if self._admit else None
+        if self._admit is not None and release is None:
+            writer.transport.abort()
+            return
         address = Address(_plain(address.host), address.port)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -137,8 +146,13 @@ class TransparentTcp:
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.debug("transparent flow to %s ended: %s", address, exc)
         finally:
-            with contextlib.suppress(Exception):
-                writer.close()
+            try:
+                with contextlib.suppress(Exception):
+                    writer.close()
+                    await asyncio.wait_for(writer.wait_closed(), 5)
+            finally:
+                if release is not None:
+                    release()  # only once its descriptor is gone
 
 
 @dataclass
