@@ -285,3 +285,28 @@ def test_policy_inputs_use_the_stored_choices(tmp_path: Path) -> None:
             assert [link.name for link in policy.ordered(rig.r.links)] == ["wlan0", "eth0"]
 
     run(scenario)
+
+
+def test_braidd_resumes_only_what_the_user_left_connected(tmp_path: Path) -> None:
+    """After a reboot the laptop reconnects by itself, unless the user had said down."""
+    from braid.daemon.commands import read_saved_pairing
+
+    async def scenario() -> None:
+        async with Rig(tmp_path) as rig:
+            assert read_saved_pairing(tmp_path, to_resume=True) is None  # never paired
+            up = await rig.up()
+            await rig.settle()
+            rig.made.pools[0].connect()
+            await up
+            assert read_saved_pairing(tmp_path, to_resume=True) == PAIRING
+            await rig.commands.down(ROOT, {})
+            assert read_saved_pairing(tmp_path, to_resume=True) is None
+            assert read_saved_pairing(tmp_path) == PAIRING  # `braid up` alone still uses it
+        async with Rig(tmp_path) as rig:  # braidd started again: resume waits for no one
+            await rig.r.submit(rig.r.resume, PAIRING, ["198.18.0.10"])
+            assert rig.made.pools and rig.r.pairing == PAIRING
+            rig.r.pairing = OTHER  # a user's up came first: resume leaves it alone
+            await rig.r.submit(rig.r.resume, PAIRING, ["198.18.0.10"])
+            assert len(rig.made.pools) == 1
+
+    run(scenario)

@@ -179,7 +179,10 @@ class Commands:
 
     async def down(self, caller: Caller, request: dict) -> dict:
         log.info("down requested by %s", caller.describe())
-        await self.r.submit(self.r.down)
+        try:
+            await self.r.submit(self.r.disconnect)
+        except OSError as exc:  # disconnected, but braidd will connect again when it starts
+            raise self._cannot_save(exc) from None
         return self._status()
 
     async def test_pairing(self, caller: Caller, request: dict) -> dict:
@@ -405,19 +408,23 @@ class Commands:
         return await self.r.submit(change)
 
 
-def read_saved_pairing(state_dir) -> Pairing | None:
+def read_saved_pairing(state_dir, to_resume: bool = False) -> Pairing | None:
+    """The pairing last used (``to_resume``: only if the user left Braid connected)."""
     path = state_dir / PAIRING_FILE
     try:
         data = load_json(path.read_text())
         uri = data.get("uri") if isinstance(data, dict) else None
         if not isinstance(uri, str):
             raise ValueError("no pairing URI (uri) in it")
-        return parse_pairing(uri)
+        pairing = parse_pairing(uri)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:  # PairingError is a ValueError
         log.warning("ignoring unreadable %s: %s", path, exc)
         return None
+    if to_resume and data.get("connect") is not True:
+        return None  # disconnected by the user, or saved by a version that did not resume
+    return pairing
 
 
 __all__ = ["Commands", "read_saved_pairing"]

@@ -347,7 +347,8 @@ class Reconciler:
         await self.down()
         self.pairing = pairing
         self.server_addresses = addresses
-        write_json(self._state_dir / PAIRING_FILE, {"uri": pairing.uri()})
+        # "connect": braidd connects again by itself when it starts (after a reboot, say).
+        write_json(self._state_dir / PAIRING_FILE, {"uri": pairing.uri(), "connect": True})
         pool = self._parts.make_pool(
             pairing,
             self.best_source,
@@ -372,6 +373,19 @@ class Reconciler:
         if pool is not None:
             await pool.stop()
             self.event(Event(EventKind.DISCONNECTED, None, "disconnected"))
+
+    async def disconnect(self) -> None:
+        """The user's ``down``: disconnect, and stay so when braidd starts again."""
+        await self.down()
+        if self.pairing is not None:
+            write_json(
+                self._state_dir / PAIRING_FILE, {"uri": self.pairing.uri(), "connect": False}
+            )
+
+    async def resume(self, pairing: Pairing, addresses: list[str]) -> None:
+        """Connect as the user last asked, unless they have said anything since braidd started."""
+        if self.pairing is None:
+            await self.up(pairing, addresses)
 
     async def _start_prober(self, pairing: Pairing, addresses: list[str]) -> None:
         await self._stop_prober()  # never two: the old one's sockets would leak

@@ -61,6 +61,7 @@ SUBSCRIBER_BACKLOG = 1 << 20  # a subscriber this far behind is dropped, not buf
 # On stop, connections get this long to close cleanly, then are reset: a server that went away
 # would hold every TLS close for seconds, and each shutdown of the computer with it.
 CLOSE_GRACE = 0.25
+RESUME_RETRY = (1.0, 30.0)  # seconds: the first and the longest wait to resolve the server again
 
 __all__ = ["PAIRING_FILE", "Daemon", "DaemonConfig", "StartupError", "cleanup", "run_daemon"]
 
@@ -142,6 +143,7 @@ class Daemon:
                 spawn(self.reconciler.run(), name="reconciler"),
                 spawn(self._sample_loop(), name="samples"),
                 spawn(memory.trim_periodically(), name="malloc-trim"),
+                spawn(self._resume(), name="resume"),
             ]
             log.info(
                 "braidd ready: links %s",
@@ -186,6 +188,23 @@ class Daemon:
         with contextlib.suppress(OSError):
             self.store.save_usage()
         await self.platform.stop()
+
+    async def _resume(self) -> None:
+        """Connect again to the server the user left Braid connected to (after a reboot), as
+        soon as its name resolves; a user's up or down meanwhile wins."""
+        pairing = read_saved_pairing(self.config.state_dir, to_resume=True)
+        delay = RESUME_RETRY[0]
+        while pairing is not None and self.reconciler.pairing is None:
+            try:
+                addresses = await self.platform.resolve(pairing.host, pairing.port)
+            except OSError as exc:
+                log.info("connecting to %s once its name resolves: %s", pairing.server, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESUME_RETRY[1])
+                continue
+            log.info("connecting again to %s, as left", pairing.server)
+            await self.reconciler.submit(self.reconciler.resume, pairing, addresses)
+            return
 
     # -- what wakes the reconciler --------------------------------------------
 

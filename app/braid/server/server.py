@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, fields
 
-from braid import memory
+from braid import logs, memory
 from braid.aio import cancel_all, spawn
 from braid.protocol.address import Address
 from braid.protocol.session import (
@@ -744,7 +744,7 @@ class BraidServer:
                     reason = f"bad HELLO: {exc}"
                     failed = True
             except OSError as exc:
-                reason = f"connection failed: {exc.strerror or exc}"
+                reason = f"connection failed: {logs.reason(exc)}"
             else:
                 if not spoke:
                     reason = "closed the connection without sending anything"
