@@ -310,3 +310,24 @@ def test_braidd_resumes_only_what_the_user_left_connected(tmp_path: Path) -> Non
             assert len(rig.made.pools) == 1
 
     run(scenario)
+
+
+def test_a_change_waiting_when_braidd_stops_is_answered_not_left_hanging(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        rig = Rig(tmp_path)
+        await rig.r.reconcile()
+        async def slow() -> None:  # an up still at work, say
+            await asyncio.Event().wait()
+
+        task = asyncio.create_task(rig.r.run())
+        working = asyncio.create_task(rig.r.submit(slow))
+        queued = asyncio.create_task(rig.r.submit(rig.r.nothing))
+        await asyncio.sleep(0.05)
+        task.cancel()  # SIGTERM
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for waiting in (working, queued):
+            with pytest.raises(ControlError, match="stopping"):
+                await asyncio.wait_for(waiting, 1)
+
+    run(scenario)

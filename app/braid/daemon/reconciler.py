@@ -32,6 +32,7 @@ from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.settings import Settings
 from braid.daemon.tunnel.spread import PathLink, Spreading
 from braid.files import write_json
+from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.events import Event, EventKind
 from braid.protocol.pairing import Pairing
 
@@ -128,6 +129,20 @@ class Reconciler:
 
     async def run(self) -> None:
         """The writer: one trigger at a time, each followed by a pass, until cancelled."""
+        try:
+            await self._serve()
+        finally:
+            # Stopping: whoever still waits for a change hears so at once, never hangs.
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is not None and not item[2].done():
+                    item[2].set_exception(ControlError(ErrorCode.FAILED, "braidd is stopping"))
+            if self._current is not None and not self._current.done():
+                self._current.set_exception(ControlError(ErrorCode.FAILED, "braidd is stopping"))
+
+    _current: asyncio.Future | None = None
+
+    async def _serve(self) -> None:
         while True:
             item = await self._queue.get()
             future = None
@@ -137,6 +152,7 @@ class Reconciler:
                 change, args, future = item
                 if future.cancelled():
                     continue
+                self._current = future
                 try:
                     result = await change(*args)
                 except Exception as exc:

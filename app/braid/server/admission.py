@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 
 PER_SOURCE = 32
 TOTAL = 1024
-GRACE = 0.5  # seconds a connection may stay silent before it counts as junk
+#: Seconds a connection may stay silent before it counts as junk. A client starting hundreds of
+#: TLS handshakes at once on one event loop (braidd during a burst) sends some ClientHellos half
+#: a second or more after its connection: 0.5 s dropped them.
+GRACE = 2.0
 SCAN = 16  # the oldest handshakes of a source looked at to choose one to drop
 
 # What a connection has sent so far, in the order they are dropped.
