@@ -26,7 +26,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         # Keep the owner: root rewriting a service user's files must not lock it out.
         with contextlib.suppress(FileNotFoundError, PermissionError):
             st = os.stat(path)
-            os.fchown(fd, st.st_uid, st.st_gid)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, st.st_uid, st.st_gid)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
