@@ -34,6 +34,7 @@ from braid.protocol.tunnel import (
     parse_hello,
     parse_request,
 )
+from braid.server.datagram import DatagramSessions
 from braid.server.dns import Resolver, serve_dns
 from braid.server.policy import judge, normalise
 from braid.server.probe import start_probe_responder
@@ -298,6 +299,7 @@ class BraidServer:
         self.stats = Stats()
         self.warnings = WarningLimiter()
         self.penalty = Penalty()
+        self.datagrams = DatagramSessions(self._open_udp, self.udp_idle)
         self._clients: Counter[str] = Counter()  # authenticated tunnels open per address
         self._conns: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
@@ -318,6 +320,7 @@ class BraidServer:
             self.token.get,
             WarningLimiter().warn,
         )
+        self.datagrams.attach(probes)
         accept = spawn(self._accept_loop(), "accept")
         ticker = spawn(self._stats_loop(), "stats")
         trimmer = spawn(memory.trim_periodically(), "malloc-trim")
@@ -502,6 +505,8 @@ class BraidServer:
             await self._serve_udp(request, reader, writer, label)
         elif request.command == Command.DNS:
             await self._serve_dns(reader, writer, label)
+        elif request.command == Command.DATAGRAM:
+            await self.datagrams.serve(reader, writer, label)
         else:
             log.info("%s: unsupported command %s", label, request.command.name)
             await self._reply(writer, Reply.COMMAND_NOT_SUPPORTED)
