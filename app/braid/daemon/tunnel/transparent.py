@@ -348,11 +348,13 @@ class UdpSessions:
 class TransparentUdp:
     """The TPROXY socket: datagrams with their original destination, answered from it."""
 
-    def __init__(self, port: int, take_tunnel: TakeTunnel, dns: DnsRelay) -> None:
+    def __init__(
+        self, port: int, take_tunnel: TakeTunnel, dns: DnsRelay, make_sessions=UdpSessions
+    ) -> None:
         self.port = port
         self._dns = dns
         self._replies = ReplySockets()
-        self.sessions = UdpSessions(take_tunnel, self._answer)
+        self.sessions = make_sessions(take_tunnel, self._answer)
         self._socks: list[socket.socket] = []
 
     def _answer(self, client: tuple, destination: Address, data: bytes) -> None:
@@ -444,9 +446,10 @@ async def serve_dns_over_tcp(
 class SocksUdp:
     """SOCKS5 UDP ASSOCIATE (RFC 1928 section 7) over the tunnel's UDP sessions."""
 
-    def __init__(self, take_tunnel: TakeTunnel, bind_host: str) -> None:
+    def __init__(self, take_tunnel: TakeTunnel, bind_host: str, make_sessions=UdpSessions) -> None:
         self._take_tunnel = take_tunnel
         self._bind_host = bind_host
+        self._make_sessions = make_sessions
 
     async def associate(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _hint: Address
@@ -465,7 +468,7 @@ class SocksUdp:
             with contextlib.suppress(OSError):
                 sock.sendto(header + data, client)
 
-        sessions = UdpSessions(self._take_tunnel, answer)
+        sessions = self._make_sessions(self._take_tunnel, answer)
         sessions.start()
 
         def readable() -> None:
