@@ -821,6 +821,17 @@ table inet {NFT_TABLE} {{
         )
         log.info("blackholed %s", name)
 
+    def drop_udp(self, name: str) -> None:
+        """The ISP of link ``name`` drops every UDP datagram, both ways (TCP still passes), as
+        some networks do; :meth:`restore` undoes it."""
+        i = self.link_index(name)
+        self._nft(
+            i,
+            f"flush chain inet {NFT_TABLE} blackhole\n"
+            f"add rule inet {NFT_TABLE} blackhole meta l4proto udp counter drop\n",
+        )
+        log.info("dropping UDP on %s", name)
+
     def restore(self, name: str) -> None:
         """Undo :meth:`blackhole`."""
         self._nft(self.link_index(name), f"flush chain inet {NFT_TABLE} blackhole\n")

@@ -477,6 +477,8 @@ class DatagramPath:
             flow.destination.port, flow.dscp, flow.listed, flow.meter, now, flow.klass
         )
         mode = modes.get(flow.klass, "fastest")
+        if mode != "tunnel":  # a flow keeps its path (the destination would see a new port)
+            flow.mode = mode
         copies = 2 if mode == "redundant" and flow.klass != BULK else 1
         size = dg.OVERHEAD + len(encode_address(flow.destination)) + len(data)
         chosen = flowclass.choose_links(self.views(now), copies, size, flow.links)

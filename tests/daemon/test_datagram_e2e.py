@@ -1,0 +1,122 @@
+"""The datagram path end to end: real braid-server and braidd in the namespace world.
+
+An unmodified application's UDP (system-wide mode) goes as sealed datagrams over the links'
+own UDP to the server, real-time flows on two links at once; where an ISP drops UDP, the
+flow falls back to the tunnel by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from braid.netbed import LinkSpec, World
+from braid.netbed.stack import BraidStack, run_traffic, start_traffic, wait_for
+
+pytestmark = pytest.mark.netns
+
+LINKS = [
+    LinkSpec("eth0", "ethernet", rate_mbit=50, rtt_ms=10),
+    LinkSpec("wlan0", "wifi", rate_mbit=30, rtt_ms=20),
+    LinkSpec("usb0", "cellular", rate_mbit=20, rtt_ms=30),
+]
+
+
+@pytest.fixture(scope="module")
+def stack(world: World) -> Iterator[BraidStack]:
+    with BraidStack(world) as braid:
+        status = braid.call("up", pairing=braid.pairing_uri, mode="system")
+        assert status["capture"]["in_force"] == "tunnel", status
+        wait_for(lambda: braid.status()["datagram"]["session"], 15)
+        wait_for(
+            lambda: sum(link["usable"] for link in braid.status()["datagram"]["links"]) == 3, 15
+        )
+        yield braid
+
+
+def flows_to(stack: BraidStack, target: str) -> list[dict]:
+    return [f for f in stack.status()["datagram"]["flows"] if f["destination"].startswith(target)]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_call_goes_as_datagrams_on_two_links_and_arrives_once(
+    world: World, stack: BraidStack, family: int
+) -> None:
+    target = world.target_v4 if family == 4 else world.target_v6
+    before = len(world.udp_log())
+    sent = stack.status()["datagram"]["sent"]
+    result = run_traffic(
+        world, "echo", target, "--count", "100", "--interval", "0.02", "--size", "160"
+    )
+    assert result["received"] == 100, result
+    # Each datagram reached the destination once, although most went on two links.
+    arrived = world.udp_log()[before:]
+    assert len(arrived) == 100, len(arrived)
+    status = stack.status()["datagram"]
+    assert status["copies"] > 50 and status["sent"] - sent > 150, status
+    flow = flows_to(stack, target if family == 4 else f"[{target}]")[-1]
+    assert flow["path"] == "datagram" and flow["class"] == "realtime", flow
+    assert flow["mode"] == "redundant" and len(flow["links"]) == 2, flow
+    assert flow["datagrams_down"] == 100, flow
+
+
+def test_a_link_whose_isp_drops_udp_is_left_out_and_all_udp_dropped_means_the_tunnel(
+    world: World, stack: BraidStack
+) -> None:
+    try:
+        world.drop_udp("eth0")
+        wait_for(lambda: not usable(stack)["eth0"], 5)
+        result = run_traffic(world, "echo", world.target_v4, "--count", "50", "--interval", "0.02")
+        assert result["received"] == 50, result
+        flow = flows_to(stack, world.target_v4)[-1]
+        assert flow["path"] == "datagram" and "eth0" not in flow["links"], flow
+        for name in ("wlan0", "usb0"):
+            world.drop_udp(name)
+        wait_for(lambda: not any(usable(stack).values()), 5)
+        # A new flow now goes as frames in the session's tunnel connection.
+        result = run_traffic(
+            world, "echo", world.target_v4, "--count", "50", "--interval", "0.02", "--timeout", "3"
+        )
+        assert result["received"] == 50, result
+        flow = flows_to(stack, world.target_v4)[-1]
+        assert flow["path"] == "tunnel" and flow["links"] == [], flow
+        assert flow["via_tunnel"] == 50 and flow["datagrams_down"] == 50, flow
+        assert "UDP FLOW" in render(stack) and "tunnel" in render(stack)
+    finally:
+        for name in ("eth0", "wlan0", "usb0"):
+            world.restore(name)
+    wait_for(lambda: all(usable(stack).values()), 10)
+
+
+def test_redundancy_rides_through_a_blackholed_link(world: World, stack: BraidStack) -> None:
+    proc = start_traffic(
+        world, "echo", world.target_v4, "--count", "250", "--interval", "0.02", "--size", "160"
+    )
+    carrying = None
+    try:
+        time.sleep(1.5)  # classified real-time, on the two best links
+        carrying = flows_to(stack, world.target_v4)[-1]["links"][0]
+        world.blackhole(carrying)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if carrying is not None:
+            world.restore(carrying)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["received"] == 250, result
+    assert max(result["rtts_ms"]) < 100, result
+
+
+def usable(stack: BraidStack) -> dict[str, bool]:
+    return {link["name"]: link["usable"] for link in stack.status()["datagram"]["links"]}
+
+
+def render(stack: BraidStack) -> str:
+    from braid.cli import render_status
+
+    return render_status(stack.status())
