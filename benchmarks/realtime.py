@@ -149,6 +149,7 @@ def carrying_link(stack: BraidStack, contender: str, world: World) -> str:
 def measure(stack: BraidStack, world: World, contender: str, situation: str, seconds: float):
     if contender in MODE:
         stack.call("set-settings", settings={"udp_realtime": MODE[contender]})
+    time.sleep(2.0)  # the previous run's traffic has drained
     bulk = None
     if situation == "bulk download":
         size = int((seconds + 10) * sum(RATES) * 1e6 / 8)
@@ -297,7 +298,8 @@ def main() -> int:
                 f"{r['late'] * 100:.1f} % | {r['lost']} | {r['gap']:.0f} | {fmt(r['goodput'])} |"
             )
     draw(args.png, results, args.seconds)
-    print(f"\nper-datagram round trips: {args.png}")
+    args.png.with_suffix(".json").write_text(json.dumps(results))
+    print(f"\nper-datagram round trips: {args.png} (raw: {args.png.with_suffix('.json')})")
     return 0
 
 

@@ -8,6 +8,7 @@ flow falls back to the tunnel by itself.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 
@@ -120,3 +121,34 @@ def render(stack: BraidStack) -> str:
     from braid.cli import render_status
 
     return render_status(stack.status())
+
+
+MARKED_CALL = """
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 46 << 2)  # DSCP EF, as call apps mark voice
+sock.settimeout(2)
+got = 0
+for i in range(3):
+    sock.sendto(b"ef %d" % i, (sys.argv[1], 7))
+    got += sock.recv(100) == b"ef %d" % i
+    time.sleep(0.2)
+print(got)
+"""
+
+
+def test_a_flow_marked_ef_is_real_time_from_its_first_datagram(
+    world: World, stack: BraidStack
+) -> None:
+    done = world.run(
+        "laptop",
+        [sys.executable, "-c", MARKED_CALL, world.target_v4],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.stdout.strip() == "3", done
+    flow = flows_to(stack, world.target_v4)[-1]
+    # Three datagrams in 0.6 s are no call by their shape: the mark alone made it real-time.
+    assert flow["class"] == "realtime" and flow["mode"] == "redundant", flow
+    assert len(flow["links"]) == 2, flow

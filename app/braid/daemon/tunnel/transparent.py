@@ -41,6 +41,8 @@ IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = 20
 IPV6_RECVORIGDSTADDR = 74
 IPV6_TRANSPARENT = 75
+IP_RECVTOS, IP_TOS = 13, 1
+IPV6_RECVTCLASS, IPV6_TCLASS = 66, 67
 UDP_IDLE = 60.0
 DNS_IDLE = 30.0
 DNS_TIMEOUT = 5.0
@@ -283,7 +285,9 @@ class UdpSessions:
     def count(self) -> int:
         return len(self._sessions)
 
-    def send(self, client: tuple, destination: Address, data: bytes) -> None:
+    def send(
+        self, client: tuple, destination: Address, data: bytes, dscp: int | None = None
+    ) -> None:
         key = (client, destination)
         session = self._sessions.get(key)
         if session is None:
@@ -370,9 +374,11 @@ class TransparentUdp:
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVTCLASS, 1)
                 else:
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                     sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+                    sock.setsockopt(socket.SOL_IP, IP_RECVTOS, 1)  # DSCP marks calls
                 mark_own(sock)
                 sock.setblocking(False)
                 sock.bind((host, self.port))
@@ -391,16 +397,24 @@ class TransparentUdp:
     def _readable(self, sock: socket.socket) -> None:
         for _ in range(64):  # bounded: let the loop breathe under a flood
             try:
-                data, ancillary, _flags, client = sock.recvmsg(65535, 64)
+                data, ancillary, _flags, client = sock.recvmsg(65535, 128)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.debug("transparent UDP receive: %s", exc)
                 return
             destination = None
+            dscp = None
             for level, kind, payload in ancillary:
                 if kind in (IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR):
                     destination = _decode_origdst(level, payload)
+                elif (level, kind) in ((socket.SOL_IP, IP_TOS), (socket.IPPROTO_IPV6, IPV6_TCLASS)):
+                    raw = (
+                        payload[0]
+                        if level == socket.SOL_IP
+                        else struct.unpack("=i", payload[:4])[0]
+                    )
+                    dscp = raw >> 2
             if destination is None:
                 continue
             client = (client[0], client[1])
@@ -408,7 +422,7 @@ class TransparentUdp:
             if port == 53:
                 spawn(self._dns_query(client, (destination[0], port), data), name="dns")
                 continue
-            self.sessions.send(client, Address(host, port), data)
+            self.sessions.send(client, Address(host, port), data, dscp)
 
     async def _dns_query(self, client: tuple, server: tuple, query: bytes) -> None:
         answer = await self._dns.resolve(query)
