@@ -103,3 +103,14 @@ def test_a_grant_packs_and_unpacks() -> None:
     sid, key = dg.new_grant()
     assert dg.unpack_grant(dg.pack_grant(sid, key)) == (sid, key)
     assert dg.unpack_grant(b"short") is None
+
+
+def test_a_close_names_its_flow_only() -> None:
+    client, server = pair()
+    _, packet = server.open(client.seal(dg.Packet(dg.Kind.CLOSE, dg.TUNNEL_LINK, flow=9)))
+    assert (packet.kind, packet.flow, packet.address, packet.payload) == (
+        dg.Kind.CLOSE,
+        9,
+        None,
+        b"",
+    )

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from server_netns import Netns, NetnsLoop, ServerProcess, init_state
@@ -265,3 +266,20 @@ def test_a_session_ends_with_its_tunnel(world: World) -> None:
 
     assert world.run(scenario()) == []
     assert world.seen[payload] == 0
+
+
+def test_a_closed_flow_releases_its_socket(world: World, client: Client) -> None:
+    def sockets() -> int:
+        return len(list(Path(f"/proc/{world.server.proc.pid}/fd").iterdir()))
+
+    async def scenario():
+        client.sock.send(client.data(b"open " + os.urandom(4)))
+        await client.answers(0.3)
+        opened = sockets()
+        close = dg.Packet(dg.Kind.CLOSE, dg.TUNNEL_LINK, flow=1)
+        await client.tunnel.send_datagram(client.sealer.seal(close))
+        await asyncio.sleep(0.3)
+        return opened, sockets()
+
+    opened, closed = world.run(scenario())
+    assert closed == opened - 1

@@ -9,6 +9,7 @@ or, where UDP to the server does not get through, as a frame on that same connec
     sealed  ChaCha20-Poly1305(key, nonce = direction u32 | seq u64, aad = header)
     plain   kind u8 | link u8 | down u8 | stamp u32 | echo u32 | hold u32
             DATA: flow u32 | number u32 | address (up only, SOCKS5 encoding) | payload
+            CLOSE: flow u32 | number u32 (unused)
 
 ``seq`` is per packet and per direction, never reused (it is the nonce): the receiver keeps a
 window of the sequence numbers it has accepted and drops replays. ``number`` is per datagram:
@@ -56,6 +57,7 @@ class Kind(enum.IntEnum):
     DATA = 1
     PING = 2  # client -> server on one link: is it open? (also keeps the NAT binding)
     PONG = 3  # the answer, on the same link, never larger than the PING
+    CLOSE = 4  # client -> server: the flow is over, release its socket (flow field only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +134,11 @@ def encode_plain(packet: Packet) -> bytes:
         packet.echo & STAMP_MASK,
         min(packet.hold, STAMP_MASK),
     )
-    if packet.kind != Kind.DATA:
+    if packet.kind not in (Kind.DATA, Kind.CLOSE):
         return head + packet.payload  # PING padding
     body = _DATA.pack(packet.flow, packet.number)
+    if packet.kind == Kind.CLOSE:
+        return head + body
     if packet.address is not None:
         body += encode_address(packet.address)
     return head + body + packet.payload
@@ -147,13 +151,15 @@ def decode_plain(plain: bytes, with_address: bool) -> Packet | None:
     if kind not in Kind._value2member_map_:
         return None
     kind = Kind(kind)
-    if kind != Kind.DATA:
+    if kind not in (Kind.DATA, Kind.CLOSE):
         return Packet(kind, link, down, stamp, echo, hold, payload=plain[_PLAIN.size :])
     if len(plain) < _PLAIN.size + _DATA.size:
         return None
     flow, number = _DATA.unpack_from(plain, _PLAIN.size)
     end = _PLAIN.size + _DATA.size
     address = None
+    if kind == Kind.CLOSE:
+        return Packet(kind, link, down, stamp, echo, hold, flow, number)
     if with_address:
         try:
             decoded = decode_address(plain, end)

@@ -119,6 +119,10 @@ class Session:
             self._send(self.sealer.seal(reply), addr, limit=len(data))
         elif packet.kind == dg.Kind.DATA:
             self._data(packet, now)
+        elif packet.kind == dg.Kind.CLOSE:
+            flow = self.flows.get(packet.flow)
+            if flow is not None:
+                self._close_flow(packet.flow, flow)
 
     def _data(self, packet: dg.Packet, now: float) -> None:
         stats = self.owner.stats

@@ -48,6 +48,7 @@ SESSION_PING = 20.0  # over the tunnel: keeps the session alive while UDP is blo
 RETRY_MIN, RETRY_MAX = 0.5, 15.0
 FLOW_IDLE = 60.0
 MAX_FLOWS = 4096
+STATUS_FLOWS = 64
 IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
 IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU = 23, 2, 24
 
@@ -230,9 +231,9 @@ class DatagramPath:
             self._session_pinged = now
             packet = dg.Packet(dg.Kind.PING, dg.TUNNEL_LINK, 0, dg.stamp_us(time.monotonic_ns()))
             self._tunnel.queue_datagram(self._sealer.seal(packet))
-        for key, flow in list(self.flows.items()):
+        for flow in list(self.flows.values()):
             if now - flow.last > FLOW_IDLE:
-                del self.flows[key]
+                self.forget(flow)
 
     # -- the session -------------------------------------------------------------------
 
@@ -537,7 +538,12 @@ class DatagramPath:
         return True
 
     def forget(self, flow: Flow) -> None:
+        """The flow is over: the server releases its socket at once (on the session's tunnel,
+        which does not lose it), rather than after its idle timeout."""
         self.flows.pop(flow.id, None)
+        if flow.path == "datagram" and self._sealer is not None and self._tunnel is not None:
+            packet = dg.Packet(dg.Kind.CLOSE, dg.TUNNEL_LINK, flow=flow.id)
+            self._tunnel.queue_datagram(self._sealer.seal(packet))
 
     # -- status ------------------------------------------------------------------------
 
@@ -559,7 +565,8 @@ class DatagramPath:
                 }
                 for link in self._links.values()
             ],
-            "flows": [flow.to_json() for flow in self.flows.values()],
+            # The most recent flows only: the status stays small with thousands of flows.
+            "flows": [flow.to_json() for flow in list(self.flows.values())[-STATUS_FLOWS:]],
             **{k: v for k, v in vars(self.stats).items()},
         }
 
