@@ -11,14 +11,17 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from braid.netbed import LinkSpec, World
 from braid.netbed.stack import BraidStack, run_traffic, start_traffic, wait_for
+from braid.protocol.pairing import parse_pairing
 
 pytestmark = pytest.mark.netns
 
+PROBE_UDP_LENGTH = 8 + 42  # a health probe's UDP length; the datagram path's are larger
 LINKS = [
     LinkSpec("eth0", "ethernet", rate_mbit=50, rtt_ms=10),
     LinkSpec("wlan0", "wifi", rate_mbit=30, rtt_ms=20),
@@ -64,7 +67,7 @@ def test_a_call_goes_as_datagrams_on_two_links_and_arrives_once(
     assert flow["datagrams_down"] == 100, flow
 
 
-def test_a_link_whose_isp_drops_udp_is_left_out_and_all_udp_dropped_means_the_tunnel(
+def test_a_link_whose_isp_drops_udp_is_left_out_and_blocked_everywhere_means_the_tunnel(
     world: World, stack: BraidStack
 ) -> None:
     try:
@@ -74,9 +77,13 @@ def test_a_link_whose_isp_drops_udp_is_left_out_and_all_udp_dropped_means_the_tu
         assert result["received"] == 50, result
         flow = flows_to(stack, world.target_v4)[-1]
         assert flow["path"] == "datagram" and "eth0" not in flow["links"], flow
-        for name in ("wlan0", "usb0"):
-            world.drop_udp(name)
+        # Every link now drops the datagram path's UDP. The health probes (50 bytes with their
+        # header) still pass: a link whose probes fail is dead for TCP as well, which is not
+        # what this checks.
+        for name in ("eth0", "wlan0", "usb0"):
+            world.drop_udp(name, larger_than=PROBE_UDP_LENGTH)
         wait_for(lambda: not any(usable(stack).values()), 5)
+        assert all(link["alive"] for link in stack.status()["links"])
         # A new flow now goes as frames in the session's tunnel connection.
         result = run_traffic(
             world, "echo", world.target_v4, "--count", "50", "--interval", "0.02", "--timeout", "3"
@@ -152,3 +159,20 @@ def test_a_flow_marked_ef_is_real_time_from_its_first_datagram(
     # Three datagrams in 0.6 s are no call by their shape: the mark alone made it real-time.
     assert flow["class"] == "realtime" and flow["mode"] == "redundant", flow
     assert len(flow["links"]) == 2, flow
+
+
+def test_the_datagram_path_over_ipv6_links(world: World, stack: BraidStack) -> None:
+    """Paired with the server's IPv6 address: the links' own IPv6 addresses carry the call."""
+    v4 = parse_pairing(stack.pairing_uri)
+    try:
+        stack.call("up", pairing=replace(v4, host=world.server_v6).uri(), mode="system")
+        wait_for(lambda: stack.status()["datagram"]["session"], 15)
+        wait_for(lambda: sum(usable(stack).values()) == 3, 15)
+        result = run_traffic(
+            world, "echo", world.target_v6, "--count", "100", "--interval", "0.02", "--size", "160"
+        )
+        assert result["received"] == 100, result
+        flow = flows_to(stack, f"[{world.target_v6}]")[-1]
+        assert flow["path"] == "datagram" and len(flow["links"]) == 2, flow
+    finally:
+        stack.call("up", pairing=stack.pairing_uri, mode="system")
