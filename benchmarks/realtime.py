@@ -71,6 +71,7 @@ def call(host: str, port: int, seconds: float, device: str | None, bind: str | N
         if bind:
             sock.bind((bind, 0))
         sock.setblocking(False)
+        print(json.dumps({"started": True}), flush=True)  # the harness times its cuts from here
         start = time.monotonic()
         deadline = start + count * INTERVAL + 1.0
         while True:
@@ -168,6 +169,8 @@ def measure(stack: BraidStack, world: World, contender: str, situation: str, sec
         time.sleep(3.0)  # past slow start, with every link busy
     began = time.time()
     proc = run_call(world, contender, seconds)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # the call has started: cut at CUT_AT of its own time
     cut = None
     if situation.startswith("link"):
         time.sleep(CUT_AT)
@@ -264,6 +267,7 @@ def main() -> int:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
     results: dict = {s: {} for s in SITUATIONS}
+    started_load = os.getloadavg()[0]
     with World(links_for(RTTS, RATES)) as world, BraidStack(world) as stack:
         stack.call("up", pairing=stack.pairing_uri, mode="system")
         wait_for(lambda: stack.status()["datagram"]["session"], 20)
@@ -283,9 +287,11 @@ def main() -> int:
                 print(
                     f"{situation}, {contender}: {summary} goodput {fmt(goodput)}", file=sys.stderr
                 )
+    load = os.getloadavg()[0]
     links = ", ".join(f"{r} Mbit/s {t} ms" for r, t in zip(RATES, RTTS, strict=True))
     print(f"\nA call (50 x {SIZE} B/s, echoed) for {args.seconds:g} s; links {links}.")
-    print(f"Bulk download alone through Braid: {alone:.1f} Mbit/s.\n")
+    print(f"Bulk download alone through Braid: {alone:.1f} Mbit/s.")
+    print(f"Load average (1 min) at the start: {started_load:.1f}, at the end: {load:.1f}.\n")
     print(
         "| situation | contender | p50 ms | p99 ms | late (>150 ms) or lost | lost | worst gap ms | bulk Mbit/s |"
     )

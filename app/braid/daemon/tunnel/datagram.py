@@ -458,10 +458,11 @@ class DatagramPath:
 
     def open_flow(self, client: tuple, destination: Address, answer, mode: str, listed: bool, dscp):
         self._next_flow = (self._next_flow + 1) & 0xFFFFFFFF or 1
-        path = "datagram" if self.ready and mode != "tunnel" else "tunnel"
+        room = len(self.flows) < MAX_FLOWS  # beyond that, flows take tunnel connections
+        path = "datagram" if self.ready and mode != "tunnel" and room else "tunnel"
         flow = Flow(self._next_flow, client, destination, answer, path, mode, listed, dscp)
         flow.last = self._now()
-        if len(self.flows) < MAX_FLOWS:
+        if room:
             self.flows[flow.id] = flow
         return flow
 
