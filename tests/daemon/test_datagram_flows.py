@@ -13,8 +13,9 @@ SETTINGS = {"udp_realtime": "redundant", "udp_other": "fastest", "realtime_ports
 class TunnelSessions:
     """Records what would ride tunnel connections (UdpSessions' interface)."""
 
-    def __init__(self) -> None:
+    def __init__(self, take_tunnel=None, answer=None) -> None:
         self.sent: list[tuple] = []
+        self.answer = answer
 
     def start(self) -> None:
         pass
@@ -37,19 +38,26 @@ def test_without_a_session_flows_take_tunnel_connections() -> None:
     async def scenario():
         path = path_without_server()
         path.start()
-        tunnels = TunnelSessions()
-        flows = DatagramFlows(path, tunnels, lambda *a: None, SETTINGS.__getitem__)
+        made = []
+
+        def sessions(take, answer):
+            made.append(TunnelSessions(take, answer))
+            return made[-1]
+
+        flows = DatagramFlows(path, None, lambda *a: None, SETTINGS.__getitem__, sessions)
         flows.start()
         flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"x")
+        made[0].answer(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"back")
         status = path.status()
         await flows.close()
         await path.close()
-        return tunnels.sent, status
+        return made[0].sent, status
 
     sent, status = asyncio.run(scenario())
     assert len(sent) == 1
     (flow,) = status["flows"]
     assert flow["path"] == "tunnel" and flow["class"] == "realtime" and flow["links"] == []
+    assert (flow["datagrams_up"], flow["datagrams_down"]) == (1, 1)
 
 
 def test_a_flow_of_class_tunnel_stays_on_tunnel_connections() -> None:
@@ -59,7 +67,7 @@ def test_a_flow_of_class_tunnel_stays_on_tunnel_connections() -> None:
         path._sealer = object()  # a session, as far as the choice of path goes
         tunnels = TunnelSessions()
         settings = {**SETTINGS, "udp_other": "tunnel"}
-        flows = DatagramFlows(path, tunnels, lambda *a: None, settings.__getitem__)
+        flows = DatagramFlows(path, None, lambda *a: None, settings.__getitem__, lambda *a: tunnels)
         flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 9), b"x")
         flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 9), b"y")
         status = path.status()

@@ -47,7 +47,6 @@ from braid.daemon.tunnel.transparent import (
     SocksUdp,
     TransparentTcp,
     TransparentUdp,
-    UdpSessions,
     serve_dns_over_tcp,
 )
 from braid.protocol import control
@@ -265,8 +264,7 @@ class Daemon:
 
     def _udp_flows(self, take_tunnel, answer) -> DatagramFlows:
         """UDP flows on the datagram path, or on tunnel connections (UdpSessions) as set."""
-        tunnel = UdpSessions(take_tunnel, answer)
-        return DatagramFlows(self.datagram, tunnel, answer, self.settings.__getitem__)
+        return DatagramFlows(self.datagram, take_tunnel, answer, self.settings.__getitem__)
 
     async def _carry_transparent(self, reader, writer, address: Address) -> None:
         if address.port == 53:

@@ -592,10 +592,14 @@ class DatagramFlows:
     flow while there is no datagram session, ride their own tunnel connections as before.
     """
 
-    def __init__(self, path: DatagramPath, tunnel_sessions, answer, settings) -> None:
+    def __init__(
+        self, path: DatagramPath, take_tunnel: TakeTunnel, answer, settings, tunnel_sessions=None
+    ) -> None:
+        from braid.daemon.tunnel.transparent import UdpSessions
+
         self._path = path
-        self._tunnel = tunnel_sessions  # a UdpSessions
         self._answer = answer
+        self._tunnel = (tunnel_sessions or UdpSessions)(take_tunnel, self._from_tunnel)
         self._settings = settings
         self._flows: dict[tuple, Flow] = {}
         self._sweeper: asyncio.Task | None = None
@@ -607,6 +611,13 @@ class DatagramFlows:
     @property
     def count(self) -> int:
         return len(self._flows)
+
+    def _from_tunnel(self, client: tuple, destination: Address, data: bytes) -> None:
+        flow = self._flows.get((client, destination))
+        if flow is not None:
+            flow.down += 1
+            flow.last = asyncio.get_running_loop().time()
+        self._answer(client, destination, data)
 
     def _modes(self) -> dict[str, str]:
         realtime = self._settings("udp_realtime")
