@@ -46,6 +46,7 @@ DELAY_FRESH = 0.5  # the datagram path's own samples beat the probes' while this
 SUSPECT_MIN = 0.04  # s: a PING unanswered for 2 RTT plus this makes its link suspect
 SESSION_PING = 20.0  # over the tunnel: keeps the session alive while UDP is blocked
 RETRY_MIN, RETRY_MAX = 0.5, 15.0
+OLD_SERVER_RETRY = 600.0  # a server that does not know Command.DATAGRAM: UDP by tunnels
 FLOW_IDLE = 60.0
 MAX_FLOWS = 4096
 STATUS_FLOWS = 64
@@ -242,6 +243,8 @@ class DatagramPath:
         try:
             tunnel = await self._take_tunnel()
             reply = await tunnel.request(Address("0.0.0.0", 0), command=Command.DATAGRAM)
+            if reply.code is Reply.COMMAND_NOT_SUPPORTED:
+                self._retry = OLD_SERVER_RETRY  # a server from before the datagram path
             if reply.code is not Reply.SUCCEEDED:
                 raise TunnelError(f"the server refused a datagram session: {reply.code.describe()}")
             grant = await asyncio.wait_for(tunnel.receive_datagram(), 10)
@@ -261,7 +264,7 @@ class DatagramPath:
             if tunnel is not None:
                 await tunnel.close(abort=True)
             self._retry_at = self._now() + self._retry
-            self._retry = min(self._retry * 2, RETRY_MAX)
+            self._retry = max(self._retry, min(self._retry * 2, RETRY_MAX))
             return
         finally:
             self._opening = None
