@@ -213,6 +213,7 @@ class DatagramPath:
                 self._close_link(link)
             self._links.clear()
             self._server = server
+            self._retry_at, self._retry = 0.0, RETRY_MIN
         if server is None:
             return
         if self._sealer is None and self._opening is None and now >= self._retry_at:
