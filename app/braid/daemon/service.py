@@ -262,9 +262,11 @@ class Daemon:
             tunnel.on_data = functools.partial(self.spreading.carried, flow)
         return tunnel
 
-    def _udp_flows(self, take_tunnel, answer) -> DatagramFlows:
+    def _udp_flows(self, take_tunnel, answer, **options) -> DatagramFlows:
         """UDP flows on the datagram path, or on tunnel connections (UdpSessions) as set."""
-        return DatagramFlows(self.datagram, take_tunnel, answer, self.settings.__getitem__)
+        return DatagramFlows(
+            self.datagram, take_tunnel, answer, self.settings.__getitem__, **options
+        )
 
     async def _carry_transparent(self, reader, writer, address: Address) -> None:
         if address.port == 53:

@@ -597,13 +597,20 @@ class DatagramFlows:
     """
 
     def __init__(
-        self, path: DatagramPath, take_tunnel: TakeTunnel, answer, settings, tunnel_sessions=None
+        self,
+        path: DatagramPath,
+        take_tunnel: TakeTunnel,
+        answer,
+        settings,
+        tunnel_sessions=None,
+        **options: Any,
     ) -> None:
         from braid.daemon.tunnel.transparent import UdpSessions
 
         self._path = path
         self._answer = answer
-        self._tunnel = (tunnel_sessions or UdpSessions)(take_tunnel, self._from_tunnel)
+        # ``options`` go to UdpSessions as they are (the owner's hooks, e.g. a sweep callback).
+        self._tunnel = (tunnel_sessions or UdpSessions)(take_tunnel, self._from_tunnel, **options)
         self._settings = settings
         self._flows: dict[tuple, Flow] = {}
         self._sweeper: asyncio.Task | None = None
