@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 
+from braid.daemon.routing.capture import OWN_MARK
 from braid.netbed import LinkSpec, World
 from braid.netbed.stack import BraidStack, run_traffic, start_traffic, wait_for
 from braid.protocol.pairing import parse_pairing
@@ -65,6 +66,31 @@ def test_a_call_goes_as_datagrams_on_two_links_and_arrives_once(
     assert flow["path"] == "datagram" and flow["class"] == "realtime", flow
     assert flow["mode"] == "redundant" and len(flow["links"]) == 2, flow
     assert flow["datagrams_down"] == 100, flow
+
+
+def test_a_datagram_too_large_for_the_links_goes_by_the_tunnel_unfragmented(
+    world: World, stack: BraidStack
+) -> None:
+    # 1450 bytes fit the application's path (MTU 1500) but not sealed (64 bytes more) on a
+    # link: they must not leave fragmented, nor be lost.
+    too_large = stack.status()["datagram"]["too_large"]
+    small = run_traffic(world, "echo", world.target_v4, "--count", "5", "--size", "200")
+    assert small["received"] == 5, small
+    with world.capture("laptop", "any", "ip[6:2] & 0x3fff != 0") as capture:
+        result = run_traffic(world, "echo", world.target_v4, "--count", "5", "--size", "1450")
+        time.sleep(0.3)
+        through_braid = capture.count()
+        # The capture does see fragments: 3000 bytes sent past Braid (with its mark) on eth0.
+        world.run(
+            "laptop", [sys.executable, "-c", FRAGMENTED, world.laptop_addr("eth0"), world.target_v4]
+        )
+        time.sleep(0.3)
+    assert result["received"] == 5, result
+    assert through_braid == 0  # no fragment on any interface
+    assert capture.count() > 0
+    flow = flows_to(stack, world.target_v4)[-1]
+    assert flow["via_tunnel"] == 5 and flow["datagrams_down"] == 5, flow
+    assert stack.status()["datagram"]["too_large"] - too_large == 5
 
 
 def test_a_link_whose_isp_drops_udp_is_left_out_and_blocked_everywhere_means_the_tunnel(
@@ -129,6 +155,15 @@ def render(stack: BraidStack) -> str:
 
     return render_status(stack.status())
 
+
+FRAGMENTED = f"""
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, {OWN_MARK})
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+sock.bind((sys.argv[1], 0))
+sock.sendto(bytes(3000), (sys.argv[2], 9))
+"""
 
 MARKED_CALL = """
 import socket, sys, time

@@ -10,6 +10,7 @@ or, where UDP to the server does not get through, as a frame on that same connec
     plain   kind u8 | link u8 | down u8 | stamp u32 | echo u32 | hold u32
             DATA: flow u32 | number u32 | address (up only, SOCKS5 encoding) | payload
             CLOSE: flow u32 | number u32 (unused)
+            PING: room u16 (the largest packet the link takes, so answers fit it too)
 
 ``seq`` is per packet and per direction, never reused (it is the nonce): the receiver keeps a
 window of the sequence numbers it has accepted and drops replays. ``number`` is per datagram:
@@ -201,6 +202,15 @@ class ReplayWindow:
         return True
 
 
+ROOM = struct.Struct("!H")
+DEFAULT_ROOM = 1472  # Ethernet's 1500 less IPv4 and UDP headers, while a link has not said
+
+
+def ping_room(payload: bytes) -> int | None:
+    """The room a PING announces, if any."""
+    return ROOM.unpack_from(payload)[0] if len(payload) >= ROOM.size else None
+
+
 def stamp_us(ns: int) -> int:
     """A clock reading (ns) as a stamp: microseconds, modulo 2**32 (wraps in 71 minutes)."""
     return (ns // 1000) & STAMP_MASK
@@ -228,6 +238,7 @@ def unpack_grant(data: bytes) -> tuple[bytes, bytes] | None:
 
 
 __all__ = [
+    "DEFAULT_ROOM",
     "DOWN",
     "GRANT",
     "HEADER_SIZE",
@@ -244,6 +255,7 @@ __all__ = [
     "looks_like_datagram",
     "new_grant",
     "pack_grant",
+    "ping_room",
     "round_trip_us",
     "session_id_of",
     "stamp_us",

@@ -91,6 +91,7 @@ class Session:
         self.replay = dg.ReplayWindow()
         self.dedup = dg.ReplayWindow()
         self.links: dict[int, _LinkAddress] = {}
+        self.rooms: dict[int, int] = {}  # the largest packet each link takes, as it said
         self.flows: dict[int, _Flow] = {}
         self.writer = writer
         self.last = time.monotonic()
@@ -115,6 +116,9 @@ class Session:
         if addr is not None and packet.link < dg.MAX_LINKS:
             self.links[packet.link] = _LinkAddress(addr, now, packet.stamp, time.monotonic_ns())
         if packet.kind == dg.Kind.PING:
+            room = dg.ping_room(packet.payload)
+            if room is not None and packet.link < dg.MAX_LINKS:
+                self.rooms[packet.link] = room
             reply = dg.Packet(dg.Kind.PONG, packet.link, 0, *self._echo(packet.link))
             self._send(self.sealer.seal(reply), addr, limit=len(data))
         elif packet.kind == dg.Kind.DATA:
@@ -205,7 +209,10 @@ class Session:
                 packet = dg.Packet(
                     dg.Kind.DATA, link, 0, *self._echo(link), number, self._number, None, payload
                 )
-                sent = self._send(self.sealer.seal(packet), address.addr) or sent
+                sealed = self.sealer.seal(packet)
+                if len(sealed) > self.rooms.get(link, dg.DEFAULT_ROOM):
+                    continue  # never fragmented: too large for this link, the tunnel takes it
+                sent = self._send(sealed, address.addr) or sent
             if not sent:
                 packet = dg.Packet(
                     dg.Kind.DATA,
@@ -282,6 +289,12 @@ class DatagramSessions:
             return  # no UDP port: sessions still work as frames on their connections
         responder.other = self.received
         self.transport = responder.transport
+        sock = responder.transport.get_extra_info("socket") if responder.transport else None
+        if sock is not None:
+            # Never fragment an answer: one too large for a link goes by the tunnel instead.
+            for level, option in ((socket.IPPROTO_IP, 10), (socket.IPPROTO_IPV6, 23)):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(level, option, 2)  # IP(V6)_MTU_DISCOVER = PMTUDISC_DO
 
     def may_open(self, session: Session) -> bool:
         return self.flows < MAX_FLOWS and len(session.flows) < MAX_FLOWS_PER_SESSION

@@ -382,7 +382,10 @@ class DatagramPath:
         link.pinged = now
         if urgent:
             link.urgent_ping = now
-        packet = dg.Packet(dg.Kind.PING, link.number, 0, dg.stamp_us(time.monotonic_ns()))
+        room = dg.ROOM.pack(max(0, min(link.mtu, 0xFFFF)))  # answers must fit the link too
+        packet = dg.Packet(
+            dg.Kind.PING, link.number, 0, dg.stamp_us(time.monotonic_ns()), payload=room
+        )
         self._send_on(link, self._sealer.seal(packet))
 
     def _send_on(self, link: _Link, sealed: bytes) -> bool:
