@@ -1,4 +1,4 @@
-"""Soak: Braid under steady traffic, link flaps and connection churn for a long while.
+"""Soak: Braid under steady traffic, a call, link flaps and connection churn for a long while.
 
 Runs the real braid-server, braidd and tray (offscreen) in the namespace world and samples, every
 few seconds, the open file descriptors and resident memory of each, and counts errors (failed or
@@ -40,6 +40,8 @@ class Soak:
         self.failures: list[str] = []
         self.flaps = 0
         self.churn_rounds = 0
+        self.call_sent = 0
+        self.call_received = 0
         self.rng = random.Random(11)
 
     def running(self) -> bool:
@@ -85,6 +87,32 @@ class Soak:
             if report["failed"]:
                 self.failures.append(f"churn round {self.churn_rounds}: {report['errors'][:3]}")
             time.sleep(5)
+
+    def call(self) -> None:
+        """A steady call (50 datagrams of 160 bytes a second, echoed) through SOCKS5 UDP, in
+        10 s pieces: the datagram path, redundant on two links, across the flaps."""
+        while self.running():
+            result = run_traffic(
+                self.world,
+                "echo",
+                self.world.target_v4,
+                "--count",
+                "500",
+                "--interval",
+                "0.02",
+                "--size",
+                "160",
+                "--timeout",
+                "2",
+                "--socks",
+                "127.0.0.1:1080",
+                timeout=60,
+            )
+            sent, received = result.get("sent", 0), len(result.get("rtts_ms", []))
+            self.call_sent += sent
+            self.call_received += received
+            if sent == 0 or received < 0.98 * sent:
+                self.failures.append(f"call: {received} of {sent} datagrams answered")
 
     def flapper(self) -> None:
         names = [spec.name for spec in self.world.links]
@@ -159,7 +187,7 @@ def run(seconds: float, png: Path | None, out_json: Path | None, with_tray: bool
             soak = Soak(world, stack, seconds)
             threads = [
                 threading.Thread(target=fn, daemon=True)
-                for fn in (soak.steady, soak.churn, soak.flapper)
+                for fn in (soak.steady, soak.churn, soak.call, soak.flapper)
             ]
             for thread in threads:
                 thread.start()
@@ -188,6 +216,8 @@ def run(seconds: float, png: Path | None, out_json: Path | None, with_tray: bool
         "transfers": soak.transfers,
         "flaps": soak.flaps,
         "churn_rounds": soak.churn_rounds,
+        "call_sent": soak.call_sent,
+        "call_received": soak.call_received,
         "failures": soak.failures,
         "errors_in_logs": errors_in_logs[:20],
         "processes": {},
@@ -263,6 +293,7 @@ def main() -> int:
             f"{name:<14}{p['fds_start']:>5} → {p['fds_end']:<5}{p['fds_growth']:>8.1%}"
             f"{p['rss_mb_start']:>7} → {p['rss_mb_end']:<6}{p['rss_growth']:>8.1%}"
         )
+    print(f"call: {report['call_received']} of {report['call_sent']} datagrams answered")
     for failure in report["failures"][:5]:
         print("  !", failure)
     print(f"plot: {args.png}")

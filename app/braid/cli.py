@@ -36,6 +36,10 @@ def render_status(status: dict) -> str:
         lines.append(render_links(links))
     else:
         lines.append("no links found (add one with: braid links add IFACE --kind KIND)")
+    flows = (status.get("datagram") or {}).get("flows") or []
+    if flows:
+        lines.append("")
+        lines.append(render_udp_flows(flows))
     for event in (status.get("events") or [])[-5:]:
         when = time.strftime("%H:%M:%S", time.localtime(event["t"]))
         lines.append(f"  [{when}] {event['message']}")
@@ -53,6 +57,17 @@ def parse_size(text: str) -> int:
     if value is None:
         raise argparse.ArgumentTypeError("give a size, e.g. 10G")
     return value
+
+
+def render_udp_flows(flows: list[dict]) -> str:
+    """Which path each UDP flow takes: sealed datagrams over which links, or the tunnel."""
+    lines = [f"{'UDP FLOW':<34}{'CLASS':<10}{'MODE':<11}{'PATH':<10}LINKS"]
+    for flow in flows:
+        lines.append(
+            f"{flow['destination']:<34}{flow['class']:<10}{flow['mode']:<11}{flow['path']:<10}"
+            f"{', '.join(flow['links']) or '-'}"
+        )
+    return "\n".join(lines)
 
 
 def render_links(links: list[dict]) -> str:

@@ -316,6 +316,7 @@ def test_a_change_waiting_when_braidd_stops_is_answered_not_left_hanging(tmp_pat
     async def scenario() -> None:
         rig = Rig(tmp_path)
         await rig.r.reconcile()
+
         async def slow() -> None:  # an up still at work, say
             await asyncio.Event().wait()
 

@@ -1,4 +1,4 @@
-"""The soak benchmark, short: traffic, link flaps and connection churn for 45 s, then its report.
+"""The soak benchmark, short: traffic, a call, link flaps and connection churn for 45 s, then its report.
 
 benchmarks/soak.py runs the same for 10 minutes and reports memory; here only what a short run can
 judge: nothing failed, nothing logged an error, every process is still there and none of them
@@ -36,6 +36,7 @@ def test_short_soak_has_no_errors_and_no_descriptor_growth(tmp_path: Path) -> No
     assert report["errors_in_logs"] == [], report["errors_in_logs"]
     assert report["transfers"] >= 50, report["transfers"]
     assert report["flaps"] >= 2 and report["churn_rounds"] >= 2, report
+    assert report["call_sent"] >= 1500, report  # a steady call the whole time
     assert set(report["processes"]) == {"braidd", "braid-server", "tray"}
     for name, process in report["processes"].items():
         assert process["fds_end"] > 0, f"{name} is gone"

@@ -215,6 +215,17 @@ class FakeBraidd:
                 "tx_bps": sum(link["tx_bps"] for link in links if link["carrying"]),
                 "paths": {"per_flow": True, "flows": 0, "spread": 0, "joins": 0},
             },
+            "datagram": {
+                "session": self.state == "connected",
+                "error": None,
+                "links": [],
+                "flows": [],
+                **dict.fromkeys(
+                    ("sent", "copies", "received", "duplicates", "replayed", "forged"), 0
+                ),
+                "too_large": 0,
+                "sessions": 0,
+            },
         }
         if not brief:
             out["events"] = []

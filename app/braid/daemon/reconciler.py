@@ -272,6 +272,26 @@ class Reconciler:
             and remote[0] in {plain_address(a) for a in self.server_addresses}
         )
 
+    def datagram_server(self) -> tuple[str, int] | None:
+        """Where the datagram path goes: the server's UDP port, while a pool is up."""
+        if self.pool is None or self.pairing is None or not self.server_addresses:
+            return None
+        return (self.server_addresses[0], self.pairing.port)
+
+    def datagram_links(self) -> list[tuple[str, str, bool, Any]]:
+        """The probed links for the datagram path: (name, source, backup, probe health)."""
+        out = []
+        for name, source in self._probing.items():
+            link = self.links.get(name)
+            if link is None or (link.effective or link.priority) is Priority.NEVER:
+                continue
+            health = None
+            if self.prober is not None:
+                with contextlib.suppress(KeyError):
+                    health = self.prober.health(name)
+            out.append((name, source, (link.effective or link.priority) is Priority.BACKUP, health))
+        return out
+
     # -- path management ------------------------------------------------------------
 
     def path_links(self) -> list[PathLink]:

@@ -34,10 +34,12 @@ from braid.daemon.links.model import Priority
 from braid.daemon.links.store import LinkStore
 from braid.daemon.platform import Platform, remove_capture_table
 from braid.daemon.reconciler import PAIRING_FILE, Parts, Reconciler, real_parts
+from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.routing.paths import PathManager, watch_connections
 from braid.daemon.routing.policy import Routing
 from braid.daemon.settings import Settings
 from braid.daemon.stats.subflows import count_subflows
+from braid.daemon.tunnel.datagram import DatagramFlows, DatagramPath
 from braid.daemon.tunnel.socks import SocksServer
 from braid.daemon.tunnel.spread import Spreading
 from braid.daemon.tunnel.transparent import (
@@ -89,12 +91,20 @@ class Daemon:
             name: policy.Named(kind, prio, i) for i, (name, kind, prio) in enumerate(config.links)
         }
         self.socks = SocksServer(config.socks, self._take_tunnel)
-        self.socks.udp_associate = SocksUdp(self._take_tunnel, config.socks[0]).associate
+        self.datagram = DatagramPath(
+            self._take_tunnel,
+            lambda: self.reconciler.datagram_server(),
+            lambda: self.reconciler.datagram_links(),
+            mark=OWN_MARK,
+        )
+        self.socks.udp_associate = SocksUdp(
+            self._take_tunnel, config.socks[0], self._udp_flows
+        ).associate
         self.dns = DnsRelay(self._take_tunnel)
         self.transparent_tcp = TransparentTcp(
             0, self._carry_transparent, self.socks.track, admit=self.socks.admit
         )
-        self.transparent_udp = TransparentUdp(0, self._take_tunnel, self.dns)
+        self.transparent_udp = TransparentUdp(0, self._take_tunnel, self.dns, self._udp_flows)
         self.reconciler = Reconciler(
             self.platform,
             self.store,
@@ -138,6 +148,7 @@ class Daemon:
                 "--control",
             )
             await self.reconciler.reconcile()
+            self.datagram.start()
             self._watch_netlink()
             self._tasks = [
                 spawn(self.reconciler.run(), name="reconciler"),
@@ -171,6 +182,7 @@ class Daemon:
             spawn(self.reconciler.down(), name="stop-tunnels"),
             spawn(self.transparent_tcp.stop(), name="stop-transparent-tcp"),
             spawn(self.transparent_udp.stop(), name="stop-transparent-udp"),
+            spawn(self.datagram.close(), name="stop-datagram"),
             spawn(self.dns.close(), name="stop-dns"),
             spawn(self.socks.stop(), name="stop-socks"),
         ]
@@ -290,6 +302,12 @@ class Daemon:
             tunnel.on_data = functools.partial(self.spreading.carried, flow)
         return tunnel
 
+    def _udp_flows(self, take_tunnel, answer, **options) -> DatagramFlows:
+        """UDP flows on the datagram path, or on tunnel connections (UdpSessions) as set."""
+        return DatagramFlows(
+            self.datagram, take_tunnel, answer, self.settings.__getitem__, **options
+        )
+
     async def _carry_transparent(self, reader, writer, address: Address) -> None:
         if address.port == 53:
             await serve_dns_over_tcp(reader, writer, self.dns)
@@ -355,6 +373,7 @@ class Daemon:
                 "tx_bps": sum(link.tx_bps for link in links.values() if link.carrying),
                 "paths": self.spreading.summary(),
             },
+            "datagram": self.datagram.status(),
         }
         if not brief:
             out["events"] = list(r.events)[-20:]

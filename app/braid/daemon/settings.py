@@ -113,6 +113,34 @@ SETTINGS: tuple[Setting, ...] = (
         "Refuse QUIC (UDP port 443) so browsers use TCP, which Multipath TCP spreads over all links.",
     ),
     Setting(
+        "udp_realtime",
+        str,
+        "redundant",
+        "Calls and games",
+        "How real-time UDP (small datagrams at a steady rate, DSCP EF/AF4x, STUN/TURN/WebRTC "
+        "ports, or the ports listed below) travels. redundant: on the two links of lowest delay "
+        "at once, the first copy wins (at most twice the flow's own traffic). fastest: on the "
+        "link of lowest delay. tunnel: inside a tunnel connection, as TCP does.",
+        choices=("redundant", "fastest", "tunnel"),
+    ),
+    Setting(
+        "udp_other",
+        str,
+        "fastest",
+        "Other UDP",
+        "How the rest of UDP travels (a real-time flow that turns bulk too; it is never "
+        "duplicated then): fastest, redundant or tunnel, as for calls.",
+        choices=("fastest", "redundant", "tunnel"),
+    ),
+    Setting(
+        "realtime_ports",
+        list,
+        [],
+        "Real-time ports",
+        "Destination ports (e.g. 5004 or 10000-20000) whose UDP flows are always treated as "
+        "real-time.",
+    ),
+    Setting(
         "when_server_unreachable",
         str,
         "direct",

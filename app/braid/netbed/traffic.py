@@ -227,6 +227,28 @@ def socks5_connect(sock: socket.socket, host: str, port: int) -> None:
         raise SocksError(f"bad address type {atyp} in SOCKS5 reply")
 
 
+def _socks5_associate(proxy: tuple[str, int]) -> tuple[socket.socket, tuple[str, int]]:
+    """A UDP association with the SOCKS5 proxy: its control connection and the relay address."""
+    control = socket.create_connection(proxy, timeout=10)
+    try:
+        control.sendall(b"\x05\x01\x00")
+        if _recv_exact(control, 2) != b"\x05\x00":
+            raise SocksError("SOCKS5 proxy refused the no-authentication method")
+        control.sendall(b"\x05\x03\x00\x01" + bytes(6))
+        version, reply, _reserved, atyp = _recv_exact(control, 4)
+        if version != 5 or reply != 0:
+            raise SocksError(f"SOCKS5 UDP ASSOCIATE failed: {SOCKS_REPLIES.get(reply, reply)}")
+        size = 4 if atyp == 1 else 16
+        host = socket.inet_ntop(
+            socket.AF_INET if atyp == 1 else socket.AF_INET6, _recv_exact(control, size)
+        )
+        port = struct.unpack("!H", _recv_exact(control, 2))[0]
+    except BaseException:
+        control.close()
+        raise
+    return control, (host, port)
+
+
 def _host_header(host: str, port: int) -> str:
     shown = f"[{host}]" if _is_v6_literal(host) else host
     return shown if port == 80 else f"{shown}:{port}"
@@ -648,22 +670,38 @@ def echo(
     size: int = 64,
     bind: str | None = None,
     device: str | None = None,
+    socks: tuple[str, int] | None = None,
 ) -> EchoResult:
     """Send ``count`` datagrams ``interval`` apart to a UDP echo service and time the answers.
 
     Waits at most ``timeout`` after the last datagram. Answers are matched by a random token and a
     sequence number, so late answers of an earlier run are ignored and duplicates count once.
+    With ``socks``, the datagrams go through that SOCKS5 proxy's UDP ASSOCIATE (RFC 1928).
     """
     result = EchoResult(host, port)
     family = socket.AF_UNSPEC
     if bind is not None:
         family = socket.AF_INET6 if _is_v6_literal(bind) else socket.AF_INET
-    af, kind, proto, _name, address = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0]
+    control = None
+    prefix = b""
+    if socks is not None:
+        control, relay = _socks5_associate(socks)
+        ip = ipaddress.ip_address(host)
+        prefix = b"\x00\x00\x00" + (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+        prefix += struct.pack("!H", port)
+        af = socket.AF_INET6 if ":" in relay[0] else socket.AF_INET
+        kind, proto, address = socket.SOCK_DGRAM, 0, relay
+    else:
+        af, kind, proto, _name, address = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)[
+            0
+        ]
     token = os.urandom(8)
     header = struct.Struct("!8sI")
     padding = bytes(max(0, size - header.size))
     sent_at: dict[int, float] = {}
-    with socket.socket(af, kind, proto) as sock:
+    with contextlib.ExitStack() as stack, socket.socket(af, kind, proto) as sock:
+        if control is not None:
+            stack.enter_context(control)
         if device:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         if bind is not None:
@@ -677,7 +715,7 @@ def echo(
             if seq < count and now >= start + seq * interval:
                 sent_at[seq] = now
                 with contextlib.suppress(OSError):  # unreachable now: counts as lost
-                    sock.sendto(header.pack(token, seq) + padding, address)
+                    sock.sendto(prefix + header.pack(token, seq) + padding, address)
                 seq += 1
                 result.sent = seq
                 continue
@@ -688,7 +726,7 @@ def echo(
             if not readable:
                 continue
             with contextlib.suppress(OSError):
-                data = sock.recv(65535)
+                data = sock.recv(65535)[len(prefix) :]
                 arrived = time.monotonic()
                 if len(data) >= header.size:
                     got_token, got_seq = header.unpack_from(data)
@@ -768,6 +806,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--size", type=int, default=64)
     sub.add_argument("--bind")
     sub.add_argument("--device")
+    sub.add_argument("--socks", type=parse_endpoint, help="SOCKS5 proxy HOST:PORT (UDP ASSOCIATE)")
     return parser
 
 
@@ -788,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
             size=args.size,
             bind=args.bind,
             device=args.device,
+            socks=args.socks,
         )
         _emit(outcome.to_dict())
         return 0 if outcome.received else 1

@@ -821,6 +821,19 @@ table inet {NFT_TABLE} {{
         )
         log.info("blackholed %s", name)
 
+    def drop_udp(self, name: str, larger_than: int | None = None) -> None:
+        """The ISP of link ``name`` drops UDP datagrams, both ways (TCP still passes), as some
+        networks do: all of them, or those whose UDP length (header included) is larger than
+        ``larger_than``. :meth:`restore` undoes it."""
+        i = self.link_index(name)
+        size = "" if larger_than is None else f"udp length > {int(larger_than)} "
+        self._nft(
+            i,
+            f"flush chain inet {NFT_TABLE} blackhole\n"
+            f"add rule inet {NFT_TABLE} blackhole meta l4proto udp {size}counter drop\n",
+        )
+        log.info("dropping UDP%s on %s", f" over {larger_than} bytes" if size else "", name)
+
     def restore(self, name: str) -> None:
         """Undo :meth:`blackhole`."""
         self._nft(self.link_index(name), f"flush chain inet {NFT_TABLE} blackhole\n")

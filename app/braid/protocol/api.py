@@ -70,6 +70,40 @@ class TunnelObject(TypedDict):
     paths: PathsObject
 
 
+# "class" is a keyword, hence the functional form. class: realtime, bulk or other (it picks the
+# mode from the settings udp_realtime and udp_other); path: datagram (sealed datagrams over the
+# links listed) or tunnel (frames inside a tunnel connection).
+DatagramFlowObject = TypedDict(
+    "DatagramFlowObject",
+    {
+        "client": str,
+        "destination": str,
+        "class": str,
+        "mode": str,
+        "path": Literal["datagram", "tunnel"],
+        "links": list[str],
+        "datagrams_up": int,
+        "datagrams_down": int,
+        "via_tunnel": int,
+    },
+)
+
+
+class DatagramObject(TypedDict):
+    session: bool  # a datagram session with the server is open
+    error: str | None
+    links: list[dict[str, Any]]  # name, usable, delay_ms, mtu, sent, received
+    flows: list[DatagramFlowObject]
+    sent: int
+    copies: int
+    received: int
+    duplicates: int
+    replayed: int
+    forged: int
+    too_large: int
+    sessions: int
+
+
 class StatusObject(TypedDict, total=False):
     state: DaemonState
     t: float
@@ -83,6 +117,7 @@ class StatusObject(TypedDict, total=False):
     capture: CaptureObject
     links: list[LinkObject]
     tunnel: TunnelObject
+    datagram: DatagramObject
     events: list[dict[str, Any]]  # not in samples
     problems: list[str]  # not in samples
 
@@ -104,6 +139,13 @@ def problems(status: dict[str, Any], brief: bool = False) -> list[str]:
     for part, declared in (("capture", CaptureObject), ("tunnel", TunnelObject)):
         if isinstance(status.get(part), dict) and set(status[part]) != keys(declared):
             out.append(f"{part} keys differ: {sorted(set(status[part]) ^ keys(declared))}")
+    datagram = status.get("datagram")
+    if isinstance(datagram, dict) and set(datagram) != keys(DatagramObject):
+        out.append(f"datagram keys differ: {sorted(set(datagram) ^ keys(DatagramObject))}")
+    flow_keys = keys(DatagramFlowObject)
+    for flow in (datagram or {}).get("flows") or []:
+        if set(flow) != flow_keys:
+            out.append(f"datagram flow keys differ: {sorted(set(flow) ^ flow_keys)}")
     paths = (status.get("tunnel") or {}).get("paths")
     if isinstance(paths, dict) and set(paths) != keys(PathsObject):
         out.append(f"paths keys differ: {sorted(set(paths) ^ keys(PathsObject))}")
@@ -117,6 +159,8 @@ def problems(status: dict[str, Any], brief: bool = False) -> list[str]:
 
 __all__ = [
     "CaptureObject",
+    "DatagramFlowObject",
+    "DatagramObject",
     "LinkObject",
     "PathsObject",
     "StatusObject",

@@ -46,6 +46,7 @@ class Command(enum.IntEnum):
     CONNECT = 1
     UDP = 3
     DNS = 4
+    DATAGRAM = 5  # a datagram-path session (braid.protocol.datagram); the address is ignored
 
 
 class Reply(enum.IntEnum):

@@ -119,6 +119,8 @@ class ProbeResponder(asyncio.DatagramProtocol):
         self._seen_order: collections.deque[tuple[int, bytes]] = collections.deque()
         self.stats = ProbeStats()
         self.transport: asyncio.DatagramTransport | None = None
+        # The datagram path shares this port: it takes what is its own (braid.server.datagram).
+        self.other: Callable[[bytes, tuple], bool] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -128,6 +130,8 @@ class ProbeResponder(asyncio.DatagramProtocol):
         log.debug("probe socket: %s", exc)
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self.other is not None and self.other(data, addr):
+            return
         if not probe.looks_like_probe(data):
             self.stats.malformed += 1
             return

@@ -45,6 +45,7 @@ from braid.server.admission import (
     Pending,
     source_key,
 )
+from braid.server.datagram import DatagramSessions
 from braid.server.dns import Resolver, serve_dns
 from braid.server.policy import judge, normalise
 from braid.server.probe import start_probe_responder
@@ -405,6 +406,7 @@ class BraidServer:
         self.stats = Stats()
         self.warnings = WarningLimiter()
         self.admission = admission_for(max_files)
+        self.datagrams = DatagramSessions(self._open_udp, self.udp_idle)
         self._clients: Counter[str] = Counter()  # authenticated tunnels open per address
         self._tunnels: dict[Device, set[asyncio.Task]] = {}  # open, per device
         self.seen: dict[str, DeviceSeen] = read_seen(state)[1] if state is not None else {}
@@ -428,6 +430,7 @@ class BraidServer:
             self.devices.hashes,
             WarningLimiter().warn,
         )
+        self.datagrams.attach(probes)
         accept = spawn(self._accept_loop(), "accept")
         ticker = spawn(self._stats_loop(), "stats")
         trimmer = spawn(memory.trim_periodically(), "malloc-trim")
@@ -804,6 +807,8 @@ class BraidServer:
             await self._serve_udp(request, tunnel, label)
         elif request.command == Command.DNS:
             await self._serve_dns(tunnel, label)
+        elif request.command == Command.DATAGRAM:
+            await self.datagrams.serve(tunnel.reader, tunnel.writer, label)
         else:
             log.info("%s: unsupported command %s", label, request.command.name)
             await self._reply(tunnel, Reply.COMMAND_NOT_SUPPORTED)

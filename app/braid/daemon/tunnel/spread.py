@@ -57,7 +57,7 @@ LINKS_TTL = 0.5
 IDLE_SHRINK = 5.0
 #: Placement: while other flows are busy (a page's connections), a new flow goes to the least
 #: loaded link and stays there rather than spreading over every link.
-PLACE = os.environ.get("BRAID_PLACE", "0") == "1"
+PLACE = os.environ.get("BRAID_PLACE", "1") == "1"
 #: A flow is busy if it carried a byte this recently (seconds), or was adopted this recently.
 BUSY_WINDOW = 0.5
 #: With this many other flows busy, a flow keeps to its link instead of spreading.

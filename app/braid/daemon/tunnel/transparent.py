@@ -45,6 +45,8 @@ IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = 20
 IPV6_RECVORIGDSTADDR = 74
 IPV6_TRANSPARENT = 75
+IP_RECVTOS, IP_TOS = 13, 1
+IPV6_RECVTCLASS, IPV6_TCLASS = 66, 67
 #: A UDP session, and the socket its answers leave from, is released after this long unused.
 #: (The environment variable is for tests that watch the release.)
 UDP_IDLE = float(os.environ.get("BRAID_UDP_IDLE", 60.0))
@@ -360,7 +362,9 @@ class UdpSessions:
     def count(self) -> int:
         return len(self._sessions)
 
-    def send(self, client: tuple, destination: Address, data: bytes) -> None:
+    def send(
+        self, client: tuple, destination: Address, data: bytes, dscp: int | None = None
+    ) -> None:
         key = (client, destination)
         session = self._sessions.get(key)
         if session is None:
@@ -427,11 +431,13 @@ class UdpSessions:
 class TransparentUdp:
     """The TPROXY socket: datagrams with their original destination, answered from it."""
 
-    def __init__(self, port: int, take_tunnel: TakeTunnel, dns: DnsRelay) -> None:
+    def __init__(
+        self, port: int, take_tunnel: TakeTunnel, dns: DnsRelay, make_sessions=UdpSessions
+    ) -> None:
         self.port = port
         self._dns = dns
         self._replies = ReplySockets()
-        self.sessions = UdpSessions(take_tunnel, self._answer, on_sweep=self._replies.sweep)
+        self.sessions = make_sessions(take_tunnel, self._answer, on_sweep=self._replies.sweep)
         self._socks: list[socket.socket] = []
 
     def _answer(self, client: tuple, destination: Address, data: bytes) -> None:
@@ -447,9 +453,11 @@ class TransparentUdp:
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVTCLASS, 1)
                 else:
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                     sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+                    sock.setsockopt(socket.SOL_IP, IP_RECVTOS, 1)  # DSCP marks calls
                 mark_own(sock)
                 sock.setblocking(False)
                 sock.bind((host, self.port))
@@ -468,16 +476,24 @@ class TransparentUdp:
     def _readable(self, sock: socket.socket) -> None:
         for _ in range(64):  # bounded: let the loop breathe under a flood
             try:
-                data, ancillary, _flags, client = sock.recvmsg(65535, 64)
+                data, ancillary, _flags, client = sock.recvmsg(65535, 128)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.debug("transparent UDP receive: %s", exc)
                 return
             destination = None
+            dscp = None
             for level, kind, payload in ancillary:
                 if kind in (IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR):
                     destination = _decode_origdst(level, payload)
+                elif (level, kind) in ((socket.SOL_IP, IP_TOS), (socket.IPPROTO_IPV6, IPV6_TCLASS)):
+                    raw = (
+                        payload[0]
+                        if level == socket.SOL_IP
+                        else struct.unpack("=i", payload[:4])[0]
+                    )
+                    dscp = raw >> 2
             if destination is None:
                 continue
             client = (client[0], client[1])
@@ -485,7 +501,7 @@ class TransparentUdp:
             if port == 53:
                 spawn(self._dns_query(client, (destination[0], port), data), name="dns")
                 continue
-            self.sessions.send(client, Address(host, port), data)
+            self.sessions.send(client, Address(host, port), data, dscp)
 
     async def _dns_query(self, client: tuple, server: tuple, query: bytes) -> None:
         answer = await self._dns.resolve(query)
@@ -523,9 +539,10 @@ async def serve_dns_over_tcp(
 class SocksUdp:
     """SOCKS5 UDP ASSOCIATE (RFC 1928 section 7) over the tunnel's UDP sessions."""
 
-    def __init__(self, take_tunnel: TakeTunnel, bind_host: str) -> None:
+    def __init__(self, take_tunnel: TakeTunnel, bind_host: str, make_sessions=UdpSessions) -> None:
         self._take_tunnel = take_tunnel
         self._bind_host = bind_host
+        self._make_sessions = make_sessions
 
     async def associate(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _hint: Address
@@ -544,7 +561,7 @@ class SocksUdp:
             with contextlib.suppress(OSError):
                 sock.sendto(header + data, client)
 
-        sessions = UdpSessions(self._take_tunnel, answer)
+        sessions = self._make_sessions(self._take_tunnel, answer)
         sessions.start()
 
         def readable() -> None:

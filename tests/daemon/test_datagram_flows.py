@@ -1,0 +1,89 @@
+"""Which path braidd gives a UDP flow, and when it moves to a tunnel connection (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from braid.daemon.tunnel.datagram import DatagramFlows, DatagramPath, parse_ports
+from braid.protocol.address import Address
+
+SETTINGS = {"udp_realtime": "redundant", "udp_other": "fastest", "realtime_ports": ["5004"]}
+
+
+class TunnelSessions:
+    """Records what would ride tunnel connections (UdpSessions' interface)."""
+
+    def __init__(self, take_tunnel=None, answer=None) -> None:
+        self.sent: list[tuple] = []
+        self.answer = answer
+
+    def start(self) -> None:
+        pass
+
+    def send(self, client, destination, data, dscp=None) -> None:
+        self.sent.append((client, destination, data))
+
+    async def close(self) -> None:
+        pass
+
+
+def path_without_server() -> DatagramPath:
+    async def no_tunnel():
+        raise AssertionError("no tunnel is taken without a server")
+
+    return DatagramPath(no_tunnel, lambda: None, lambda: [])
+
+
+def test_without_a_session_flows_take_tunnel_connections() -> None:
+    async def scenario():
+        path = path_without_server()
+        path.start()
+        made = []
+
+        def sessions(take, answer):
+            made.append(TunnelSessions(take, answer))
+            return made[-1]
+
+        flows = DatagramFlows(path, None, lambda *a: None, SETTINGS.__getitem__, sessions)
+        flows.start()
+        flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"x")
+        made[0].answer(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"back")
+        status = path.status()
+        await flows.close()
+        await path.close()
+        return made[0].sent, status
+
+    sent, status = asyncio.run(scenario())
+    assert len(sent) == 1
+    (flow,) = status["flows"]
+    assert flow["path"] == "tunnel" and flow["class"] == "realtime" and flow["links"] == []
+    assert (flow["datagrams_up"], flow["datagrams_down"]) == (1, 1)
+
+
+def test_a_flow_of_class_tunnel_stays_on_tunnel_connections() -> None:
+    async def scenario():
+        path = path_without_server()
+        path.start()
+        path._sealer = object()  # a session, as far as the choice of path goes
+        tunnels = TunnelSessions()
+        settings = {**SETTINGS, "udp_other": "tunnel"}
+        flows = DatagramFlows(path, None, lambda *a: None, settings.__getitem__, lambda *a: tunnels)
+        flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 9), b"x")
+        flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 9), b"y")
+        status = path.status()
+        path._sealer = None
+        await path.close()
+        return tunnels.sent, status
+
+    sent, status = asyncio.run(scenario())
+    assert [d for _, _, d in sent] == [b"x", b"y"]
+    assert status["flows"][0]["path"] == "tunnel" and status["flows"][0]["mode"] == "tunnel"
+
+
+def test_user_listed_ports() -> None:
+    assert parse_ports(["5004", "10000-10002", "nonsense", "9-3", "70000"]) == {
+        5004,
+        10000,
+        10001,
+        10002,
+    }
