@@ -18,11 +18,12 @@ import pytest
 from braid.daemon.routing.capture import OWN_MARK
 from braid.netbed import LinkSpec, World
 from braid.netbed.stack import BraidStack, run_traffic, start_traffic, wait_for
+from braid.protocol import probe
 from braid.protocol.pairing import parse_pairing
 
 pytestmark = pytest.mark.netns
 
-PROBE_UDP_LENGTH = 8 + 42  # a health probe's UDP length; the datagram path's are larger
+PROBE_UDP_LENGTH = 8 + probe.SIZE  # a health probe's UDP length; the datagram path's are larger
 LINKS = [
     LinkSpec("eth0", "ethernet", rate_mbit=50, rtt_ms=10),
     LinkSpec("wlan0", "wifi", rate_mbit=30, rtt_ms=20),
