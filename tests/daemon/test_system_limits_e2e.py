@@ -143,7 +143,7 @@ def test_udp_sessions_release_their_sockets(world: World, stack: BraidStack, ech
     assert answered == PORTS
     assert peak >= before + PORTS  # the sessions' tunnels and answer sockets were there
     assert after <= before + 4, (before, peak, after)
-    assert stack.status()["capture"]["udp_sessions"] == 0
+    assert wait_for(lambda: stack.status()["capture"]["udp_sessions"] == 0, IDLE * 2 + 5)
 
 
 # Accepts and holds TCP connections on HOST:PORT; for each line on stdin prints how many it holds

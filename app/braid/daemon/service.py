@@ -92,7 +92,7 @@ class Daemon:
         }
         self.socks = SocksServer(config.socks, self._take_tunnel)
         self.datagram = DatagramPath(
-            self._take_tunnel,
+            self._take_control_tunnel,
             lambda: self.reconciler.datagram_server(),
             lambda: self.reconciler.datagram_links(),
             mark=OWN_MARK,
@@ -100,7 +100,7 @@ class Daemon:
         self.socks.udp_associate = SocksUdp(
             self._take_tunnel, config.socks[0], self._udp_flows
         ).associate
-        self.dns = DnsRelay(self._take_tunnel)
+        self.dns = DnsRelay(self._take_control_tunnel)
         self.transparent_tcp = TransparentTcp(
             0, self._carry_transparent, self.socks.track, admit=self.socks.admit
         )
@@ -292,12 +292,16 @@ class Daemon:
     def _path_links(self):
         return self.reconciler.path_links()
 
-    async def _take_tunnel(self) -> Tunnel:
+    async def _take_control_tunnel(self) -> Tunnel:
+        """A tunnel braidd keeps for itself (DNS relay, datagram session): never placed."""
+        return await self._take_tunnel(control=True)
+
+    async def _take_tunnel(self, control: bool = False) -> Tunnel:
         pool = self.reconciler.pool
         if pool is None:
             raise TunnelError("Braid is not connected (run: braid up)")
         tunnel = await pool.take()
-        flow = self.spreading.adopt(tunnel.sock, tunnel.local[0])
+        flow = self.spreading.adopt(tunnel.sock, tunnel.local[0], control=control)
         if flow is not None:
             tunnel.on_data = functools.partial(self.spreading.carried, flow)
         return tunnel

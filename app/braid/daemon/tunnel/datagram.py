@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -47,7 +48,8 @@ SUSPECT_MIN = 0.04  # s: a PING unanswered for 2 RTT plus this makes its link su
 SESSION_PING = 20.0  # over the tunnel: keeps the session alive while UDP is blocked
 RETRY_MIN, RETRY_MAX = 0.5, 15.0
 OLD_SERVER_RETRY = 600.0  # a server that does not know Command.DATAGRAM: UDP by tunnels
-FLOW_IDLE = 60.0
+#: A UDP flow idle this long is released, as its tunnel sessions are (BRAID_UDP_IDLE: tests).
+FLOW_IDLE = float(os.environ.get("BRAID_UDP_IDLE", 60.0))
 MAX_FLOWS = 4096
 STATUS_FLOWS = 64
 IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
@@ -669,7 +671,7 @@ class DatagramFlows:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(min(5.0, FLOW_IDLE / 2))
             now = asyncio.get_running_loop().time()
             for key, flow in list(self._flows.items()):
                 if now - flow.last > FLOW_IDLE:

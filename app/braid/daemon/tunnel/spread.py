@@ -105,12 +105,18 @@ class Flow:
     backup: dict[str, bool] = field(default_factory=dict)  # link -> the flag its subflows got
     adopted: float = 0.0
     home: str | None = None  # the link it was placed on, while others were busy
+    moved: bool = False  # placed away from its first link, whose subflow was made backup
+    #: A tunnel braidd keeps for itself (the DNS relay's, the datagram session's): it follows
+    #: the links like any flow, but is never placed and never counts as another busy flow.
+    control: bool = False
 
     @property
     def open(self) -> bool:
         return self.sock.fileno() >= 0
 
     def busy(self, now: float) -> bool:
+        if self.control:
+            return False
         if self.bytes == 0 and self.last == 0.0:
             return now - self.adopted < BUSY_WINDOW
         return now - self.last < BUSY_WINDOW
@@ -246,8 +252,10 @@ class Spreading:
         for token in [t for t, f in self._flows.items() if not f.open]:
             del self._flows[token]
 
-    def adopt(self, sock: socket.socket, local: str) -> Flow | None:
-        """Follow a tunnel connection that now carries a flow; None without path management."""
+    def adopt(self, sock: socket.socket, local: str, control: bool = False) -> Flow | None:
+        """Follow a tunnel connection that now carries a flow; None without path management.
+
+        ``control``: one of braidd's own long-lived tunnels (see Flow.control)."""
         if not self._pm.active:
             return None
         token = pm.token(sock)
@@ -261,13 +269,14 @@ class Spreading:
         family = socket.AF_INET6 if ":" in local else socket.AF_INET
         flow = Flow(token, sock, (pm.plain_address(remote[0]), remote[1]), family)
         flow.adopted = time.monotonic()
+        flow.control = control
         links = self._links()
         start = next((link for link in links if local in link.addresses), None)
         if start is not None:
             flow.links.add(start.name)
             flow.ids[local] = 0  # the initial subflow's address id
             flow.backup[start.name] = False
-        if PLACE and start is not None:
+        if PLACE and start is not None and not control:
             others = [f for f in self._flows.values() if f.open and f.busy(flow.adopted)]
             home = place(flow, links, others) if others else None
             if home is not None:
@@ -290,6 +299,13 @@ class Spreading:
         self._pm.set_backup(flow.token, initial, True)
         return address
 
+    async def _respread(self, flow: Flow) -> None:
+        async with self._reconciling:
+            view = _snapshot(flow)
+            joins = await self._run(self._reconcile_one, view, self._links(fresh=True))
+            flow.links, flow.ids, flow.backup = view.links, view.ids, view.backup
+            self.joins += joins
+
     async def _move(self, flow: Flow, link: PathLink, start: PathLink) -> None:
         try:
             address = await self._run(self._move_to, flow, link, start)
@@ -300,6 +316,7 @@ class Spreading:
                 log.info("cannot place a flow on %s: %s", link.name, exc)
             return
         self.joins += 1
+        flow.moved = True
         flow.ids[address] = link.local_id(flow.family)
         flow.backup[link.name] = link.backup
         flow.backup[start.name] = True
@@ -326,6 +343,12 @@ class Spreading:
             crowd = sum(1 for f in self._flows.values() if f is not flow and f.open and f.busy(now))
             if crowd >= CROWD:
                 return  # placed among busy flows: it keeps to its link
+            if flow.moved:
+                # Alone again: spread as any flow, the first link's subflow no longer backup.
+                flow.home, flow.moved, flow.spread = None, False, True
+                flow.next_check = float("inf")
+                spawn(self._respread(flow), name="respread")
+                return
         links = self._links()
         joining = links_to_join(flow, links, now)
         if not joining:
