@@ -326,6 +326,7 @@ def capture_plan(
         link_subnets=sorted({net for link in links.values() for net in link.subnets}),
         bypass=capture.parse_bypass(bypass),
         reject_quic=reject_quic,
+        link_devices=sorted(links),
     )
 
 
