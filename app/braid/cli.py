@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic to show")
     p.add_argument("--size", type=int, default=0, help="download this many MiB instead")
     p.set_defaults(func=cmd_demo)
+
+    from braid import cli_bypass
+
+    cli_bypass.add_parsers(sub)
     return parser
 
 

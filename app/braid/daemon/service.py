@@ -38,6 +38,7 @@ from braid.daemon.routing.paths import PathManager, watch_connections
 from braid.daemon.routing.policy import Routing
 from braid.daemon.settings import Settings
 from braid.daemon.stats.subflows import count_subflows
+from braid.daemon.tunnel.bypass import NameBypass
 from braid.daemon.tunnel.socks import SocksServer
 from braid.daemon.tunnel.spread import Spreading
 from braid.daemon.tunnel.transparent import (
@@ -101,6 +102,10 @@ class Daemon:
             publish=self._publish,
             capture_ports=lambda: (self.transparent_tcp.port, self.transparent_udp.port),
         )
+        self.name_bypass = NameBypass(
+            lambda: self.settings["bypass"], lambda: self.reconciler.capture_active
+        )
+        self.dns.on_answer = self.name_bypass.learn
         self._subscribers: set[asyncio.StreamWriter] = set()
         self.commands = Commands(
             self.reconciler, self.settings, config.state_dir, self.status, self._subscribers.add

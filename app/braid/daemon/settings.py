@@ -126,7 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
         list,
         [],
         "Go direct to",
-        "Addresses or networks (e.g. 192.0.2.10, 2001:db8::/48) reached without Braid in system-wide mode.",
+        "Addresses, networks or domain names (e.g. 192.0.2.10, 2001:db8::/48, netflix.com, which "
+        "covers its subdomains) reached without Braid in system-wide mode.",
     ),
 )
 BY_KEY = {s.key: s for s in SETTINGS}

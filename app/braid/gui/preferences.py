@@ -106,8 +106,8 @@ TRAFFIC_SETTINGS: tuple[SettingSpec, ...] = (
         list,
         [],
         "Go direct to",
-        "Addresses or networks reached without Braid in system-wide mode, one per line "
-        "(e.g. 192.0.2.10, 2001:db8::/48).",
+        "Addresses, networks or domain names reached without Braid in system-wide mode, one "
+        "per line (e.g. 192.0.2.10, 2001:db8::/48, netflix.com, which covers its subdomains).",
         page="Traffic",
         scope=DAEMON,
     ),

@@ -223,6 +223,8 @@ class DnsRelay:
         self._reader: asyncio.Task | None = None
         self.queries = 0
         self.failures = 0
+        #: Sees every answer before the application does (bypass by domain fills its sets).
+        self.on_answer: Callable[[bytes], Awaitable[None]] | None = None
 
     async def resolve(self, query: bytes) -> bytes | None:
         """The server's answer to a raw DNS query, or None (timeout, no tunnel)."""
@@ -243,6 +245,8 @@ class DnsRelay:
             return None
         finally:
             self._pending.pop(query_id, None)
+        if self.on_answer is not None:
+            await self.on_answer(answer)
         return struct.pack("!H", original_id) + answer[2:]
 
     def _allocate(self) -> int:
