@@ -183,6 +183,7 @@ def cmd_down(args) -> int:
 
 def cmd_daemon(args) -> int:
     from braid.daemon.links.model import parse_link_option
+    from braid.daemon.routing.apps import check_name as check_cgroup_name
     from braid.daemon.service import DaemonConfig, cleanup, run_daemon
     from braid.daemon.tunnel.socks import parse_listen
 
@@ -195,12 +196,13 @@ def cmd_daemon(args) -> int:
         )
         return 1
     if args.cleanup:
-        cleanup(state_dir)
+        cleanup(state_dir, args.cgroup)
         print("removed Braid's routing tables, rules and MPTCP endpoints left by a previous run")
         return 0
     try:
         links = [parse_link_option(text) for text in args.link]
         socks = parse_listen(args.socks)
+        check_cgroup_name(args.cgroup)
     except ValueError as exc:
         print(f"braid daemon: {exc}", file=sys.stderr)
         return 2
@@ -210,6 +212,7 @@ def cmd_daemon(args) -> int:
         socks=socks,
         links=links,
         discover=args.discover,
+        cgroup=args.cgroup,
     )
     return run_daemon(config)
 
@@ -288,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cleanup", action="store_true", help="remove leftovers of a crashed run and exit"
+    )
+    p.add_argument(
+        "--cgroup",
+        default="braid",
+        help="the cgroup holding programs run with braid direct/bonded (default: braid)",
     )
     p.set_defaults(func=cmd_daemon)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from braid.daemon.routing import capture
+from braid.daemon.routing.apps import GroupRef, cgroup2_mounts, check_name
 
 PLAN = capture.CapturePlan(
     tcp_port=1234,
@@ -99,3 +101,46 @@ def test_nft_accepts_the_ruleset_and_a_new_plan_keeps_bypassed_names(empty_netns
     assert "198.19.7.7" in listed  # the bypass sets survive an update
     assert "198.18.2.0/24" in listed and "198.18.1.0/24" not in listed
     assert listed.count("reject with icmpx admin-prohibited") == 2
+
+
+GROUP_DIRECT = GroupRef(2, "unified/braid/direct")
+GROUP_BONDED = GroupRef(2, "unified/braid/bonded")
+
+
+def test_a_direct_program_returns_before_anything_is_captured() -> None:
+    plan = capture.CapturePlan(**{**PLAN.__dict__, "direct_apps": GROUP_DIRECT})
+    chains = capture.chains(plan)
+    for name in ("nat_output", "filter_output", "route_output"):
+        assert chains[name][1] == 'socket cgroupv2 level 2 "unified/braid/direct" return', name
+
+
+def test_proxy_mode_redirects_only_the_bonded_programs_tcp() -> None:
+    plan = capture.CapturePlan(**{**PLAN.__dict__, "scope": "bonded", "bonded_apps": GROUP_BONDED})
+    chains = capture.chains(plan)
+    assert [name for name, rules in chains.items() if rules] == ["nat_output"]
+    assert chains["nat_output"][-1] == (
+        'socket cgroupv2 level 2 "unified/braid/bonded" meta l4proto tcp redirect to :1234'
+    )
+    assert capture.rule_count(plan) == 5
+    nobody = capture.CapturePlan(**{**PLAN.__dict__, "scope": "bonded"})
+    assert capture.rule_count(nobody) == 0
+
+
+def test_cgroup2_mounts_are_read_from_mountinfo() -> None:
+    text = (
+        "31 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+        "50 25 0:40 / /run/my\\040cgroups rw - cgroup2 none rw\n"
+    )
+    assert cgroup2_mounts(text) == [Path("/sys/fs/cgroup/unified"), Path("/run/my cgroups")]
+
+
+@pytest.mark.parametrize("name", ["braid", "brd12x0-laptop", "a.b_c"])
+def test_cgroup_names(name) -> None:
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "..", "a/b", "-x", "x" * 65])
+def test_bad_cgroup_names_are_refused(name) -> None:
+    with pytest.raises(ValueError, match="not a cgroup name"):
+        check_name(name)

@@ -96,6 +96,9 @@ class Reconciler:
         self.connected_since: float | None = None
         self.capture_active = False
         self._capture_plan: capture.CapturePlan | None = None
+        #: Braid's cgroups for `braid direct` and `braid bonded` (None: not available).
+        self.apps: Any = None
+        self.bonded_apps = False  # a program was started with `braid bonded`
         self._alive: dict[str, bool] = {}
         self._probe_family: int | None = None
         self._probing: dict[str, str] = {}
@@ -298,12 +301,15 @@ class Reconciler:
 
     async def _update_capture(self) -> None:
         want = self.capture_in_force() in ("tunnel", "blocked")
-        if not want:
-            if self.capture_active:
+        # Proxy mode: programs started with `braid bonded` still have their TCP redirected.
+        bonded = not want and self.bonded_apps and self.pool is not None
+        if not want and self.capture_active:
+            self.capture_active = False
+            self.event(Event(EventKind.CAPTURE_OFF, None, "system-wide capture off"))
+        if not want and not bonded:
+            if self._capture_plan is not None:
                 await self.platform.capture(None)
-                self.capture_active = False
                 self._capture_plan = None
-                self.event(Event(EventKind.CAPTURE_OFF, None, "system-wide capture off"))
             return
         plan = policy.capture_plan(
             self._capture_ports(),
@@ -311,8 +317,10 @@ class Reconciler:
             self.links,
             self.settings["bypass"],
             self.settings["prefer_tcp_for_web"],
+            apps=self.apps,
+            scope="all" if want else "bonded",
         )
-        if plan == self._capture_plan and self.capture_active:
+        if plan == self._capture_plan and (self.capture_active or not want):
             return
         try:
             await self.platform.capture(plan)

@@ -34,6 +34,8 @@ from braid.daemon.links.model import Priority
 from braid.daemon.links.store import LinkStore
 from braid.daemon.platform import Platform, remove_capture_table
 from braid.daemon.reconciler import PAIRING_FILE, Parts, Reconciler, real_parts
+from braid.daemon.routing.apps import DEFAULT_NAME as DEFAULT_CGROUP
+from braid.daemon.routing.apps import AppGroups, AppGroupsError
 from braid.daemon.routing.paths import PathManager, watch_connections
 from braid.daemon.routing.policy import Routing
 from braid.daemon.settings import Settings
@@ -71,6 +73,7 @@ class DaemonConfig:
     links: list[tuple[str, str | None, Priority | None]] = field(default_factory=list)
     discover: bool | None = None  # None: the stored setting decides
     sysfs: Path = Path("/sys")
+    cgroup: str = DEFAULT_CGROUP  # the name of Braid's cgroups for `braid direct` and `bonded`
 
 
 class Daemon:
@@ -123,6 +126,7 @@ class Daemon:
         self.store.load()
         self.settings.load()
         await self.platform.start()
+        self._start_app_groups()
         if self.spreading.active:
             self._watch_connections()
         try:
@@ -158,6 +162,15 @@ class Daemon:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _start_app_groups(self) -> None:
+        apps = AppGroups(self.config.cgroup, self.config.state_dir)
+        try:
+            apps.start()
+        except (AppGroupsError, OSError) as exc:
+            log.warning("braid direct and braid bonded are unavailable: %s", exc)
+            return
+        self.reconciler.apps = apps
+
     async def _shutdown(self) -> None:
         log.info("stopping: removing routes, rules and endpoints")
         for task in self._tasks:
@@ -175,6 +188,8 @@ class Daemon:
         with contextlib.suppress(OSError):
             self.store.save_usage()
         await self.platform.stop()
+        if self.reconciler.apps is not None:  # after the table that names them is gone
+            self.reconciler.apps.stop()
 
     # -- what wakes the reconciler --------------------------------------------
 
@@ -394,9 +409,9 @@ def _trace_memory(loop: asyncio.AbstractEventLoop, out: Path) -> None:
     loop.add_signal_handler(signal.SIGUSR2, dump)
 
 
-def cleanup(state_dir: Path) -> None:
+def cleanup(state_dir: Path, cgroup: str = DEFAULT_CGROUP) -> None:
     """Remove what a crashed run left: Braid's tables, rules, endpoints and nftables table,
-    and restore the MPTCP limits."""
+    its empty cgroups, and restore the MPTCP limits."""
     routing = Routing(state_dir)
     try:
         routing.cleanup()
@@ -404,3 +419,10 @@ def cleanup(state_dir: Path) -> None:
         routing.close()
     PathManager(state_dir).restore()
     remove_capture_table()
+    apps = AppGroups(cgroup, state_dir)
+    try:
+        apps.start()  # finds (or mounts) the hierarchy; the groups are made if missing
+    except (AppGroupsError, OSError) as exc:
+        log.debug("no cgroups to remove: %s", exc)
+        return
+    apps.stop()

@@ -38,6 +38,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from braid.daemon.routing.apps import GroupRef
+
 log = logging.getLogger(__name__)
 
 TABLE = "braid"
@@ -80,6 +82,11 @@ class CapturePlan:
     reject_quic: bool = True
     #: The links' interfaces: forwarded traffic routed out of one of them is captured.
     link_devices: list[str] = field(default_factory=list)
+    #: "all": system-wide mode; "bonded": proxy mode, only the bonded group's TCP is redirected.
+    scope: str = "all"
+    #: Programs started with ``braid direct`` (system-wide mode) or ``braid bonded`` (proxy mode).
+    direct_apps: GroupRef | None = None
+    bonded_apps: GroupRef | None = None
 
     def networks(self) -> tuple[list[str], list[str]]:
         v4, v6 = list(ALWAYS_DIRECT4), list(ALWAYS_DIRECT6)
@@ -160,9 +167,17 @@ def _tproxy(proto: str, port: int, match: str = "") -> list[str]:
     ]
 
 
+def _group(ref: GroupRef) -> str:
+    return f'socket cgroupv2 level {ref.level} "{ref.path}"'
+
+
 def chains(plan: CapturePlan) -> dict[str, list[str]]:
     """The rules of each of Braid's chains, in order."""
     own = f"meta mark {OWN_MARK:#x} return"
+    if plan.scope == "bonded":
+        return _bonded_chains(plan, own)
+    # A direct program's traffic returns first, DNS included: it asks its own resolver.
+    owned = [own] + ([f"{_group(plan.direct_apps)} return"] if plan.direct_apps else [])
     direct = [
         "ip daddr @direct4 return",
         "ip6 daddr @direct6 return",
@@ -202,14 +217,14 @@ def chains(plan: CapturePlan) -> dict[str, list[str]]:
         ]
     return {
         "nat_output": [
-            own,
+            *owned,
             "fib daddr type local return",
             f"tcp dport 53 redirect to :{plan.tcp_port}",
             *direct,
             f"meta l4proto tcp redirect to :{plan.tcp_port}",
         ],
         "filter_output": [
-            own,
+            *owned,
             "fib daddr type local return",
             "udp dport 53 return",
             *direct,
@@ -222,7 +237,7 @@ def chains(plan: CapturePlan) -> dict[str, list[str]]:
             refuse,
         ],
         "route_output": [
-            own,
+            *owned,
             "fib daddr type local return",
             f"udp dport 53 meta mark set {UDP_MARK:#x} return",
             *direct,
@@ -236,6 +251,25 @@ def chains(plan: CapturePlan) -> dict[str, list[str]]:
             *forwarded,
         ],
         "filter_forward": forward,
+    }
+
+
+def _bonded_chains(plan: CapturePlan, own: str) -> dict[str, list[str]]:
+    """Proxy mode: the bonded group's TCP goes to braidd, everything else is left alone."""
+    empty: dict[str, list[str]] = {name: [] for name in _CHAINS}
+    if plan.bonded_apps is None:
+        return empty
+    return {
+        **empty,
+        "nat_output": [
+            own,
+            "fib daddr type local return",
+            "ip daddr @direct4 return",
+            "ip6 daddr @direct6 return",
+            # A positive match only: for a socket of a shallower cgroup there is no ancestor at
+            # that level, and a negated match would not match either.
+            f"{_group(plan.bonded_apps)} meta l4proto tcp redirect to :{plan.tcp_port}",
+        ],
     }
 
 
