@@ -11,17 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from braid.netbed import LinkSpec, World, nsutil
+from braid.netbed import LinkSpec, World
+from braid.netbed.guest import Guest, nated_guest
 from braid.netbed.payload import expected_sha256
 from braid.netbed.stack import BraidStack, wait_for
-from braid.netbed.world import child_env, python_argv
+from braid.netbed.world import python_argv
 
 pytestmark = pytest.mark.netns
 
@@ -30,8 +30,6 @@ LINKS = [
     LinkSpec("wlan0", "wifi", rate_mbit=30, rtt_ms=20),
     LinkSpec("usb0", "cellular", rate_mbit=20, rtt_ms=30),
 ]
-GUEST4, GUEST_GW4 = "198.18.200.2", "198.18.200.1"
-GUEST6, GUEST_GW6 = "2001:db8:200::2", "2001:db8:200::1"
 
 #: Sends one packet of each protocol to ``argv[1]`` (IPv4) and ``argv[2]`` (IPv6) through raw
 #: sockets and prints what the kernel said for each (a refused packet fails ``sendto``).
@@ -113,18 +111,12 @@ def every_link(world: World) -> Iterator[list]:
         packets += capture.packets()
 
 
-def send_raw(world: World, namespace: str | None = None) -> dict:
+def send_raw(world: World, guest: Guest | None = None) -> dict:
     argv = [sys.executable, "-c", RAW_SENDER, world.target_v4, world.target_v6]
-    if namespace is None:
+    if guest is None:
         done = world.run("laptop", argv, timeout=30)
     else:
-        done = subprocess.run(
-            ["ip", "netns", "exec", namespace, *argv],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        )
+        done = guest.run(argv, check=True, timeout=30)
     return json.loads(done.stdout)
 
 
@@ -205,102 +197,40 @@ def test_other_protocols_do_not_leave_in_clear_while_blocked(
 
 
 @pytest.fixture
-def guest(world: World, stack: BraidStack) -> Iterator[str]:
-    """A namespace behind the laptop's ``vguest`` veth, masqueraded out of whichever link its
-    route takes, with forwarding on; all of it removed afterwards, forwarding put back."""
-    laptop = world.ns("laptop")
-    name = laptop.rsplit("-", 1)[0] + "-guest"  # the world's prefix: swept after a crash
-    sysctls = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
-    before = {key: world.run("laptop", ["sysctl", "-n", key]).stdout.strip() for key in sysctls}
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        nsutil.ip_batch(
-            laptop,
-            [
-                f"link add vguest type veth peer name eth0 netns {name}",
-                f"address add {GUEST_GW4}/24 dev vguest",
-                f"address add {GUEST_GW6}/64 dev vguest nodad",
-                "link set vguest up",
-            ],
-        )
-        nsutil.ip_batch(
-            name,
-            [
-                "link set lo up",
-                f"address add {GUEST4}/24 dev eth0",
-                f"address add {GUEST6}/64 dev eth0 nodad",
-                "link set eth0 up",
-                f"route add default via {GUEST_GW4}",
-                f"route add default via {GUEST_GW6}",
-            ],
-        )
-        world.run("laptop", ["sysctl", "-q", *(f"{key}=1" for key in sysctls)])
-        world.run(
-            "laptop",
-            ["nft", "-f", "-"],
-            input=(
-                "table inet guest_nat {\n"
-                "  chain postrouting {\n"
-                "    type nat hook postrouting priority srcnat; policy accept;\n"
-                f'    oifname != "vguest" ip saddr {GUEST4}/24 masquerade\n'
-                f'    oifname != "vguest" ip6 saddr {GUEST6}/64 masquerade\n'
-                "  }\n"
-                "}\n"
-            ),
-        )
-        yield name
-    finally:
-        world.run("laptop", ["nft", "delete", "table", "inet", "guest_nat"], check=False)
-        world.run("laptop", ["sysctl", "-q", *(f"{k}={v}" for k, v in before.items())], check=False)
-        world.run("laptop", ["ip", "link", "del", "vguest"], check=False)
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def guest(world: World, stack: BraidStack) -> Iterator[Guest]:
+    with nated_guest(world) as namespace:
+        yield namespace
 
 
-def in_guest(namespace: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["ip", "netns", "exec", namespace, *argv],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-        env=child_env(),
-    )
-
-
-def guest_traffic(world: World, namespace: str, seed: str) -> dict:
+def guest_traffic(world: World, guest: Guest, seed: str) -> dict:
     """TCP (v4 and v6), UDP echo and DNS over UDP and TCP to the laptop's dead resolver."""
     out = {}
     for family, host in ((4, world.target_v4), (6, f"[{world.target_v6}]")):
-        done = in_guest(
-            namespace,
-            "bash",
-            "-o",
-            "pipefail",
-            "-c",
-            f"curl -sS --fail --max-time 10 'http://{host}/bytes/20000?seed={seed}{family}'"
-            " | sha256sum",
+        url = f"http://{host}/bytes/20000?seed={seed}{family}"
+        done = guest.run(
+            ["bash", "-o", "pipefail", "-c", f"curl -sS --fail --max-time 10 '{url}' | sha256sum"],
+            timeout=60,
         )
         out[f"tcp{family}"] = done.stdout.split()[0] if done.returncode == 0 else None
-    echo = in_guest(
-        namespace,
-        *python_argv("braid.netbed.traffic", "echo", world.target_v4, "--count", "5"),
-        "--interval",
-        "0.05",
-    )
+    echo = guest.run(
+        [*python_argv("braid.netbed.traffic", "echo", world.target_v4), "--count", "5",
+         "--interval", "0.05"],
+        timeout=60,
+    )  # fmt: skip
     out["udp"] = json.loads(echo.stdout)["received"] if echo.returncode == 0 else 0
     for transport in ("udp", "tcp"):
-        done = in_guest(
-            namespace,
-            *python_argv("braid.netbed.dns", world.laptop_resolver, world.target_name, "A"),
-            *(["--tcp"] if transport == "tcp" else []),
-        )
+        done = guest.run(
+            [*python_argv("braid.netbed.dns", world.laptop_resolver, world.target_name, "A"),
+             *(["--tcp"] if transport == "tcp" else [])],
+            timeout=60,
+        )  # fmt: skip
         out[f"dns-{transport}"] = world.target_v4 in done.stdout
-    out["raw"] = send_raw(world, namespace)
+    out["raw"] = send_raw(world, guest)
     return out
 
 
 def test_a_nated_namespace_is_carried_by_the_tunnel(
-    world: World, stack: BraidStack, guest: str
+    world: World, stack: BraidStack, guest: Guest
 ) -> None:
     dns_before = len(world.dns_log())
     with every_link(world) as packets:
@@ -321,7 +251,7 @@ def test_a_nated_namespace_is_carried_by_the_tunnel(
 
 
 def test_a_nated_namespace_leaks_nothing_while_blocked(
-    world: World, stack: BraidStack, guest: str
+    world: World, stack: BraidStack, guest: Guest
 ) -> None:
     with blocking(world, stack), every_link(world) as packets:
         result = guest_traffic(world, guest, "guest-b")
@@ -333,22 +263,17 @@ def test_a_nated_namespace_leaks_nothing_while_blocked(
 
 
 def test_a_nated_namespace_goes_direct_with_capture_off(
-    world: World, stack: BraidStack, guest: str
+    world: World, stack: BraidStack, guest: Guest
 ) -> None:
     """The control: without capture the guest's TCP leaves a link, masqueraded."""
     stack.call("set-settings", settings={"mode": "proxy"})
     try:
         with every_link(world) as packets:
-            done = in_guest(
-                guest,
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "-o",
-                "/dev/null",
-                f"http://{world.target_v4}/bytes/100?seed=guest-d",
-            )
+            done = guest.run(
+                ["curl", "-sS", "--max-time", "10", "-o", "/dev/null",
+                 f"http://{world.target_v4}/bytes/100?seed=guest-d"],
+                timeout=30,
+            )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert any(p["dst"] == world.target_v4 for p in packets), packets
         entry = world.wait_access(lambda e: "seed=guest-d" in e.get("path", ""))
