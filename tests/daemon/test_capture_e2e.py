@@ -301,6 +301,7 @@ def test_switching_off_stopping_and_cleanup_restore_the_ruleset(
     stack.start_daemon()
     status = stack.call("up", pairing=stack.pairing_uri, mode="system")
     assert status["capture"]["in_force"] == "tunnel"
+    assert wait_for(lambda: stack.status()["capture"]["active"], 10), stack.logs()[-3000:]
     stack.stop_daemon(signal.SIGKILL)
     assert "table inet braid" in world.network_state()
     assert stack.cleanup_daemon().returncode == 0
