@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 
-from braid.daemon.routing.capture import split_bypass
+from braid.bypass import split_bypass
 
 
 def _normalised(entry: str) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from braid.bypass import split_bypass
 from braid.daemon.routing import capture
 from braid.daemon.routing.apps import GroupRef, cgroup2_mounts, check_name
 
@@ -29,7 +30,7 @@ PLAN = capture.CapturePlan(
     ],
 )
 def test_bypass_accepts_addresses_networks_and_names(entries, networks, names) -> None:
-    found = capture.split_bypass(entries)
+    found = split_bypass(entries)
     assert found.networks == networks and found.names == names
 
 
@@ -52,7 +53,7 @@ def test_bypass_accepts_addresses_networks_and_names(entries, networks, names) -
 )
 def test_bypass_refuses_what_is_neither(entry) -> None:
     with pytest.raises(ValueError, match="not an address"):
-        capture.split_bypass(["192.0.2.1", entry])
+        split_bypass(["192.0.2.1", entry])
 
 
 def test_every_path_out_ends_in_a_refusal_or_a_capture() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from braid.netbed import LinkSpec, World
-from braid.netbed.guest import Guest, nated_guest
+from braid.netbed.guest import GUEST4, GUEST6, Guest, nated_guest
 from braid.netbed.payload import expected_sha256
 from braid.netbed.stack import BraidStack, wait_for
 from braid.netbed.world import python_argv
@@ -227,6 +228,38 @@ def guest_traffic(world: World, guest: Guest, seed: str) -> dict:
         out[f"dns-{transport}"] = world.target_v4 in done.stdout
     out["raw"] = send_raw(world, guest)
     return out
+
+
+#: One HTTP answer from the guest's own address, as a container's web server gives.
+GUEST_SERVER = r"""
+import socket, sys
+server = socket.create_server((sys.argv[1], 8080))
+print("ready", flush=True)
+client, _ = server.accept()
+client.recv(4096)
+client.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nguest")
+client.close()
+"""
+
+
+def test_the_laptop_reaches_its_own_containers_directly(
+    world: World, stack: BraidStack, guest: Guest
+) -> None:
+    """A container on the laptop is not on any link: system-wide mode leaves it alone."""
+    server = guest.popen(
+        [sys.executable, "-c", GUEST_SERVER, GUEST4], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        done = world.run(
+            "laptop", ["curl", "-sS", "--max-time", "5", f"http://{GUEST4}:8080/"], check=False
+        )
+        assert done.stdout == "guest", done.stderr
+    finally:
+        server.kill()
+        server.wait(5)
+    raw = world.run("laptop", [sys.executable, "-c", RAW_SENDER, GUEST4, GUEST6], timeout=30)
+    assert set(json.loads(raw.stdout).values()) == {"sent"}, raw.stdout
 
 
 def test_a_nated_namespace_is_carried_by_the_tunnel(

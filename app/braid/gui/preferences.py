@@ -16,7 +16,7 @@ from typing import Any
 
 from PySide6.QtCore import QSettings
 
-from braid.daemon.routing.capture import split_bypass
+from braid.bypass import split_bypass
 
 LOCAL = "local"  # kept by the tray, for this user
 DAEMON = "daemon"  # kept by braidd, changed with set-settings

@@ -40,6 +40,11 @@ class Guest:
         kw["env"] = child_env(kw.get("env"))
         return subprocess.run(["ip", "netns", "exec", self.name, *argv], **kw)
 
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """``subprocess.Popen`` in the guest; the caller stops it."""
+        kw["env"] = child_env(kw.get("env"))
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kw)
+
 
 @contextlib.contextmanager
 def nated_guest(world: World) -> Iterator[Guest]:

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from braid.bypass import split_bypass
 from braid.daemon.routing.apps import GroupRef
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,6 @@ _CHAINS = {
     "tproxy_prerouting": "type filter hook prerouting priority mangle; policy accept;",
     "filter_forward": "type filter hook forward priority 0; policy accept;",
 }
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_DEVICE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 
 class CaptureError(RuntimeError):
@@ -101,54 +99,6 @@ def _collapse(nets: list[str]) -> list[str]:
     return [str(n) for n in ipaddress.collapse_addresses(ipaddress.ip_network(x) for x in nets)]
 
 
-@dataclass(frozen=True)
-class Bypass:
-    """The user's bypass list, split: networks go into the ruleset, names into the DNS relay."""
-
-    networks: tuple[str, ...] = ()
-    names: tuple[str, ...] = ()
-
-
-def parse_name(text: str) -> str:
-    """A domain name as the bypass list keeps it (lower case, no final dot); ValueError if not one."""
-    name = text.strip().lower().removesuffix(".")
-    if name.startswith("*."):  # "*.example.com" means what "example.com" does
-        name = name[2:]
-    labels = name.split(".")
-    if (
-        len(name) > 253
-        or len(labels) < 2
-        or not all(_LABEL.match(label) for label in labels)
-        or labels[-1].isdigit()
-    ):
-        raise ValueError(
-            f"{text!r} is not an address, a network (e.g. 192.0.2.0/24) or a domain name "
-            "(e.g. example.com, which covers its subdomains)"
-        )
-    return name
-
-
-def split_bypass(entries: list[str]) -> Bypass:
-    """Validate the user's bypass list: addresses, networks and domain names; raises ValueError
-    naming the culprit."""
-    networks: list[str] = []
-    names: list[str] = []
-    for entry in entries:
-        if not isinstance(entry, str) or not entry.strip():
-            raise ValueError(f"{entry!r} is not an address, a network or a domain name")
-        try:
-            networks.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
-            continue
-        except ValueError:
-            pass
-        if any(c in entry for c in ":/") or re.fullmatch(r"[\d.\s]+", entry):
-            raise ValueError(
-                f"{entry!r} is not an address or a network (e.g. 192.0.2.0/24, 2001:db8::/48)"
-            )
-        names.append(parse_name(entry))
-    return Bypass(tuple(dict.fromkeys(networks)), tuple(dict.fromkeys(names)))
-
-
 def parse_bypass(entries: list[str]) -> list[str]:
     """The networks of the user's bypass list (names are checked too); raises ValueError."""
     return list(split_bypass(entries).networks)
@@ -178,6 +128,10 @@ def chains(plan: CapturePlan) -> dict[str, list[str]]:
         return _bonded_chains(plan, own)
     # A direct program's traffic returns first, DNS included: it asks its own resolver.
     owned = [own] + ([f"{_group(plan.direct_apps)} return"] if plan.direct_apps else [])
+    links = _set([f'"{d}"' for d in plan.link_devices]) if plan.link_devices else ""
+    # Routed to the laptop's own virtual networks (containers, VMs, a VPN's tun): not leaving
+    # by a link, so not Braid's to carry. The route is chosen before the output hooks.
+    owned += [f"oifname != {links} return"] if links else []
     direct = [
         "ip daddr @direct4 return",
         "ip6 daddr @direct6 return",
@@ -191,7 +145,6 @@ def chains(plan: CapturePlan) -> dict[str, list[str]]:
     )
     nd = f"icmpv6 type {_set(list(NEIGHBOUR_DISCOVERY))} return"
     refuse = "reject with icmpx type admin-prohibited"
-    links = _set([f'"{d}"' for d in plan.link_devices]) if plan.link_devices else ""
     forwarded: list[str] = []
     forward: list[str] = ["ct direction reply return"]
     if links:

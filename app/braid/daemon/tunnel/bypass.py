@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from braid.bypass import split_bypass
 from braid.daemon.routing import capture
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class NameBypass:
         entries = tuple(self._entries())
         if entries != self._parsed[0]:
             try:
-                self._parsed = (entries, capture.split_bypass(list(entries)).names)
+                self._parsed = (entries, split_bypass(list(entries)).names)
             except ValueError as exc:  # the settings are checked when set: a file edited by hand
                 log.warning("bypass list ignored: %s", exc)
                 self._parsed = (entries, ())
