@@ -17,7 +17,6 @@ from typing import Any
 from braid.daemon.control.server import Caller
 from braid.daemon.links.store import StoreError
 from braid.daemon.reconciler import PAIRING_FILE, Reconciler
-from braid.daemon.routing import capture
 from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.settings import SETTINGS, Settings
 from braid.files import load_json
@@ -293,8 +292,6 @@ class Commands:
         async def change() -> dict:
             before = dict(self.settings.values)
             try:
-                if "bypass" in changes and isinstance(changes["bypass"], list):
-                    capture.parse_bypass(changes["bypass"])
                 self.settings.update(changes)
             except ValueError as exc:
                 raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
