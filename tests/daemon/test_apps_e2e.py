@@ -122,6 +122,36 @@ def test_braid_bonded_goes_through_braid_in_proxy_mode(world: World, stack: Brai
     assert wait_for(lambda: stack.status()["capture"]["in_force"] == "tunnel", 30)
 
 
+def test_a_bonded_program_stays_bonded_across_a_restart_of_braidd(
+    world: World, stack: BraidStack, tmp_path: Path
+) -> None:
+    """The group outlives braidd while it holds a program, and the next braidd uses it again."""
+    go = tmp_path / "go"
+    url = f"http://{world.target_v4}/bytes/1000?seed=restarted"
+    waiting = f"for i in $(seq 1 300); do [ -e {go} ] && break; sleep 0.1; done; curl -sS --fail --max-time 10 -o /dev/null {url}"
+    stack.call("set-settings", settings={"mode": "proxy"})
+    program = world.popen(
+        "laptop",
+        [sys.executable, "-m", "braid.cli", "--control", str(stack.control_path), "bonded",
+         "--", "sh", "-c", waiting],
+    )  # fmt: skip
+    try:
+        group = cgroup_root() / stack.cgroup / "bonded"
+        assert wait_for(lambda: (group / "cgroup.procs").read_text().strip(), 10)
+        stack.stop_daemon()
+        assert group.is_dir()  # still holds the program
+        stack.start_daemon()
+        stack.call("up", pairing=stack.pairing_uri)  # proxy mode, as it was
+        go.touch()
+        assert program.wait(30) == 0
+        assert client_of(world, "restarted") in (world.server_v4, world.server_v6)
+    finally:
+        program.kill()
+        program.wait(5)
+        stack.call("set-settings", settings={"mode": "system"})
+    assert wait_for(lambda: stack.status()["capture"]["in_force"] == "tunnel", 30)
+
+
 def test_bad_commands_are_refused_before_anything_runs(world: World, stack: BraidStack) -> None:
     nothing = braid_cli(world, stack, "direct")
     assert nothing.returncode == 2 and "give the command to run" in nothing.stderr

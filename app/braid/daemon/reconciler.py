@@ -28,6 +28,7 @@ from braid.daemon.links.model import Link, Priority
 from braid.daemon.links.store import LinkStore
 from braid.daemon.platform import PlatformBase
 from braid.daemon.routing import capture
+from braid.daemon.routing.apps import AppGroups
 from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.settings import Settings
 from braid.daemon.tunnel.spread import PathLink, Spreading
@@ -97,7 +98,7 @@ class Reconciler:
         self.capture_active = False
         self._capture_plan: capture.CapturePlan | None = None
         #: Braid's cgroups for `braid direct` and `braid bonded` (None: not available).
-        self.apps: Any = None
+        self.apps: AppGroups | None = None
         self.bonded_apps = False  # a program was started with `braid bonded`
         self._alive: dict[str, bool] = {}
         self._probe_family: int | None = None

@@ -170,6 +170,8 @@ class Daemon:
             log.warning("braid direct and braid bonded are unavailable: %s", exc)
             return
         self.reconciler.apps = apps
+        # Programs started with `braid bonded` before a restart are still there.
+        self.reconciler.bonded_apps = bool(apps.members("bonded"))
 
     async def _shutdown(self) -> None:
         log.info("stopping: removing routes, rules and endpoints")

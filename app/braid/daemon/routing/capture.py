@@ -273,6 +273,9 @@ def _nft(script: str) -> None:
 def install(plan: CapturePlan) -> None:
     """Create Braid's table or bring it to ``plan``, atomically (one nft transaction)."""
     _nft(ruleset(plan))
+    if plan.scope == "bonded":
+        log.info("programs started with braid bonded: TCP → :%d", plan.tcp_port)
+        return
     log.info(
         "system-wide capture on: TCP → :%d, UDP → :%d%s",
         plan.tcp_port,
