@@ -2,7 +2,8 @@
 
 Side by side in one run on the same emulated links (50/30/20 Mbit/s):
 - goodput of one download by an unmodified client (no proxy settings) with system-wide mode on,
-  against the same download through the SOCKS5 port (target: within 5 %);
+  against the same download through the SOCKS5 port (target: within 5 %), and from a namespace
+  NATed behind the laptop (a container: its TCP reaches braidd through TPROXY);
 - time to first byte of 50 small requests with system-wide mode on, against direct access over
   the best link (Braid switched to proxy-only mode, so nothing is captured).
 
@@ -18,7 +19,9 @@ import sys
 from pathlib import Path
 
 from braid.netbed import World, unavailable_reason
+from braid.netbed.guest import Guest, nated_guest
 from braid.netbed.stack import BraidStack
+from braid.netbed.world import python_argv
 from common import links_for, traffic
 
 RATES = (50, 30, 20)
@@ -31,6 +34,27 @@ def download(world: World, n: int, socks: bool) -> dict:
     if socks:
         args += ["--socks", "127.0.0.1:1080"]
     return traffic(world, *args)
+
+
+def forwarded_download(guest: Guest, world: World, n: int) -> dict:
+    """The same download from a namespace NATed behind the laptop (a container): TPROXY."""
+    done = guest.run(
+        [
+            *python_argv("braid.netbed.traffic", "download", world.target_v4),
+            *("--bytes", str(n), "--timeout", "30"),
+        ],
+        timeout=300,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+    if not result.get("ok"):
+        raise RuntimeError(f"forwarded transfer failed: {result.get('error') or done.stderr}")
+    return result
+
+
+def rule_count(world: World) -> int:
+    """The rules in Braid's nftables table, as the kernel holds them."""
+    done = world.run("laptop", ["nft", "-j", "list", "table", "inet", "braid"])
+    return sum(1 for item in json.loads(done.stdout)["nftables"] if "rule" in item)
 
 
 def ttfb(world: World, count: int) -> list[float]:
@@ -54,10 +78,13 @@ def main() -> int:
         stack = BraidStack(world).start()
         try:
             stack.call("up", pairing=stack.pairing_uri, mode="system")
-            runs: dict[str, list[float]] = {"system-wide": [], "socks5": []}
-            for _ in range(args.repeat):
-                runs["system-wide"].append(download(world, n, socks=False)["mbit_per_s"])
-                runs["socks5"].append(download(world, n, socks=True)["mbit_per_s"])
+            rules = rule_count(world)
+            runs: dict[str, list[float]] = {"system-wide": [], "socks5": [], "forwarded": []}
+            with nated_guest(world) as guest:
+                for _ in range(args.repeat):
+                    runs["system-wide"].append(download(world, n, socks=False)["mbit_per_s"])
+                    runs["socks5"].append(download(world, n, socks=True)["mbit_per_s"])
+                    runs["forwarded"].append(forwarded_download(guest, world, n)["mbit_per_s"])
             captured = ttfb(world, args.requests)
             stack.call("set-settings", settings={"mode": "proxy"})
             direct = ttfb(world, args.requests)
@@ -65,9 +92,16 @@ def main() -> int:
             stack.stop()
     system = statistics.median(runs["system-wide"])
     socks = statistics.median(runs["socks5"])
+    forwarded = statistics.median(runs["forwarded"])
     out = {
-        "goodput_mbit": {"system_wide": system, "socks5": socks, "runs": runs},
+        "goodput_mbit": {
+            "system_wide": system,
+            "socks5": socks,
+            "forwarded": forwarded,
+            "runs": runs,
+        },
         "ratio": round(system / socks, 3),
+        "rules": rules,
         "ttfb_ms": {
             "system_wide": {
                 "median": statistics.median(captured),
@@ -84,6 +118,10 @@ def main() -> int:
     )
     print(f"  system-wide (unmodified client): {system:6.1f} Mbit/s")
     print(f"  SOCKS5 port:                     {socks:6.1f} Mbit/s   ratio {system / socks:.3f}")
+    print(
+        f"  forwarded (a NATed container):   {forwarded:6.1f} Mbit/s   ratio {forwarded / socks:.3f}"
+    )
+    print(f"  rules in Braid's nftables table: {rules}")
     t = out["ttfb_ms"]
     print(f"Time to first byte, {args.requests} requests of 1 KiB:")
     print(

@@ -269,6 +269,7 @@ def cmd_down(args) -> int:
 
 def cmd_daemon(args) -> int:
     from braid.daemon.links.model import parse_link_option
+    from braid.daemon.routing.apps import check_name as check_cgroup_name
     from braid.daemon.service import DaemonConfig, cleanup, run_daemon
     from braid.daemon.tunnel.socks import parse_listen
 
@@ -281,12 +282,13 @@ def cmd_daemon(args) -> int:
         )
         return 1
     if args.cleanup:
-        cleanup(state_dir)
+        cleanup(state_dir, args.cgroup)
         print("removed Braid's routing tables, rules and MPTCP endpoints left by a previous run")
         return 0
     try:
         links = [parse_link_option(text) for text in args.link]
         socks = parse_listen(args.socks)
+        check_cgroup_name(args.cgroup)
     except ValueError as exc:
         print(f"braid daemon: {exc}", file=sys.stderr)
         return 2
@@ -296,6 +298,7 @@ def cmd_daemon(args) -> int:
         socks=socks,
         links=links,
         discover=args.discover,
+        cgroup=args.cgroup,
     )
     return run_daemon(config)
 
@@ -375,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cleanup", action="store_true", help="remove leftovers of a crashed run and exit"
     )
+    p.add_argument(
+        "--cgroup",
+        default="braid",
+        help="the cgroup holding programs run with braid direct/bonded (default: braid)",
+    )
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("up", help="connect through the paired server")
@@ -440,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic to show")
     p.add_argument("--size", type=int, default=0, help="download this many MiB instead")
     p.set_defaults(func=cmd_demo)
+
+    from braid import cli_bypass
+
+    cli_bypass.add_parsers(sub)
     return parser
 
 

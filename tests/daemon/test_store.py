@@ -117,6 +117,23 @@ def test_settings_validate_and_persist(tmp_path) -> None:
             settings.update(bad)
 
 
+def test_a_bad_bypass_entry_changes_nothing_and_a_hand_edited_one_is_ignored(tmp_path) -> None:
+    settings = Settings(tmp_path).load()
+    settings.update({"bypass": ["netflix.com", "192.0.2.0/24"]})
+    saved = (tmp_path / "settings.json").read_text()
+    with pytest.raises(ValueError, match=r"'net flix\.com' is not"):
+        settings.update({"bypass": ["ok.example", "net flix.com"], "pool_size": 2})
+    assert (tmp_path / "settings.json").read_text() == saved
+    assert settings["bypass"] == ["netflix.com", "192.0.2.0/24"] and settings["pool_size"] == 4
+    # A file edited by hand: the bad list is reported and left out, the rest still loads.
+    (tmp_path / "settings.json").write_text(
+        saved.replace('"netflix.com"', '"-bad-.com"').replace('"pool_size": 4', '"pool_size": 6')
+    )
+    loaded = Settings(tmp_path).load()
+    assert loaded["bypass"] == [] and loaded["pool_size"] == 6
+    assert any("bypass ignored" in problem for problem in loaded.problems), loaded.problems
+
+
 @pytest.fixture
 def full_disk(tmpfs):
     """A 64 kB tmpfs, which the test fills."""

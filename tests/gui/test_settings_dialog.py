@@ -262,3 +262,49 @@ def test_an_added_interface_is_not_sent_on_cancel(qtbot, daemon, dialog) -> None
 
 def model_set(page, row: int, key: str, value) -> bool:
     return page.model.setData(page.model.index(row, page.model.column_of(key)), value)
+
+
+@pytest.fixture
+def bypass_dialog(qtbot, daemon, session: Session, monkeypatch) -> SettingsDialog:
+    """The dialog on a daemon that offers the bypass list, declared as braidd declares it."""
+    import fake_braidd
+
+    from braid.daemon.settings import BY_KEY
+
+    monkeypatch.setattr(fake_braidd, "SCHEMA", [*fake_braidd.SCHEMA, BY_KEY["bypass"].describe()])
+    daemon.settings["bypass"] = ["192.0.2.0/24"]
+    window = SettingsDialog(session, IconSet(), session.tokens)
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: "Traffic" in window.daemon_forms, timeout=3000)
+    return window
+
+
+def test_the_traffic_page_edits_the_domain_list(qtbot, daemon, bypass_dialog) -> None:
+    form = bypass_dialog.daemon_forms["Traffic"]
+    edit = form.widgets["bypass"]
+    assert edit.isEnabled() and edit.toPlainText() == "192.0.2.0/24"
+    edit.setPlainText("192.0.2.0/24\nnetflix.com\n\n  bank.example  \n")
+    assert not form.errors["bypass"].isVisible()
+    bypass_dialog.accept()
+    qtbot.waitUntil(lambda: daemon.settings["bypass"] != ["192.0.2.0/24"], timeout=3000)
+    assert daemon.settings["bypass"] == ["192.0.2.0/24", "netflix.com", "bank.example"]
+    assert not bypass_dialog.isVisible()
+
+
+def test_a_bad_domain_is_named_and_nothing_is_sent(qtbot, daemon, bypass_dialog) -> None:
+    form = bypass_dialog.daemon_forms["Traffic"]
+    bypass_dialog.select_page("General")
+    form.widgets["bypass"].setPlainText("netflix.com\nnot a domain")
+    error = form.errors["bypass"]
+    assert "'not a domain' is not an address" in error.text()
+    bypass_dialog.accept()
+    assert bypass_dialog.isVisible()
+    assert bypass_dialog.stack.currentIndex() == bypass_dialog.PAGES.index("Traffic")
+    assert error.isVisible()
+    assert daemon.commands("set-settings") == []
+    # Fixed, it goes.
+    form.widgets["bypass"].setPlainText("netflix.com")
+    assert not error.isVisible()
+    bypass_dialog.accept()
+    qtbot.waitUntil(lambda: daemon.settings["bypass"] == ["netflix.com"], timeout=3000)

@@ -18,7 +18,6 @@ from typing import Any
 from braid.daemon.control.server import Caller
 from braid.daemon.links.store import StoreError
 from braid.daemon.reconciler import PAIRING_FILE, Reconciler
-from braid.daemon.routing import capture
 from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.routing.policy import SLOTS
 from braid.daemon.settings import SETTINGS, Settings
@@ -67,6 +66,7 @@ class Commands:
             "set-order": self.set_order,
             "get-settings": self.get_settings,
             "set-settings": self.set_settings,
+            "route-process": self.route_process,
         }
 
     #: The commands that change state: braidd refuses them to callers without the right.
@@ -80,6 +80,7 @@ class Commands:
             "remove-link",
             "set-order",
             "set-settings",
+            "route-process",
         }
     )
 
@@ -384,6 +385,15 @@ class Commands:
         await self.r.submit(change)
         return [link.to_json() for link in self.r.ordered()]
 
+    # -- applications -----------------------------------------------------------------
+
+    async def route_process(self, caller: Caller, request: dict) -> dict:
+        """`braid direct` / `braid bonded`: the caller itself (by SO_PEERCRED) joins a group."""
+        route = request.get("route")
+        if route not in ("direct", "bonded"):
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, "route must be direct or bonded")
+        return await self.r.submit(_route_process, self.r, caller, route)
+
     # -- settings ---------------------------------------------------------------------
 
     async def set_settings(self, caller: Caller, request: dict) -> dict:
@@ -394,8 +404,6 @@ class Commands:
         async def change() -> dict:
             before = dict(self.settings.values)
             try:
-                if "bypass" in changes and isinstance(changes["bypass"], list):
-                    capture.parse_bypass(changes["bypass"])
                 self.settings.update(changes)
             except ValueError as exc:
                 raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
@@ -406,6 +414,25 @@ class Commands:
             return await self.r.apply_settings(changed) if changed else dict(self.settings.values)
 
         return await self.r.submit(change)
+
+
+async def _route_process(r: Reconciler, caller: Caller, route: str) -> dict:
+    """Move the calling process into Braid's ``route`` cgroup (the writer runs this)."""
+    if r.apps is None:
+        raise ControlError(
+            ErrorCode.FAILED,
+            "braidd has no cgroups for applications on this system (cgroup v2 is needed; "
+            "see braidd's log)",
+        )
+    if route == "bonded" and r.pool is None:
+        raise ControlError(ErrorCode.FAILED, "Braid is not connected (run: braid up)")
+    try:
+        r.apps.join(route, caller.pid)
+    except OSError as exc:
+        raise ControlError(ErrorCode.FAILED, f"cannot move process {caller.pid}: {exc}") from None
+    if route == "bonded":
+        r.bonded_apps = True
+    return {"route": route, "pid": caller.pid}
 
 
 def read_saved_pairing(state_dir, to_resume: bool = False) -> Pairing | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from braid.daemon.links.model import Link, LinkState, Priority, default_priority
 from braid.daemon.links.store import LinkChoice
 from braid.daemon.routing import capture
+from braid.daemon.routing.apps import AppGroups
 from braid.daemon.routing.policy import SLOTS, DeviceView, LinkRouting, prefixes_of
 from braid.protocol.events import Event, EventKind
 
@@ -327,8 +328,13 @@ def capture_plan(
     links: Mapping[str, Link],
     bypass: list[str],
     reject_quic: bool,
+    apps: AppGroups | None = None,
+    scope: str = "all",
 ) -> capture.CapturePlan:
-    """What system-wide capture installs: the server and the links' own networks go direct."""
+    """What system-wide capture installs: the server and the links' own networks go direct.
+    ``scope`` "bonded": proxy mode, where only programs started with `braid bonded` are
+    redirected; ``apps``: Braid's cgroups, when they exist."""
+    ready = apps is not None and apps.root is not None
     return capture.CapturePlan(
         tcp_port=ports[0],
         udp_port=ports[1],
@@ -336,6 +342,10 @@ def capture_plan(
         link_subnets=sorted({net for link in links.values() for net in link.subnets}),
         bypass=capture.parse_bypass(bypass),
         reject_quic=reject_quic,
+        link_devices=sorted(links),
+        scope=scope,
+        direct_apps=apps.ref("direct") if ready else None,
+        bonded_apps=apps.ref("bonded") if ready else None,
     )
 
 

@@ -28,6 +28,7 @@ from braid.daemon.links.model import Link, Priority
 from braid.daemon.links.store import LinkStore
 from braid.daemon.platform import PlatformBase
 from braid.daemon.routing import capture
+from braid.daemon.routing.apps import AppGroups
 from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.settings import Settings
 from braid.daemon.tunnel.spread import PathLink, Spreading
@@ -97,6 +98,9 @@ class Reconciler:
         self.connected_since: float | None = None
         self.capture_active = False
         self._capture_plan: capture.CapturePlan | None = None
+        #: Braid's cgroups for `braid direct` and `braid bonded` (None: not available).
+        self.apps: AppGroups | None = None
+        self.bonded_apps = False  # a program was started with `braid bonded`
         self._alive: dict[str, bool] = {}
         self._probe_family: int | None = None
         self._probing: dict[str, str] = {}
@@ -336,12 +340,15 @@ class Reconciler:
 
     async def _update_capture(self) -> None:
         want = self.capture_in_force() in ("tunnel", "blocked")
-        if not want:
-            if self.capture_active:
+        # Proxy mode: programs started with `braid bonded` still have their TCP redirected.
+        bonded = not want and self.bonded_apps and self.pool is not None
+        if not want and self.capture_active:
+            self.capture_active = False
+            self.event(Event(EventKind.CAPTURE_OFF, None, "system-wide capture off"))
+        if not want and not bonded:
+            if self._capture_plan is not None:
                 await self.platform.capture(None)
-                self.capture_active = False
                 self._capture_plan = None
-                self.event(Event(EventKind.CAPTURE_OFF, None, "system-wide capture off"))
             return
         plan = policy.capture_plan(
             self._capture_ports(),
@@ -349,8 +356,10 @@ class Reconciler:
             self.links,
             self.settings["bypass"],
             self.settings["prefer_tcp_for_web"],
+            apps=self.apps,
+            scope="all" if want else "bonded",
         )
-        if plan == self._capture_plan and self.capture_active:
+        if plan == self._capture_plan and (self.capture_active or not want):
             return
         try:
             await self.platform.capture(plan)

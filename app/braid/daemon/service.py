@@ -34,11 +34,14 @@ from braid.daemon.links.model import Priority
 from braid.daemon.links.store import LinkStore
 from braid.daemon.platform import Platform, remove_capture_table
 from braid.daemon.reconciler import PAIRING_FILE, Parts, Reconciler, real_parts
+from braid.daemon.routing.apps import DEFAULT_NAME as DEFAULT_CGROUP
+from braid.daemon.routing.apps import AppGroups, AppGroupsError
 from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.routing.paths import PathManager, watch_connections
 from braid.daemon.routing.policy import Routing
 from braid.daemon.settings import Settings
 from braid.daemon.stats.subflows import count_subflows
+from braid.daemon.tunnel.bypass import NameBypass
 from braid.daemon.tunnel.datagram import DatagramFlows, DatagramPath
 from braid.daemon.tunnel.socks import SocksServer
 from braid.daemon.tunnel.spread import Spreading
@@ -76,6 +79,7 @@ class DaemonConfig:
     links: list[tuple[str, str | None, Priority | None]] = field(default_factory=list)
     discover: bool | None = None  # None: the stored setting decides
     sysfs: Path = Path("/sys")
+    cgroup: str = DEFAULT_CGROUP  # the name of Braid's cgroups for `braid direct` and `bonded`
 
 
 class Daemon:
@@ -117,6 +121,10 @@ class Daemon:
             publish=self._publish,
             capture_ports=lambda: (self.transparent_tcp.port, self.transparent_udp.port),
         )
+        self.name_bypass = NameBypass(
+            lambda: self.settings["bypass"], lambda: self.reconciler.capture_active
+        )
+        self.dns.on_answer = self.name_bypass.learn
         self._subscribers: set[asyncio.StreamWriter] = set()
         self.commands = Commands(
             self.reconciler, self.settings, config.state_dir, self.status, self._subscribers.add
@@ -134,6 +142,7 @@ class Daemon:
         self.store.load()
         self.settings.load()
         await self.platform.start()
+        self._start_app_groups()
         if self.spreading.active:
             self._watch_connections()
         try:
@@ -171,6 +180,17 @@ class Daemon:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _start_app_groups(self) -> None:
+        apps = AppGroups(self.config.cgroup, self.config.state_dir)
+        try:
+            apps.start()
+        except (AppGroupsError, OSError) as exc:
+            log.warning("braid direct and braid bonded are unavailable: %s", exc)
+            return
+        self.reconciler.apps = apps
+        # Programs started with `braid bonded` before a restart are still there.
+        self.reconciler.bonded_apps = bool(apps.members("bonded"))
+
     async def _shutdown(self) -> None:
         log.info("stopping: removing routes, rules and endpoints")
         for task in self._tasks:
@@ -200,6 +220,8 @@ class Daemon:
         with contextlib.suppress(OSError):
             self.store.save_usage()
         await self.platform.stop()
+        if self.reconciler.apps is not None:  # after the table that names them is gone
+            self.reconciler.apps.stop()
 
     async def _resume(self) -> None:
         """Connect again to the server the user left Braid connected to (after a reboot), as
@@ -454,9 +476,9 @@ def _trace_memory(loop: asyncio.AbstractEventLoop, out: Path) -> None:
     loop.add_signal_handler(signal.SIGUSR2, dump)
 
 
-def cleanup(state_dir: Path) -> None:
+def cleanup(state_dir: Path, cgroup: str = DEFAULT_CGROUP) -> None:
     """Remove what a crashed run left: Braid's tables, rules, endpoints and nftables table,
-    and restore the MPTCP limits."""
+    its empty cgroups, and restore the MPTCP limits."""
     routing = Routing(state_dir)
     try:
         routing.cleanup()
@@ -464,3 +486,10 @@ def cleanup(state_dir: Path) -> None:
         routing.close()
     PathManager(state_dir).restore()
     remove_capture_table()
+    apps = AppGroups(cgroup, state_dir)
+    try:
+        apps.start()  # finds (or mounts) the hierarchy; the groups are made if missing
+    except (AppGroupsError, OSError) as exc:
+        log.debug("no cgroups to remove: %s", exc)
+        return
+    apps.stop()

@@ -7,10 +7,12 @@ validates against this list and the tray builds its pages from it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from braid.bypass import split_bypass
 from braid.files import object_field, read_versioned_json, write_json
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,8 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    #: Checks the entries of a list further; raises ValueError naming the bad one.
+    entries: Callable[[list[str]], Any] | None = None
 
     def check(self, value: Any) -> Any:
         if self.type is bool:
@@ -47,6 +51,8 @@ class Setting:
             not isinstance(value, list) or not all(isinstance(v, str) for v in value)
         ):
             raise ValueError(f"{self.key} must be a list of strings")
+        if self.entries is not None:
+            self.entries(value)
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"{self.key} must be at least {self.minimum:g}")
         if self.maximum is not None and value > self.maximum:
@@ -154,7 +160,9 @@ SETTINGS: tuple[Setting, ...] = (
         list,
         [],
         "Go direct to",
-        "Addresses or networks (e.g. 192.0.2.10, 2001:db8::/48) reached without Braid in system-wide mode.",
+        "Addresses, networks or domain names (e.g. 192.0.2.10, 2001:db8::/48, netflix.com, which "
+        "covers its subdomains) reached without Braid in system-wide mode.",
+        entries=split_bypass,
     ),
 )
 BY_KEY = {s.key: s for s in SETTINGS}

@@ -9,11 +9,14 @@ $XDG_CONFIG_HOME/braid/; the daemon's come with their schema from ``get-settings
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QSettings
+
+from braid.bypass import split_bypass
 
 LOCAL = "local"  # kept by the tray, for this user
 DAEMON = "daemon"  # kept by braidd, changed with set-settings
@@ -34,6 +37,8 @@ class SettingSpec:
     minimum: float | None = None
     maximum: float | None = None
     supported: bool = True  # False: the running daemon does not know this setting yet
+    #: Raises ValueError, with the message the user sees, for a value the daemon would refuse.
+    check: Callable[[Any], Any] | None = None
 
 
 LOCAL_SETTINGS: tuple[SettingSpec, ...] = (
@@ -106,10 +111,11 @@ TRAFFIC_SETTINGS: tuple[SettingSpec, ...] = (
         list,
         [],
         "Go direct to",
-        "Addresses or networks reached without Braid in system-wide mode, one per line "
-        "(e.g. 192.0.2.10, 2001:db8::/48).",
+        "Addresses, networks or domain names reached without Braid in system-wide mode, one "
+        "per line (e.g. 192.0.2.10, 2001:db8::/48, netflix.com, which covers its subdomains).",
         page="Traffic",
         scope=DAEMON,
+        check=split_bypass,
     ),
 )
 

@@ -107,6 +107,7 @@ class SettingsForm(QWidget):
         self.specs = {spec.key: spec for spec in specs}
         self._read: dict[str, Any] = {}
         self.widgets: dict[str, QWidget] = {}
+        self.errors: dict[str, QLabel] = {}  # under each field that has a check
         # A grid, not a QFormLayout: wrapped help texts in a form's nested layouts get
         # heights for the wrong width, and gaps open under check boxes.
         grid = QGridLayout(self)
@@ -137,8 +138,17 @@ class SettingsForm(QWidget):
                 grid.addWidget(field, row, 1)
             if help_text:
                 grid.addWidget(_muted(QLabel(help_text)), row + 1, 1)
-            grid.setRowMinimumHeight(row + 2, 14)  # air between settings
-            row += 3
+            if spec.check is not None and spec.supported:
+                error = QLabel()
+                error.setWordWrap(True)
+                error.setStyleSheet(f"color: {ERROR_COLOUR}")
+                error.hide()
+                self.errors[spec.key] = error
+                grid.addWidget(error, row + 2, 1)
+                if isinstance(field, QPlainTextEdit):
+                    field.textChanged.connect(lambda key=spec.key: self.problems([key]))
+            grid.setRowMinimumHeight(row + 3, 14)  # air between settings
+            row += 4
         grid.setRowStretch(row, 1)
 
     def _field(self, spec: SettingSpec, value: Any) -> tuple[QWidget, Any]:
@@ -194,6 +204,21 @@ class SettingsForm(QWidget):
 
     def values(self) -> dict[str, Any]:
         return {key: read() for key, read in self._read.items() if self.specs[key].supported}
+
+    def problems(self, keys: list[str] | None = None) -> dict[str, str]:
+        """What the checked fields' values are refused for, shown under each field."""
+        found: dict[str, str] = {}
+        for key in keys or list(self.errors):
+            spec, label = self.specs[key], self.errors[key]
+            try:
+                spec.check(self._read[key]())  # type: ignore[misc] - only checked specs have a label
+            except ValueError as exc:
+                found[key] = str(exc)
+                label.setText(f"✗ {exc}")
+                label.show()
+            else:
+                label.hide()
+        return found
 
     def set_value(self, key: str, value: Any) -> None:
         """Set a field as the user would (for the tests and for defaults)."""
@@ -761,6 +786,12 @@ class SettingsDialog(QDialog):
             self.select_page("Server")
             self.server_page.uri.setFocus()
             return  # the page says what is wrong; nothing is applied
+        for page, form in self.daemon_forms.items():
+            problems = form.problems()
+            if problems:
+                self.select_page(page)
+                form.widgets[next(iter(problems))].setFocus()
+                return  # the field says what is wrong; nothing is applied
         client = self.session.client
         self.server_page.save()
         for name in self.links_page.removed:

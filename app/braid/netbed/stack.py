@@ -113,7 +113,7 @@ def start_traffic(world, *args: str, role: str = "laptop") -> subprocess.Popen:
 
 
 def _braidd_argv(
-    control_path: Path, state_dir: Path, socks: tuple[str, int], links: list[str]
+    control_path: Path, state_dir: Path, socks: tuple[str, int], links: list[str], cgroup: str
 ) -> list[str]:
     argv = [
         sys.executable,
@@ -126,6 +126,8 @@ def _braidd_argv(
         str(state_dir),
         "--socks",
         f"{socks[0]}:{socks[1]}",
+        "--cgroup",
+        cgroup,  # each daemon of the world has cgroups of its own, named like its namespace
     ]
     for link in links:
         argv += ["--link", link]
@@ -192,7 +194,9 @@ class Braidd:
     def start_daemon(self) -> None:
         self.daemon = self.world.popen(
             self.role,
-            _braidd_argv(self.control_path, self.state_dir, self.socks, self.links),
+            _braidd_argv(
+                self.control_path, self.state_dir, self.socks, self.links, self.world.ns(self.role)
+            ),
             stdout=open(self.log, "ab"),  # noqa: SIM115 - the child owns it
             stderr=subprocess.STDOUT,
         )
@@ -249,6 +253,8 @@ class BraidStack:
         self.control_path = base / "control.sock"
         self.server_log = base / "braid-server.log"
         self.daemon_log = base / "braidd.log"
+        #: The name of braidd's cgroups for ``braid direct`` and ``braid bonded``.
+        self.cgroup = world.ns("laptop")
         self.pairing_uri: str | None = None
         self.server: subprocess.Popen | None = None
         self.daemon: subprocess.Popen | None = None
@@ -293,7 +299,7 @@ class BraidStack:
     def start_daemon(self) -> None:
         self.daemon = self.world.popen(
             "laptop",
-            _braidd_argv(self.control_path, self.daemon_dir, self.socks, self.links),
+            _braidd_argv(self.control_path, self.daemon_dir, self.socks, self.links, self.cgroup),
             stdout=open(self.daemon_log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
@@ -355,6 +361,8 @@ class BraidStack:
                 "--cleanup",
                 "--state-dir",
                 str(state_dir or self.daemon_dir),
+                "--cgroup",
+                self.cgroup,
             ],
             capture_output=True,
             text=True,

@@ -1,7 +1,9 @@
 """System-wide mode inside braidd: the transparent TCP and UDP listeners, UDP sessions and DNS.
 
-TCP arrives through an nftables redirect; its original destination is read with
-SO_ORIGINAL_DST and the flow is carried exactly like a SOCKS5 CONNECT.
+The laptop's own TCP arrives through an nftables redirect; its original destination is read with
+SO_ORIGINAL_DST. Forwarded TCP (containers, VMs, a shared hotspot) arrives through TPROXY on the
+same transparent listener and keeps its destination as the socket's own address. Either flow is
+carried exactly like a SOCKS5 CONNECT.
 
 UDP arrives through TPROXY on a transparent socket that reports each datagram's
 original destination (IP_RECVORIGDSTADDR). Every (source, destination) pair is a
@@ -93,6 +95,34 @@ def _decode_origdst(cmsg_level: int, data: bytes) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET, data[4:8]), port
 
 
+def _destination(sock: socket.socket) -> Address:
+    """Where an accepted connection was going: TPROXY (forwarded traffic) keeps the original
+    destination as the socket's own address; the nat redirect (the laptop's own) rewrites it."""
+    host, port = sock.getsockname()[:2]
+    if not ipaddress.ip_address(_plain(host)).is_loopback:
+        return Address(host, port)
+    return original_destination(sock)
+
+
+def _transparent_listener(host: str, port: int) -> socket.socket:
+    """A listening socket that also accepts connections TPROXY hands it for other addresses."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class TransparentTcp:
     """Accepts redirected TCP on loopback and hands each flow to ``carry``.
 
@@ -110,7 +140,9 @@ class TransparentTcp:
     async def start(self) -> None:
         for host in ("127.0.0.1", "::1"):
             try:
-                server = await asyncio.start_server(self._accept, host, self.port, backlog=1024)
+                server = await asyncio.start_server(
+                    self._accept, sock=_transparent_listener(host, self.port), backlog=1024
+                )
             except OSError as exc:
                 if host == "::1":  # no IPv6 on this machine
                     log.info("transparent TCP on [::1] unavailable: %s", exc)
@@ -131,7 +163,7 @@ class TransparentTcp:
         self._track(task)
         sock = writer.get_extra_info("socket")
         try:
-            address = original_destination(sock)
+            address = _destination(sock)
         except OSError as exc:
             log.warning("redirected connection without an original destination: %s", exc)
             writer.close()
@@ -258,6 +290,8 @@ class DnsRelay:
         self._reader: asyncio.Task | None = None
         self.queries = 0
         self.failures = 0
+        #: Sees every answer before the application does (bypass by domain fills its sets).
+        self.on_answer: Callable[[bytes], Awaitable[None]] | None = None
 
     async def resolve(self, query: bytes) -> bytes | None:
         """The server's answer to a raw DNS query, or None (timeout, no tunnel)."""
@@ -278,6 +312,8 @@ class DnsRelay:
             return None
         finally:
             self._pending.pop(query_id, None)
+        if self.on_answer is not None:
+            await self.on_answer(answer)
         return struct.pack("!H", original_id) + answer[2:]
 
     def _allocate(self) -> int:
