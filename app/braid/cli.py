@@ -452,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     from braid import cli_bypass
 
     cli_bypass.add_parsers(sub)
+    from braid import cli_doctor
+
+    cli_doctor.add_parsers(sub)
     return parser
 
 

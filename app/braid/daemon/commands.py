@@ -67,6 +67,7 @@ class Commands:
             "get-settings": self.get_settings,
             "set-settings": self.set_settings,
             "route-process": self.route_process,
+            "doctor": self.doctor,
         }
 
     #: The commands that change state: braidd refuses them to callers without the right.
@@ -107,6 +108,13 @@ class Commands:
                 for s in SETTINGS
             ],
         }
+
+    async def doctor(self, caller: Caller, request: dict) -> dict:
+        """Why Braid does or does not aggregate, per link (read-only; a few seconds at most)."""
+        from braid.daemon import doctor
+
+        observations = await doctor.observe(self.r, OWN_MARK)
+        return doctor.diagnose(observations, self.r.pairing.port if self.r.pairing else None)
 
     # -- pairing ------------------------------------------------------------------
 

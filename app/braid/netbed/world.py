@@ -834,8 +834,20 @@ table inet {NFT_TABLE} {{
         )
         log.info("dropping UDP%s on %s", f" over {larger_than} bytes" if size else "", name)
 
+    def strip_mptcp(self, name: str) -> None:
+        """The ISP of link ``name`` strips the MPTCP option from every TCP segment, both ways
+        (it becomes padding), as some middleboxes do: MPTCP through it falls back to plain TCP
+        and joins fail. :meth:`restore` undoes it."""
+        self._nft(
+            self.link_index(name),
+            f"flush chain inet {NFT_TABLE} blackhole\n"
+            f"add rule inet {NFT_TABLE} blackhole tcp option mptcp exists counter "
+            "reset tcp option mptcp\n",
+        )
+        log.info("stripping the MPTCP option on %s", name)
+
     def restore(self, name: str) -> None:
-        """Undo :meth:`blackhole`."""
+        """Undo :meth:`blackhole`, :meth:`drop_udp` and :meth:`strip_mptcp`."""
         self._nft(self.link_index(name), f"flush chain inet {NFT_TABLE} blackhole\n")
         log.info("restored %s", name)
 

@@ -1,0 +1,464 @@
+"""``braid doctor``: why Braid is not aggregating, link by link, in plain words.
+
+What is observed per link: a TCP connection to the server's port from the link's address and
+device (with braidd's own mark, so system-wide capture lets it pass), opened as MPTCP — so the
+same connection says whether the MPTCP option survives the path (a middlebox that strips it
+makes the connection fall back to plain TCP); the health probes' verdict, round trip and loss
+(the probes are UDP to the server's port, so they say whether UDP gets through); the subflows
+it has in the tunnels that spread over every link; and its reverse-path filter. For the laptop:
+the MPTCP limits and the kernel's MPTCP counters (nstat's MPTcpExt*) in braidd's namespace.
+
+:func:`diagnose` turns the observations into findings and is pure; the readers below block and
+run off the event loop (:func:`observe` does that), all within :data:`TIME_LIMIT` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from braid.transport import mptcp_info
+
+#: The whole diagnosis answers within this many seconds, whatever the links do.
+TIME_LIMIT = 4.0
+#: A TCP connection through a link gives up after this many seconds.
+CONNECT_TIMEOUT = 3.0
+#: Counters that say the MPTCP option was lost or refused somewhere on a path.
+FALLBACK_COUNTERS = ("MPCapableFallbackACK", "MPCapableFallbackSYNACK", "MPFallbackTokenInit")
+JOIN_FAILURE_COUNTERS = (
+    "MPJoinSynAckHMacFailure",
+    "MPJoinAckHMacFailure",
+    "MPJoinRejected",
+    "MPJoinNoTokenFound",
+)
+SHOWN_COUNTERS = (
+    "MPCapableSYNTX",
+    "MPCapableSYNACKRX",
+    *FALLBACK_COUNTERS,
+    "MPJoinSynTx",
+    "MPJoinSynAckRx",
+    "MPJoinSynRx",
+    *JOIN_FAILURE_COUNTERS,
+    "DSSCorruptionFallback",
+    "MPCurrEstab",
+)
+
+OK, WARNING, ERROR = "ok", "warning", "error"
+_RANK = {OK: 0, WARNING: 1, ERROR: 2}
+
+
+@dataclass
+class LinkObservation:
+    """What braidd saw of one link (JSON-friendly)."""
+
+    name: str
+    kind: str = "other"
+    priority: str = "always"  # the effective priority
+    state: str = "up"
+    address: str | None = None  # the source used towards the server
+    default_route: bool = False  # it holds the main table's default route
+    tcp: str | None = None  # ok | refused | timeout | unreachable | error; None: not tried
+    tcp_error: str | None = None
+    connect_ms: float | None = None
+    mptcp: bool | None = None  # the test connection kept MPTCP (None: no connection)
+    probed: bool = False
+    udp_alive: bool | None = None  # the probes' verdict (None: no verdict yet)
+    rtt_ms: float | None = None
+    jitter_ms: float | None = None
+    loss: float | None = None
+    subflows: int = 0  # subflows it has in the spread tunnels
+    spread_tunnels: int = 0  # tunnels spread over every link right now
+    rp_filter: int | None = None  # the effective value: max(all, the interface's)
+
+
+@dataclass
+class Observations:
+    server: str | None = None
+    connected: bool = False
+    links: list[LinkObservation] = field(default_factory=list)
+    limits: dict | None = None  # {"subflows": n, "add_addr_accepted": n}
+    counters: dict[str, int] = field(default_factory=dict)
+    elapsed_ms: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str  # tcp | udp | mptcp | subflows | rtt | rp_filter | limits | counters | link
+    level: str  # ok | warning | error
+    text: str
+
+    def to_json(self) -> dict:
+        return {"check": self.check, "level": self.level, "text": self.text}
+
+
+def worst(findings: list[Finding]) -> str:
+    return max((f.level for f in findings), key=_RANK.__getitem__, default=OK)
+
+
+def diagnose_link(link: LinkObservation, port: int | None) -> list[Finding]:
+    """What the observations of one link mean (pure)."""
+    out: list[Finding] = []
+    if link.priority == "never":
+        return [Finding("link", OK, "priority never: Braid does not use it")]
+    if link.state != "up" or link.address is None:
+        return [Finding("link", ERROR, f"not usable: {link.state} (no address towards the server)")]
+    where = f"port {port}" if port else "its port"
+    # TCP, and MPTCP on the same connection
+    if link.tcp == "ok":
+        out.append(
+            Finding("tcp", OK, f"TCP reaches the server's {where} ({link.connect_ms:.0f} ms)")
+        )
+        if link.mptcp is True:
+            out.append(Finding("mptcp", OK, "MPTCP survives the path"))
+        elif link.mptcp is False:
+            out.append(
+                Finding(
+                    "mptcp",
+                    ERROR,
+                    "MPTCP does not survive the path: the connection fell back to plain TCP "
+                    "(a middlebox on this network strips the MPTCP option), so this link "
+                    "cannot add a subflow to Braid's connections",
+                )
+            )
+    elif link.tcp is not None:
+        why = {
+            "refused": "the connection was refused",
+            "timeout": f"no answer within {CONNECT_TIMEOUT:.0f} s",
+            "unreachable": "no route",
+        }.get(link.tcp, link.tcp_error or link.tcp)
+        out.append(
+            Finding(
+                "tcp",
+                ERROR,
+                f"TCP does not reach the server's {where} through it ({why}): check the "
+                "server's firewall for TCP and this network's",
+            )
+        )
+    # UDP, from the health probes
+    if not link.probed:
+        out.append(Finding("udp", WARNING, "not probed (Braid is not connected): UDP not checked"))
+    elif link.udp_alive is True:
+        out.append(Finding("udp", OK, f"UDP reaches the server's {where} (probes answered)"))
+    elif link.udp_alive is False:
+        if link.tcp == "ok":
+            text = (
+                f"UDP to the server's {where} is blocked on this network (no probe answered) "
+                "while TCP gets through: Braid counts the link dead and does not use it; open "
+                "UDP in the server's firewall, or use another network"
+            )
+        else:
+            text = f"UDP to the server's {where} gets no answer through it (probes unanswered)"
+        out.append(Finding("udp", ERROR, text))
+    else:
+        out.append(Finding("udp", WARNING, "no probe verdict yet: ask again in a second"))
+    # Idle round trip, from the probes
+    if link.rtt_ms is not None and link.udp_alive:
+        loss = f", loss {link.loss * 100:.0f} %" if link.loss else ""
+        jitter = f", jitter {link.jitter_ms:.1f} ms" if link.jitter_ms is not None else ""
+        level = WARNING if (link.loss or 0) >= 0.1 else OK
+        out.append(Finding("rtt", level, f"round trip {link.rtt_ms:.0f} ms{jitter}{loss}"))
+    # Subflows in the tunnels spread over every link
+    if link.spread_tunnels and link.udp_alive is not False:
+        if link.subflows == 0:
+            out.append(
+                Finding(
+                    "subflows",
+                    ERROR,
+                    f"no subflow in the {link.spread_tunnels} tunnel(s) spread over every link: "
+                    "its joins fail (MP_JOIN lost or refused on the path)",
+                )
+            )
+        else:
+            out.append(
+                Finding(
+                    "subflows",
+                    OK,
+                    f"{link.subflows} subflow(s) in {link.spread_tunnels} spread tunnel(s)",
+                )
+            )
+    # Reverse-path filter
+    if link.rp_filter == 1 and not link.default_route:
+        out.append(
+            Finding(
+                "rp_filter",
+                WARNING,
+                f"strict reverse-path filter (rp_filter=1) on a link that is not the default "
+                f"route: the kernel may drop the server's answers arriving on it; use loose: "
+                f"sysctl -w net.ipv4.conf.{link.name}.rp_filter=2",
+            )
+        )
+    elif link.rp_filter is not None:
+        name = {0: "off", 1: "strict", 2: "loose"}.get(link.rp_filter, str(link.rp_filter))
+        out.append(Finding("rp_filter", OK, f"reverse-path filter {name}"))
+    return out
+
+
+def diagnose_laptop(obs: Observations) -> list[Finding]:
+    """The MPTCP limits and counters of braidd's namespace (pure)."""
+    out: list[Finding] = []
+    used = [
+        link
+        for link in obs.links
+        if link.priority != "never" and link.state == "up" and link.address is not None
+    ]
+    if obs.limits is None:
+        out.append(Finding("limits", WARNING, "cannot read the MPTCP limits (ip mptcp limits)"))
+    else:
+        subflows = obs.limits.get("subflows", 0)
+        text = (
+            f"MPTCP limits: subflows {subflows}, add_addr_accepted "
+            f"{obs.limits.get('add_addr_accepted', 0)}"
+        )
+        if subflows < max(len(used) - 1, 1):
+            out.append(
+                Finding(
+                    "limits",
+                    ERROR,
+                    f"{text}: too low for {len(used)} links; raise it: "
+                    "ip mptcp limits set subflows 8",
+                )
+            )
+        else:
+            out.append(Finding("limits", OK, text))
+    counters = obs.counters
+    if not counters:
+        out.append(
+            Finding("counters", WARNING, "cannot read the MPTCP counters (/proc/net/netstat)")
+        )
+        return out
+    fallbacks = sum(counters.get(name, 0) for name in FALLBACK_COUNTERS)
+    failures = sum(counters.get(name, 0) for name in JOIN_FAILURE_COUNTERS)
+    sent, answered = counters.get("MPJoinSynTx", 0), counters.get("MPJoinSynAckRx", 0)
+    summary = (
+        f"MPTCP counters since boot: {counters.get('MPCapableSYNTX', 0)} connections tried, "
+        f"{fallbacks} fell back to TCP; {sent} joins sent, {answered} accepted, "
+        f"{failures} failed"
+    )
+    if fallbacks or failures or (sent and answered < sent):
+        out.append(
+            Finding(
+                "counters",
+                WARNING,
+                f"{summary}: the option is lost or refused on some path (see the links)",
+            )
+        )
+    else:
+        out.append(Finding("counters", OK, summary))
+    return out
+
+
+def diagnose(obs: Observations, port: int | None = None) -> dict:
+    """The whole answer: findings per link and for the laptop, with the observations."""
+    links = []
+    for link in obs.links:
+        findings = diagnose_link(link, port)
+        links.append(
+            {
+                "name": link.name,
+                "kind": link.kind,
+                "level": worst(findings),
+                "findings": [f.to_json() for f in findings],
+            }
+        )
+    laptop = diagnose_laptop(obs)
+    if not obs.server:
+        laptop.insert(0, Finding("server", ERROR, "Braid is not paired with a server: braid up"))
+    elif not obs.connected:
+        laptop.insert(0, Finding("server", WARNING, f"not connected to {obs.server} now"))
+    levels = [entry["level"] for entry in links] + [f.level for f in laptop]
+    return {
+        "server": obs.server,
+        "level": max(levels, key=_RANK.__getitem__, default=OK),
+        "links": links,
+        "laptop": [f.to_json() for f in laptop],
+        "observations": obs.to_json(),
+    }
+
+
+# -- reading the system (blocking: run off the event loop) ------------------------------------
+
+
+def connect_test(
+    source: str,
+    device: str,
+    server: tuple[str, int],
+    mark: int | None,
+    timeout: float = CONNECT_TIMEOUT,
+) -> dict:
+    """Open an MPTCP connection from ``source`` by ``device`` to ``server`` and close it:
+    whether it connected (tcp), how fast, and whether it is still MPTCP (no fallback)."""
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+    except OSError:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        sock.bind((source, 0))
+        sock.settimeout(timeout)
+        started = time.monotonic()
+        sock.connect(server)
+        elapsed = (time.monotonic() - started) * 1000
+        return {"tcp": "ok", "connect_ms": round(elapsed, 1), "mptcp": mptcp_info(sock) is not None}
+    except TimeoutError:
+        return {"tcp": "timeout", "tcp_error": "no answer in time"}
+    except ConnectionRefusedError:
+        return {"tcp": "refused", "tcp_error": "connection refused"}
+    except OSError as exc:
+        kind = "unreachable" if exc.errno in (101, 113) else "error"
+        return {"tcp": kind, "tcp_error": exc.strerror or str(exc)}
+    finally:
+        sock.close()
+
+
+def read_counters(path: Path = Path("/proc/net/netstat")) -> dict[str, int]:
+    """nstat's MPTcpExt* counters of this network namespace (empty if unreadable)."""
+    with contextlib.suppress(OSError):
+        return parse_netstat(path.read_text(), "MPTcpExt")
+    return {}
+
+
+def parse_netstat(text: str, group: str) -> dict[str, int]:
+    """One group of /proc/net/netstat: a line of names, then a line of values (pure)."""
+    lines = [line.split() for line in text.splitlines() if line.startswith(group + ":")]
+    if len(lines) < 2:
+        return {}
+    names, values = lines[0][1:], lines[1][1:]
+    out = {}
+    for name, value in zip(names, values, strict=False):
+        with contextlib.suppress(ValueError):
+            out[name] = int(value)
+    return out
+
+
+def read_rp_filter(device: str, root: Path = Path("/proc/sys/net/ipv4/conf")) -> int | None:
+    """The reverse-path filter in force on ``device``: the larger of ``all`` and its own."""
+    values = []
+    for name in ("all", device):
+        with contextlib.suppress(OSError, ValueError):
+            values.append(int((root / name / "rp_filter").read_text().strip()))
+    return max(values) if values else None
+
+
+def default_route_device(path: Path = Path("/proc/net/route")) -> str | None:
+    """The device of the main table's IPv4 default route with the lowest metric."""
+    best: tuple[int, str] | None = None
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
+                continue
+            with contextlib.suppress(ValueError):
+                metric = int(fields[6])
+                if best is None or metric < best[0]:
+                    best = (metric, fields[0])
+    return best[1] if best else None
+
+
+def read_limits() -> dict | None:
+    """``ip mptcp limits`` of this namespace, by the path manager's netlink family."""
+    try:
+        from pyroute2 import MPTCP
+
+        with MPTCP() as mptcp:
+            (msg,) = mptcp.limits("show")
+        return {
+            "subflows": msg.get_attr("MPTCP_PM_ATTR_SUBFLOWS") or 0,
+            "add_addr_accepted": msg.get_attr("MPTCP_PM_ATTR_RCV_ADD_ADDRS") or 0,
+        }
+    except Exception:
+        return None
+
+
+async def bounded(coro, seconds: float, default):
+    """``coro``'s result, or ``default`` if it takes longer than ``seconds``."""
+    try:
+        return await asyncio.wait_for(coro, seconds)
+    except TimeoutError:
+        return default
+
+
+async def observe(r, mark: int | None) -> Observations:
+    """Everything :func:`diagnose` needs, from the reconciler ``r`` and the system, within
+    :data:`TIME_LIMIT` seconds (slow reads run off the event loop)."""
+    from braid.daemon import policy
+    from braid.daemon.routing import paths as pm
+
+    started = time.monotonic()
+    obs = Observations()
+    pairing = r.pairing
+    addresses = list(r.server_addresses)
+    if pairing is not None:
+        obs.server = pairing.server
+    obs.connected = r.pool is not None and r.pool.connected
+    server = (pm.plain_address(addresses[0]), pairing.port) if pairing and addresses else None
+    family = socket.AF_INET6 if server and ":" in server[0] else socket.AF_INET
+    default = await asyncio.to_thread(default_route_device)
+    spread = [flow for flow in r.spreading.flows() if flow.spread and flow.open]
+    subflows = await asyncio.to_thread(lambda: [pm.subflows(flow.sock) for flow in spread])
+    locals_ = [sub.local[0] for subs in subflows for sub in subs]
+
+    links: list[LinkObservation] = []
+    for link in r.ordered():
+        priority = str(link.effective or link.priority)
+        seen = LinkObservation(
+            name=link.name,
+            kind=link.kind,
+            priority=priority,
+            state=str(link.state),
+            address=policy.source_address(link, family),
+            default_route=link.name == default,
+            rp_filter=await asyncio.to_thread(read_rp_filter, link.name),
+        )
+        if r.prober is not None:
+            with contextlib.suppress(KeyError):
+                health = r.prober.health(link.name)
+                seen.probed = True
+                seen.udp_alive = health.alive
+                seen.rtt_ms = health.rtt_ms
+                seen.jitter_ms = health.jitter_ms
+                seen.loss = health.loss
+        if priority != "never":
+            seen.spread_tunnels = len(spread)
+            seen.subflows = sum(1 for a in locals_ if a in link.addresses)
+        links.append(seen)
+    obs.links = links
+
+    async def test(seen: LinkObservation) -> None:
+        if server is None or seen.address is None or seen.priority == "never":
+            return
+        result = await asyncio.to_thread(connect_test, seen.address, seen.name, server, mark)
+        for key, value in result.items():
+            setattr(seen, key, value)
+
+    left = max(0.5, TIME_LIMIT - (time.monotonic() - started))
+    await bounded(asyncio.gather(*(test(seen) for seen in links)), left, None)
+    obs.limits = await bounded(asyncio.to_thread(read_limits), 1.0, None)
+    obs.counters = await asyncio.to_thread(read_counters)
+    obs.elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+    return obs
+
+
+__all__ = [
+    "Finding",
+    "LinkObservation",
+    "Observations",
+    "connect_test",
+    "default_route_device",
+    "diagnose",
+    "diagnose_link",
+    "observe",
+    "parse_netstat",
+    "read_counters",
+    "read_limits",
+    "read_rp_filter",
+]

@@ -1,0 +1,150 @@
+"""The doctor's verdicts from observations, and its readers of /proc text: pure, no root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from braid.cli_doctor import render
+from braid.daemon.doctor import (
+    LinkObservation,
+    Observations,
+    default_route_device,
+    diagnose,
+    diagnose_link,
+    parse_netstat,
+    read_rp_filter,
+)
+
+
+def healthy(name: str = "eth0", **changes) -> LinkObservation:
+    link = LinkObservation(
+        name=name,
+        kind="ethernet",
+        address="198.18.1.2",
+        default_route=name == "eth0",
+        tcp="ok",
+        connect_ms=10.0,
+        mptcp=True,
+        probed=True,
+        udp_alive=True,
+        rtt_ms=12.0,
+        jitter_ms=0.5,
+        loss=0.0,
+        rp_filter=0,
+    )
+    for key, value in changes.items():
+        setattr(link, key, value)
+    return link
+
+
+def levels(link: LinkObservation) -> dict[str, str]:
+    return {f.check: f.level for f in diagnose_link(link, 7443)}
+
+
+COUNTERS = {"MPCapableSYNTX": 10, "MPCapableSYNACKRX": 10, "MPJoinSynTx": 4, "MPJoinSynAckRx": 4}
+
+
+def test_a_healthy_link_has_only_ok_findings() -> None:
+    assert set(levels(healthy()).values()) == {"ok"}
+    result = diagnose(
+        Observations(
+            server="198.18.20.2:7443",
+            connected=True,
+            links=[healthy(), healthy("wlan0")],
+            limits={"subflows": 8, "add_addr_accepted": 0},
+            counters=COUNTERS,
+        ),
+        7443,
+    )
+    assert result["level"] == "ok"
+    assert "nothing wrong found" in render(result)
+
+
+def test_a_fallback_to_plain_tcp_means_mptcp_is_stripped() -> None:
+    findings = {f.check: f for f in diagnose_link(healthy(mptcp=False), 7443)}
+    assert findings["tcp"].level == "ok"
+    assert findings["mptcp"].level == "error"
+    assert "strips the MPTCP option" in findings["mptcp"].text
+
+
+def test_a_link_without_subflows_in_spread_tunnels_is_reported() -> None:
+    assert levels(healthy(spread_tunnels=2, subflows=0))["subflows"] == "error"
+    assert levels(healthy(spread_tunnels=2, subflows=2))["subflows"] == "ok"
+    assert "subflows" not in levels(healthy(spread_tunnels=0))  # nothing spread: nothing to say
+    # a dead link is not expected to carry any
+    assert "subflows" not in levels(healthy(spread_tunnels=2, udp_alive=False))
+
+
+def test_udp_blocked_while_tcp_passes() -> None:
+    findings = {f.check: f for f in diagnose_link(healthy(udp_alive=False), 7443)}
+    assert findings["udp"].level == "error"
+    assert "blocked" in findings["udp"].text and "TCP gets through" in findings["udp"].text
+    assert "rtt" not in findings
+    assert levels(healthy(probed=False))["udp"] == "warning"
+
+
+def test_tcp_that_does_not_connect_says_why() -> None:
+    findings = {f.check: f for f in diagnose_link(healthy(tcp="timeout", mptcp=None), 7443)}
+    assert findings["tcp"].level == "error" and "no answer" in findings["tcp"].text
+    assert "mptcp" not in findings
+
+
+def test_strict_rp_filter_warns_only_off_the_default_route() -> None:
+    assert levels(healthy("wlan0", rp_filter=1))["rp_filter"] == "warning"
+    assert levels(healthy("eth0", rp_filter=1))["rp_filter"] == "ok"
+    assert levels(healthy("wlan0", rp_filter=2))["rp_filter"] == "ok"
+
+
+def test_lossy_probes_warn_and_never_links_are_left_alone() -> None:
+    assert levels(healthy(loss=0.25))["rtt"] == "warning"
+    assert levels(healthy(priority="never", tcp=None)) == {"link": "ok"}
+    assert levels(healthy(state="down", address=None)) == {"link": "error"}
+
+
+def test_the_laptop_limits_and_counters() -> None:
+    def laptop(**kw) -> dict[str, str]:
+        obs = Observations(server="s:1", connected=True, links=[healthy(), healthy("wlan0")], **kw)
+        return {f["check"]: f["level"] for f in diagnose(obs, 1)["laptop"]}
+
+    good = {"subflows": 8, "add_addr_accepted": 0}
+    assert laptop(limits=good, counters=COUNTERS) == {"limits": "ok", "counters": "ok"}
+    assert laptop(limits={"subflows": 0, "add_addr_accepted": 0}, counters=COUNTERS)["limits"] == (
+        "error"
+    )
+    assert laptop(limits=None, counters=COUNTERS)["limits"] == "warning"
+    fell_back = {**COUNTERS, "MPCapableFallbackSYNACK": 2}
+    assert laptop(limits=good, counters=fell_back)["counters"] == "warning"
+    assert laptop(limits=good, counters={})["counters"] == "warning"
+    unpaired = diagnose(Observations(), None)
+    assert unpaired["laptop"][0]["check"] == "server" and unpaired["level"] == "error"
+
+
+def test_parse_netstat_reads_one_group() -> None:
+    text = (
+        "TcpExt: SyncookiesSent Other\nTcpExt: 1 2\n"
+        "MPTcpExt: MPCapableSYNRX MPJoinSynRx\nMPTcpExt: 5 7\n"
+    )
+    assert parse_netstat(text, "MPTcpExt") == {"MPCapableSYNRX": 5, "MPJoinSynRx": 7}
+    assert parse_netstat("", "MPTcpExt") == {}
+
+
+def test_rp_filter_is_the_larger_of_all_and_the_interface(tmp_path: Path) -> None:
+    for name, value in (("all", "0"), ("wlan0", "1"), ("eth0", "2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rp_filter").write_text(value + "\n")
+    assert read_rp_filter("wlan0", tmp_path) == 1
+    assert read_rp_filter("eth0", tmp_path) == 2
+    (tmp_path / "all" / "rp_filter").write_text("1\n")
+    assert read_rp_filter("eth0", tmp_path) == 2 and read_rp_filter("usb9", tmp_path) == 1
+
+
+def test_default_route_device_takes_the_lowest_metric(tmp_path: Path) -> None:
+    route = tmp_path / "route"
+    route.write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+        "wlan0\t00000000\t011212C6\t0003\t0\t0\t600\t00000000\n"
+        "eth0\t00000000\t010112C6\t0003\t0\t0\t100\t00000000\n"
+        "eth0\t000112C6\t00000000\t0001\t0\t0\t0\t00FFFFFF\n"
+    )
+    assert default_route_device(route) == "eth0"
+    assert default_route_device(tmp_path / "missing") is None
