@@ -2,7 +2,7 @@
 
 braidd does the checks (the ``doctor`` control command, :mod:`braid.daemon.doctor`): a TCP
 connection to the server through each link, opened as MPTCP to see whether the option survives
-the path; the health probes for UDP and the idle round trip; the subflows of the tunnels spread
+the path, and whether a subflow through each link joins a tunnel; the health probes for UDP and the idle round trip; the subflows of the tunnels spread
 over every link; each link's reverse-path filter; the MPTCP limits and counters. It answers
 within a few seconds.
 """
@@ -13,7 +13,7 @@ import argparse
 import json
 
 MARK = {"ok": "ok", "warning": "!!", "error": "XX"}
-#: braidd answers within about 5 s; the command gives it a little more.
+#: braidd answers within about 7 s; the command gives it a little more.
 WAIT = 15.0
 
 

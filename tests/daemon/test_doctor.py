@@ -67,6 +67,15 @@ def test_a_fallback_to_plain_tcp_means_mptcp_is_stripped() -> None:
     assert "strips the MPTCP option" in findings["mptcp"].text
 
 
+def test_a_join_that_does_not_come_up_is_an_error() -> None:
+    assert levels(healthy(join=True))["join"] == "ok"
+    assert "join" not in levels(healthy())  # the link that carried the test tunnel
+    findings = {f.check: f for f in diagnose_link(healthy(join=False), 7443)}
+    assert findings["join"].level == "error" and "MP_JOIN" in findings["join"].text
+    refused = {f.check: f for f in diagnose_link(healthy(join=False, join_error="EPERM"), 1)}
+    assert "EPERM" in refused["join"].text
+
+
 def test_a_link_without_subflows_in_spread_tunnels_is_reported() -> None:
     assert levels(healthy(spread_tunnels=2, subflows=0))["subflows"] == "error"
     assert levels(healthy(spread_tunnels=2, subflows=2))["subflows"] == "ok"

@@ -76,6 +76,10 @@ def test_a_healthy_world_is_healthy(stack: BraidStack) -> None:
         found = findings(result, name)
         for check in ("tcp", "mptcp", "udp", "rtt", "rp_filter"):
             assert found[check]["level"] == "ok", (name, found)
+    # the first link carries the test connection; the others join it
+    assert "join" not in findings(result, "eth0")
+    for name in ("wlan0", "usb0"):
+        assert findings(result, name)["join"]["level"] == "ok", findings(result, name)
     limits = next(f for f in result["laptop"] if f["check"] == "limits")
     assert limits["level"] == "ok" and "subflows 8" in limits["text"]
 
@@ -103,6 +107,7 @@ def test_an_isp_that_strips_mptcp_is_named(world: World, stack: BraidStack) -> N
         assert wlan0["tcp"]["level"] == "ok", wlan0
         assert wlan0["mptcp"]["level"] == "error", wlan0
         assert "strips the MPTCP option" in wlan0["mptcp"]["text"]
+        assert wlan0["join"]["level"] == "error", wlan0
         assert wlan0["subflows"]["level"] == "error", wlan0
         for name in ("eth0", "usb0"):
             found = findings(result, name)

@@ -3,13 +3,14 @@
 What is observed per link: a TCP connection to the server's port from the link's address and
 device (with braidd's own mark, so system-wide capture lets it pass), opened as MPTCP — so the
 same connection says whether the MPTCP option survives the path (a middlebox that strips it
-makes the connection fall back to plain TCP); the health probes' verdict, round trip and loss
+makes the connection fall back to plain TCP); whether a subflow through it joins a tunnel
+opened through the first link; the health probes' verdict, round trip and loss
 (the probes are UDP to the server's port, so they say whether UDP gets through); the subflows
 it has in the tunnels that spread over every link; and its reverse-path filter. For the laptop:
 the MPTCP limits and the kernel's MPTCP counters (nstat's MPTcpExt*) in braidd's namespace.
 
 :func:`diagnose` turns the observations into findings and is pure; the readers below block and
-run off the event loop (:func:`observe` does that), all within :data:`TIME_LIMIT` seconds.
+run off the event loop (:func:`observe` does that), all within about 7 seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from braid.transport import mptcp_info
 TIME_LIMIT = 4.0
 #: A TCP connection through a link gives up after this many seconds.
 CONNECT_TIMEOUT = 3.0
+#: How long a test subflow through each link may take to join.
+JOIN_WAIT = 1.5
 #: Counters that say the MPTCP option was lost or refused somewhere on a path.
 FALLBACK_COUNTERS = ("MPCapableFallbackACK", "MPCapableFallbackSYNACK", "MPFallbackTokenInit")
 JOIN_FAILURE_COUNTERS = (
@@ -65,6 +68,8 @@ class LinkObservation:
     tcp_error: str | None = None
     connect_ms: float | None = None
     mptcp: bool | None = None  # the test connection kept MPTCP (None: no connection)
+    join: bool | None = None  # a subflow through it joined a test connection (None: not tried)
+    join_error: str | None = None  # why the path manager refused to open it
     probed: bool = False
     udp_alive: bool | None = None  # the probes' verdict (None: no verdict yet)
     rtt_ms: float | None = None
@@ -90,7 +95,7 @@ class Observations:
 
 @dataclass(frozen=True)
 class Finding:
-    check: str  # tcp | udp | mptcp | subflows | rtt | rp_filter | limits | counters | link
+    check: str  # tcp | mptcp | join | udp | subflows | rtt | rp_filter | limits | counters | link
     level: str  # ok | warning | error
     text: str
 
@@ -139,6 +144,21 @@ def diagnose_link(link: LinkObservation, port: int | None) -> list[Finding]:
                 ERROR,
                 f"TCP does not reach the server's {where} through it ({why}): check the "
                 "server's firewall for TCP and this network's",
+            )
+        )
+    if link.join is True:
+        out.append(Finding("join", OK, "a subflow through it joins a connection (MP_JOIN)"))
+    elif link.join is False:
+        out.append(
+            Finding(
+                "join",
+                ERROR,
+                (
+                    f"a subflow through it could not join a connection within {JOIN_WAIT:.1f} s "
+                    "(MP_JOIN lost or refused on the path): it cannot add to Braid's connections"
+                    if link.join_error is None
+                    else f"braidd could not open a test subflow through it: {link.join_error}"
+                ),
             )
         )
     # UDP, from the health probes
@@ -285,15 +305,14 @@ def diagnose(obs: Observations, port: int | None = None) -> dict:
 # -- reading the system (blocking: run off the event loop) ------------------------------------
 
 
-def connect_test(
+def connect(
     source: str,
     device: str,
     server: tuple[str, int],
     mark: int | None,
     timeout: float = CONNECT_TIMEOUT,
-) -> dict:
-    """Open an MPTCP connection from ``source`` by ``device`` to ``server`` and close it:
-    whether it connected (tcp), how fast, and whether it is still MPTCP (no fallback)."""
+) -> socket.socket:
+    """An MPTCP connection from ``source`` by ``device`` to ``server`` (raises OSError)."""
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
@@ -305,10 +324,32 @@ def connect_test(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         sock.bind((source, 0))
         sock.settimeout(timeout)
-        started = time.monotonic()
         sock.connect(server)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_test(
+    source: str,
+    device: str,
+    server: tuple[str, int],
+    mark: int | None,
+    timeout: float = CONNECT_TIMEOUT,
+) -> dict:
+    """Open an MPTCP connection from ``source`` by ``device`` to ``server`` and close it:
+    whether it connected (tcp), how fast, and whether it is still MPTCP (no fallback)."""
+    started = time.monotonic()
+    try:
+        sock = connect(source, device, server, mark, timeout)
         elapsed = (time.monotonic() - started) * 1000
-        return {"tcp": "ok", "connect_ms": round(elapsed, 1), "mptcp": mptcp_info(sock) is not None}
+        with sock:
+            return {
+                "tcp": "ok",
+                "connect_ms": round(elapsed, 1),
+                "mptcp": mptcp_info(sock) is not None,
+            }
     except TimeoutError:
         return {"tcp": "timeout", "tcp_error": "no answer in time"}
     except ConnectionRefusedError:
@@ -316,8 +357,6 @@ def connect_test(
     except OSError as exc:
         kind = "unreachable" if exc.errno in (101, 113) else "error"
         return {"tcp": kind, "tcp_error": exc.strerror or str(exc)}
-    finally:
-        sock.close()
 
 
 def read_counters(path: Path = Path("/proc/net/netstat")) -> dict[str, int]:
@@ -377,6 +416,90 @@ def read_limits() -> dict | None:
         }
     except Exception:
         return None
+
+
+def established_subflows(sock: socket.socket, family: int) -> set[str]:
+    """The local addresses of the connection's subflows that are established (a subflow whose
+    join is still under way is listed by the connection too, hence the sock_diag dump)."""
+    from braid.daemon.routing import paths as pm
+    from braid.daemon.stats.subflows import mptcp_subflows
+
+    mine = {sub.local for sub in pm.subflows(sock)}
+    try:
+        up = {(local, port) for local, port, _, _ in mptcp_subflows(family)}
+    except OSError:
+        return set()
+    return {address for address, port in mine if (address, port) in up}
+
+
+async def join_test(
+    r, links: list[LinkObservation], server: tuple[str, int], family: int, mark: int | None
+) -> None:
+    """Open one tunnel through the first link, ask for a subflow through every other link
+    (braidd's path manager, as for its tunnels) and see which join within :data:`JOIN_WAIT`
+    seconds."""
+    from braid.daemon.routing import paths as pm
+
+    base = next((seen for seen in links if seen.mptcp and seen.address), None)
+    by_name = {path.name: path for path in r.path_links()}
+    others = [
+        seen
+        for seen in links
+        if seen is not base and seen.tcp == "ok" and seen.address and seen.name in by_name
+    ]
+    if base is None or not others or r.pairing is None:
+        return
+    from braid.tunnel_client import TunnelError, open_tunnel
+
+    # A join needs a connection that has carried data both ways: an authenticated tunnel has.
+    try:
+        tunnel = await open_tunnel(
+            r.pairing,
+            bind=(base.address, 0),
+            family_hint=family,
+            timeout=CONNECT_TIMEOUT,
+            addresses=[server[0]],
+            mark=mark,
+        )
+    except TunnelError:
+        return
+    sock = tunnel.sock
+    try:
+        token = pm.token(sock)
+        if token is None:
+            return
+        asked = []
+        for seen in others:
+            path = by_name[seen.name]
+            try:
+                await r.platform.in_netlink(
+                    r.platform.paths.create,
+                    token,
+                    seen.address,
+                    path.local_id(family),
+                    path.ifindex,
+                    server,
+                    False,
+                )
+            except Exception as exc:  # the path manager refused: the link cannot join here either
+                seen.join = False
+                seen.join_error = str(exc) or type(exc).__name__
+                continue
+            asked.append(seen)
+        deadline = time.monotonic() + JOIN_WAIT
+        while asked:
+            joined = await asyncio.to_thread(established_subflows, sock, family)
+            for seen in asked:
+                if seen.address in joined:
+                    seen.join = True
+            asked = [seen for seen in asked if seen.join is None]
+            if time.monotonic() > deadline:
+                for seen in asked:
+                    seen.join = False
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await tunnel.close()
 
 
 async def bounded(coro, seconds: float, default):
@@ -441,7 +564,9 @@ async def observe(r, mark: int | None) -> Observations:
             setattr(seen, key, value)
 
     left = max(0.5, TIME_LIMIT - (time.monotonic() - started))
-    await bounded(asyncio.gather(*(test(seen) for seen in links)), left, None)
+    await bounded(asyncio.gather(*(test(seen) for seen in links)), min(left, 3.5), None)
+    if server is not None and r.spreading.active:
+        await bounded(join_test(r, links, server, family, mark), JOIN_WAIT + 1.0, None)
     obs.limits = await bounded(asyncio.to_thread(read_limits), 1.0, None)
     obs.counters = await asyncio.to_thread(read_counters)
     obs.elapsed_ms = round((time.monotonic() - started) * 1000, 1)
