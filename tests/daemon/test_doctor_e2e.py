@@ -153,6 +153,20 @@ def test_a_strict_reverse_path_filter_is_a_warning(world: World, stack: BraidSta
         world.run("laptop", ["sysctl", "-qw", f"{key}=0"], check=False)
 
 
+def test_disconnected_braidd_still_checks_the_paths(stack: BraidStack) -> None:
+    stack.call("down")
+    try:
+        result = report(stack)
+        assert result["laptop"][0]["check"] == "server"
+        assert "not connected" in result["laptop"][0]["text"]
+        for name in ("eth0", "wlan0", "usb0"):
+            found = findings(result, name)
+            assert found["tcp"]["level"] == "ok" and found["mptcp"]["level"] == "ok", found
+            assert found["udp"]["level"] == "warning", found  # no probes while disconnected
+    finally:
+        stack.up()
+
+
 def test_doctor_says_when_braidd_is_not_running(tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "braid.cli", "--control", str(tmp_path / "none.sock"), "doctor"],
