@@ -99,7 +99,8 @@ def test_tcp_that_does_not_connect_says_why() -> None:
 
 
 def test_strict_rp_filter_warns_only_off_the_default_route() -> None:
-    assert levels(healthy("wlan0", rp_filter=1))["rp_filter"] == "warning"
+    assert levels(healthy("wlan0", rp_filter=1, routed=True))["rp_filter"] == "warning"
+    assert levels(healthy("wlan0", rp_filter=1))["rp_filter"] == "error"  # no rule of Braid's
     assert levels(healthy("eth0", rp_filter=1))["rp_filter"] == "ok"
     assert levels(healthy("wlan0", rp_filter=2))["rp_filter"] == "ok"
 

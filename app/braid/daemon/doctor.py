@@ -64,6 +64,7 @@ class LinkObservation:
     state: str = "up"
     address: str | None = None  # the source used towards the server
     default_route: bool = False  # it holds the main table's default route
+    routed: bool = False  # Braid's routing table and rule for its address are in place
     tcp: str | None = None  # ok | refused | timeout | unreachable | error; None: not tried
     tcp_error: str | None = None
     connect_ms: float | None = None
@@ -205,15 +206,22 @@ def diagnose_link(link: LinkObservation, port: int | None) -> list[Finding]:
             )
     # Reverse-path filter
     if link.rp_filter == 1 and not link.default_route:
-        out.append(
-            Finding(
-                "rp_filter",
-                WARNING,
-                f"strict reverse-path filter (rp_filter=1) on a link that is not the default "
-                f"route: the kernel may drop the server's answers arriving on it; use loose: "
-                f"sysctl -w net.ipv4.conf.{link.name}.rp_filter=2",
+        fix = f"sysctl -w net.ipv4.conf.{link.name}.rp_filter=2"
+        if link.routed:
+            text = (
+                "strict reverse-path filter (rp_filter=1) on a link that is not the default "
+                "route: the kernel drops what arrives on it unless the way back leaves by it; "
+                "Braid's rule for its address gives that, but other programs using the link "
+                f"(a VPN, say) may see their answers dropped; loose is safe: {fix}"
             )
-        )
+            out.append(Finding("rp_filter", WARNING, text))
+        else:
+            text = (
+                "strict reverse-path filter (rp_filter=1) on a link that is not the default "
+                "route, and Braid's routing for it is not in place: the server's answers "
+                f"arriving on it are dropped; use loose: {fix}"
+            )
+            out.append(Finding("rp_filter", ERROR, text))
     elif link.rp_filter is not None:
         name = {0: "off", 1: "strict", 2: "loose"}.get(link.rp_filter, str(link.rp_filter))
         out.append(Finding("rp_filter", OK, f"reverse-path filter {name}"))
@@ -530,6 +538,7 @@ async def observe(r, mark: int | None) -> Observations:
     subflows = await asyncio.to_thread(lambda: [pm.subflows(flow.sock) for flow in spread])
     locals_ = [sub.local[0] for subs in subflows for sub in subs]
 
+    applied = r.platform.applied()
     links: list[LinkObservation] = []
     for link in r.ordered():
         priority = str(link.effective or link.priority)
@@ -540,6 +549,7 @@ async def observe(r, mark: int | None) -> Observations:
             state=str(link.state),
             address=policy.source_address(link, family),
             default_route=link.name == default,
+            routed=link.name in applied,
             rp_filter=await asyncio.to_thread(read_rp_filter, link.name),
         )
         if r.prober is not None:
