@@ -129,6 +129,15 @@ def test_the_laptop_limits_and_counters() -> None:
     assert unpaired["laptop"][0]["check"] == "server" and unpaired["level"] == "error"
 
 
+def test_counters_count_from_braidd_start_but_gauges_do_not() -> None:
+    from braid.daemon.doctor import since
+
+    now = {"MPCapableFallbackACK": 5, "MPCurrEstab": 4, "MPJoinSynTx": 9}
+    start = {"MPCapableFallbackACK": 5, "MPCurrEstab": 2, "MPJoinSynTx": 3}
+    assert since(now, start) == {"MPCapableFallbackACK": 0, "MPCurrEstab": 4, "MPJoinSynTx": 6}
+    assert since(now, None) == now
+
+
 def test_parse_netstat_reads_one_group() -> None:
     text = (
         "TcpExt: SyncookiesSent Other\nTcpExt: 1 2\n"

@@ -50,6 +50,14 @@ class Commands:
         self.state_dir = state_dir
         self._status = status
         self._subscribe = subscribe
+        #: The MPTCP counters when braidd started: `doctor` counts from there.
+        self._counters_at_start: dict[str, int] | None = None
+
+    async def start(self) -> None:
+        """What the commands need to know from the start (run once braidd is set up)."""
+        from braid.daemon import doctor
+
+        self._counters_at_start = await asyncio.to_thread(doctor.read_counters)
 
     def table(self) -> dict[str, Callable]:
         return {
@@ -113,7 +121,7 @@ class Commands:
         """Why Braid does or does not aggregate, per link (read-only; a few seconds at most)."""
         from braid.daemon import doctor
 
-        observations = await doctor.observe(self.r, OWN_MARK)
+        observations = await doctor.observe(self.r, OWN_MARK, self._counters_at_start)
         return doctor.diagnose(observations, self.r.pairing.port if self.r.pairing else None)
 
     # -- pairing ------------------------------------------------------------------

@@ -88,6 +88,7 @@ class Observations:
     links: list[LinkObservation] = field(default_factory=list)
     limits: dict | None = None  # {"subflows": n, "add_addr_accepted": n}
     counters: dict[str, int] = field(default_factory=dict)
+    counters_since: str = "boot"  # or "braidd started"
     elapsed_ms: float = 0.0
 
     def to_json(self) -> dict:
@@ -265,7 +266,8 @@ def diagnose_laptop(obs: Observations) -> list[Finding]:
     failures = sum(counters.get(name, 0) for name in JOIN_FAILURE_COUNTERS)
     sent, answered = counters.get("MPJoinSynTx", 0), counters.get("MPJoinSynAckRx", 0)
     summary = (
-        f"MPTCP counters since boot: {counters.get('MPCapableSYNTX', 0)} connections tried, "
+        f"MPTCP counters since {obs.counters_since}: "
+        f"{counters.get('MPCapableSYNTX', 0)} connections tried, "
         f"{fallbacks} fell back to TCP; {sent} joins sent, {answered} accepted, "
         f"{failures} failed"
     )
@@ -365,6 +367,20 @@ def connect_test(
     except OSError as exc:
         kind = "unreachable" if exc.errno in (101, 113) else "error"
         return {"tcp": kind, "tcp_error": exc.strerror or str(exc)}
+
+
+#: Counters that say how many there are now, not how many happened.
+GAUGES = frozenset({"MPCurrEstab"})
+
+
+def since(now: dict[str, int], baseline: dict[str, int] | None) -> dict[str, int]:
+    """The counters counted from ``baseline`` on (gauges as they are) (pure)."""
+    if not baseline:
+        return dict(now)
+    return {
+        name: value if name in GAUGES else max(0, value - baseline.get(name, 0))
+        for name, value in now.items()
+    }
 
 
 def read_counters(path: Path = Path("/proc/net/netstat")) -> dict[str, int]:
@@ -518,7 +534,7 @@ async def bounded(coro, seconds: float, default):
         return default
 
 
-async def observe(r, mark: int | None) -> Observations:
+async def observe(r, mark: int | None, baseline: dict[str, int] | None = None) -> Observations:
     """Everything :func:`diagnose` needs, from the reconciler ``r`` and the system, within
     :data:`TIME_LIMIT` seconds (slow reads run off the event loop)."""
     from braid.daemon import policy
@@ -578,7 +594,8 @@ async def observe(r, mark: int | None) -> Observations:
     if server is not None and r.spreading.active:
         await bounded(join_test(r, links, server, family, mark), JOIN_WAIT + 1.0, None)
     obs.limits = await bounded(asyncio.to_thread(read_limits), 1.0, None)
-    obs.counters = await asyncio.to_thread(read_counters)
+    obs.counters = since(await asyncio.to_thread(read_counters), baseline)
+    obs.counters_since = "braidd started" if baseline else "boot"
     obs.elapsed_ms = round((time.monotonic() - started) * 1000, 1)
     return obs
 

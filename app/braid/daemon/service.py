@@ -142,6 +142,7 @@ class Daemon:
         self.store.load()
         self.settings.load()
         await self.platform.start()
+        await self.commands.start()
         self._start_app_groups()
         if self.spreading.active:
             self._watch_connections()
