@@ -84,6 +84,16 @@ def test_a_healthy_world_is_healthy(stack: BraidStack) -> None:
     assert limits["level"] == "ok" and "subflows 8" in limits["text"]
 
 
+def test_doctors_asked_together_share_one_run(stack: BraidStack) -> None:
+    argv = [sys.executable, "-m", "braid.cli", "--control", str(stack.control_path), "doctor"]
+    procs = [
+        subprocess.Popen([*argv, "--json"], stdout=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    outs = [json.loads(proc.communicate(timeout=30)[0]) for proc in procs]
+    # one run answered them all: the very same observations
+    assert len({json.dumps(out["observations"], sort_keys=True) for out in outs}) == 1
+
+
 def test_an_isp_that_strips_mptcp_is_named(world: World, stack: BraidStack) -> None:
     world.strip_mptcp("wlan0")
     proc = None

@@ -52,6 +52,7 @@ class Commands:
         self._subscribe = subscribe
         #: The MPTCP counters when braidd started: `doctor` counts from there.
         self._counters_at_start: dict[str, int] | None = None
+        self._doctor_run: asyncio.Future | None = None
 
     async def start(self) -> None:
         """What the commands need to know from the start (run once braidd is set up)."""
@@ -119,6 +120,15 @@ class Commands:
 
     async def doctor(self, caller: Caller, request: dict) -> dict:
         """Why Braid does or does not aggregate, per link (read-only; a few seconds at most)."""
+        # One run at a time, shared by whoever asks meanwhile: anyone may ask, and each run
+        # opens connections to the server.
+        if self._doctor_run is None or self._doctor_run.done():
+            from braid.aio import spawn
+
+            self._doctor_run = spawn(self._diagnose(), name="doctor")
+        return await asyncio.shield(self._doctor_run)
+
+    async def _diagnose(self) -> dict:
         from braid.daemon import doctor
 
         observations = await doctor.observe(self.r, OWN_MARK, self._counters_at_start)
