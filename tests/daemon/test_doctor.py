@@ -109,6 +109,7 @@ def test_lossy_probes_warn_and_never_links_are_left_alone() -> None:
     assert levels(healthy(loss=0.25))["rtt"] == "warning"
     assert levels(healthy(priority="never", tcp=None)) == {"link": "ok"}
     assert levels(healthy(state="down", address=None)) == {"link": "error"}
+    assert levels(healthy(address=None)) == {"link": "error"}
 
 
 def test_the_laptop_limits_and_counters() -> None:

@@ -114,8 +114,10 @@ def diagnose_link(link: LinkObservation, port: int | None) -> list[Finding]:
     out: list[Finding] = []
     if link.priority == "never":
         return [Finding("link", OK, "priority never: Braid does not use it")]
-    if link.state != "up" or link.address is None:
-        return [Finding("link", ERROR, f"not usable: {link.state} (no address towards the server)")]
+    if link.state != "up":
+        return [Finding("link", ERROR, f"not usable: {link.state}")]
+    if link.address is None:
+        return [Finding("link", ERROR, "no address of the server's family (IPv4 or IPv6) on it")]
     where = f"port {port}" if port else "its port"
     # TCP, and MPTCP on the same connection
     if link.tcp == "ok":
