@@ -149,6 +149,22 @@ def test_an_isp_that_drops_udp_is_named(world: World, stack: BraidStack) -> None
     assert wait_for(lambda: all_alive(stack), 10)
 
 
+def test_a_blackholed_link_is_named_in_bounded_time(world: World, stack: BraidStack) -> None:
+    world.blackhole("usb0")
+    try:
+        assert wait_for(lambda: alive(stack)["usb0"] is False, 5)
+        started = time.monotonic()
+        result = report(stack)  # report() also bounds the whole command
+        assert time.monotonic() - started < 8
+        usb0 = findings(result, "usb0")
+        assert usb0["tcp"]["level"] == "error" and "no answer" in usb0["tcp"]["text"], usb0
+        assert usb0["udp"]["level"] == "error", usb0
+        assert findings(result, "wlan0")["join"]["level"] == "ok"
+    finally:
+        world.restore("usb0")
+    assert wait_for(lambda: all_alive(stack), 10)
+
+
 def test_a_strict_reverse_path_filter_is_a_warning(world: World, stack: BraidStack) -> None:
     key = "net.ipv4.conf.wlan0.rp_filter"
     world.run("laptop", ["sysctl", "-qw", f"{key}=1"], check=True)
