@@ -20,6 +20,14 @@ links that may no longer carry are closed, a flow left with no usable subflow ge
 best link first, and bulk flows get the links that came back. A spread flow that goes quiet
 keeps only its best subflow, and spreads afresh when busy again.
 
+While other flows are busy (a page's connections), a new flow is *placed* instead: it gets a
+subflow on the least loaded ``always`` link and its first subflow becomes backup, so the server
+sends on the new link as soon as it is up; it keeps to that link while two or more others are
+busy, and spreads as any flow once alone. Each connection then carries its objects over one
+link's round trip instead of waiting for the slowest link's share of every object (measured in
+docs/ARCHITECTURE.md). braidd's own long-lived tunnels (DNS, the datagram session) are never
+placed and never count as busy.
+
 The laptop's other MPTCP connections (not braidd's tunnels) get what the in-kernel path manager
 would have given them: a subflow from every other usable link as soon as they are established.
 """
