@@ -356,9 +356,16 @@ class DatagramPath:
             sock.close()
             log.debug("%s: no datagram socket: %s", link.name, exc)
             return
+        try:
+            self._loop.add_reader(sock.fileno(), self._readable, link, sock)
+        except RuntimeError as exc:
+            # asyncio still holds a transport for this descriptor number (its socket was closed
+            # under it): leave this link out for now rather than fail the caller; retried later.
+            sock.close()
+            log.debug("%s: no datagram socket for now: %s", link.name, exc)
+            return
         link.sock = sock
         self._read_mtu(link)
-        self._loop.add_reader(sock.fileno(), self._readable, link, sock)
 
     def _read_mtu(self, link: _Link) -> None:
         assert link.sock is not None
