@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from braid.aio import spawn
 from braid.daemon import policy
 from braid.daemon.links.model import Link, Priority
 from braid.daemon.links.store import LinkStore
@@ -30,6 +31,7 @@ from braid.daemon.platform import PlatformBase
 from braid.daemon.routing import capture
 from braid.daemon.routing.apps import AppGroups
 from braid.daemon.routing.capture import OWN_MARK
+from braid.daemon.routing.paths import plain_address
 from braid.daemon.settings import Settings
 from braid.daemon.tunnel.spread import PathLink, Spreading
 from braid.files import write_json
@@ -268,8 +270,6 @@ class Reconciler:
 
     def is_tunnel(self, remote: tuple[str, int]) -> bool:
         """Is a connection to ``remote`` one of braidd's tunnels to the paired server?"""
-        from braid.daemon.routing.paths import plain_address
-
         return (
             self.pairing is not None
             and remote[1] == self.pairing.port
@@ -332,8 +332,6 @@ class Reconciler:
         )
         if signature != self._path_signature:
             self._path_signature = signature
-            from braid.aio import spawn
-
             spawn(self.spreading.reconcile(), name="reconcile-paths")
 
     # -- capture --------------------------------------------------------------------
@@ -500,8 +498,8 @@ class Reconciler:
                 link.tx_bps = tx * 8 / elapsed
                 self.store.count(name, rx + tx)
                 used = self.store.used(name)
-                capped = bool(link.cap) and used >= link.cap["limit_bytes"]
-                crossed = crossed or capped != link.capped
+                # The cap is the policy's to judge; a crossing only asks for a pass.
+                crossed = crossed or policy.metered_use(link, used).capped != link.capped
                 link.used_bytes = used
             link.rx_bytes, link.tx_bytes = io
             self._counters[name] = (now, io[0], io[1])

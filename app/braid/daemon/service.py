@@ -343,14 +343,6 @@ class Daemon:
 
     # -- status and subscribers -------------------------------------------------
 
-    @property
-    def links(self):
-        return self.reconciler.links
-
-    @property
-    def pool(self):
-        return self.reconciler.pool
-
     def saved_pairing(self) -> Pairing | None:
         return read_saved_pairing(self.config.state_dir)
 
