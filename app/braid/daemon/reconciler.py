@@ -257,7 +257,9 @@ class Reconciler:
         return policy.source_address(self.best_link(family), family)
 
     def state(self) -> str:
-        connected = self.pool is not None and self.pool.connected
+        # What the last pass saw, so that the state and its event ("connected", "lost the
+        # server") always agree in a status answer.
+        connected = self.pool is not None and self.connected_since is not None
         return policy.daemon_state(self.pool is not None, connected, self.links)
 
     def capture_in_force(self) -> str:
