@@ -38,6 +38,27 @@ from braid.gui.tray import Tray
 log = logging.getLogger("braid.tray")
 
 TRAY_POLL_MS = 2000  # how often to look for a tray host that was not there at start
+SNI_WATCHER = "org.kde.StatusNotifierWatcher"
+NO_TRAY_NOTICE = (
+    "This desktop shows no tray icons, so Braid stays in this window: closing it quits Braid. "
+    "Notifications go to the desktop's notification service. For an icon: on GNOME, the AppIndicator extension; "
+    "on sway, waybar's tray; KDE Plasma and Xfce have one."
+)
+
+
+def tray_host() -> str:
+    """How the icon is shown: "StatusNotifierItem" (D-Bus), "XEmbed" (X11) or "none".
+
+    Qt prefers StatusNotifierItem whenever a watcher owns its name on the session bus.
+    """
+    if not QSystemTrayIcon.isSystemTrayAvailable():
+        return "none"
+    from PySide6.QtDBus import QDBusConnection
+
+    bus = QDBusConnection.sessionBus()
+    if bus.isConnected() and bus.interface().isServiceRegistered(SNI_WATCHER).value():
+        return "StatusNotifierItem"
+    return "XEmbed"
 
 
 class TrayApp(QObject):
@@ -61,14 +82,16 @@ class TrayApp(QObject):
         self.dashboard: Dashboard | None = None
         self.settings: SettingsDialog | None = None
         self.has_tray = False
+        self.host = "none"
         self._tray_poll = QTimer(self)
         self._tray_poll.setInterval(TRAY_POLL_MS)
         self._tray_poll.timeout.connect(self._look_for_tray)
 
     def start(self) -> None:
         self.client.start()
-        self.has_tray = QSystemTrayIcon.isSystemTrayAvailable()
-        log.info("system tray available: %s", str(self.has_tray).lower())
+        self.host = tray_host()
+        self.has_tray = self.host != "none"
+        log.info("system tray available: %s (%s)", str(self.has_tray).lower(), self.host)
         if self.has_tray:
             self.tray.show()
         else:
@@ -80,9 +103,12 @@ class TrayApp(QObject):
         """A panel that starts after us (a login race) still gets its icon."""
         if QSystemTrayIcon.isSystemTrayAvailable():
             self._tray_poll.stop()
+            self.host = tray_host()
             self.has_tray = True
             self.tray.show()
-            log.info("system tray available: true (it appeared)")
+            if self.dashboard is not None:
+                self.dashboard.set_notice("")
+            log.info("system tray available: true (%s; it appeared)", self.host)
 
     # -- windows ------------------------------------------------------------------------
 
@@ -91,6 +117,8 @@ class TrayApp(QObject):
             self.dashboard = Dashboard(self.session, self.icons)
             self.dashboard.settings_requested.connect(self.show_settings)
             self.dashboard.closed.connect(self._dashboard_closed)
+            if not self.has_tray:
+                self.dashboard.set_notice(NO_TRAY_NOTICE)
         return self.dashboard
 
     def show_dashboard(self) -> None:
@@ -157,6 +185,8 @@ class TrayApp(QObject):
             "pid": os.getpid(),
             "tray_available": QSystemTrayIcon.isSystemTrayAvailable(),
             "tray_visible": self.tray.icon.isVisible(),
+            "tray_host": self.host,
+            "platform": self.app.platformName(),
             "icon_state": self.tray.shown_state,
             "tooltip": self.tray.icon.toolTip(),
             "daemon_connected": self.client.is_connected,
@@ -166,6 +196,7 @@ class TrayApp(QObject):
             "history": self.session.history.summary(),
             "samples": self.session.history.count,
             "dashboard_visible": bool(dashboard and dashboard.isVisible()),
+            "notice": dashboard.notice.text() if dashboard and dashboard.notice.isVisible() else "",
             "curves": dashboard.graphs.drawn_peaks() if dashboard else {},
             "settings_visible": bool(self.settings and self.settings.isVisible()),
             "menu": [action.text() for action in self.tray.menu.actions() if action.text()],

@@ -117,6 +117,15 @@ class Dashboard(QWidget):
         outer.setContentsMargins(16, 14, 16, 14)
         outer.setSpacing(10)
         outer.addLayout(self._build_header())
+        # Said when the desktop has no tray: this window is then the only way to Braid.
+        self.notice = QLabel()
+        self.notice.setWordWrap(True)
+        self.notice.setStyleSheet(
+            "background: #fff4ce; color: #3d3000; border: 1px solid #e0c36b;"
+            " border-radius: 4px; padding: 6px 8px;"
+        )
+        self.notice.hide()
+        outer.addWidget(self.notice)
         self.legend = Legend(session)
         outer.addWidget(self.legend)
 
@@ -284,6 +293,10 @@ class Dashboard(QWidget):
             "other",
         )
         return self.icons.kind(kind, self.session.colours.colour(name))
+
+    def set_notice(self, text: str) -> None:
+        self.notice.setText(text)
+        self.notice.setVisible(bool(text))
 
     # -- window ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from PySide6.QtGui import QAction, QGuiApplication
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 import braid
+from braid.gui import notifications
 from braid.gui.icons import IconSet
 from braid.gui.model import PRIORITIES, STATE_LABELS
 from braid.gui.session import STATE_LABELS as TRAY_LABELS
@@ -116,9 +117,12 @@ class Tray(QObject):
             self.dashboard_requested.emit()
 
     def show_message(self, level: str, title: str, message: str) -> None:
+        """A bubble by the icon; with no tray host, straight to the notification server."""
         if self.icon.isVisible() and QSystemTrayIcon.supportsMessages():
             icon = _MESSAGE_ICONS.get(level, QSystemTrayIcon.MessageIcon.Information)
             self.icon.showMessage(title, message, icon, 8000)
+        else:
+            notifications.notify_soon("Braid", level, title, message)
 
 
 def _shorten(text: str, limit: int = 140) -> str:
