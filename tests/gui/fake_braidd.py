@@ -103,6 +103,7 @@ class FakeBraidd:
         self._connections: list[socket.socket] = []
         self._subscribers: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
+        self._sampling = threading.Event()
 
     # -- life -------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class FakeBraidd:
 
     def stop(self) -> None:
         """Close everything, as a daemon that exits does; the path is removed."""
+        self._sampling.set()
         listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(OSError):
@@ -179,6 +181,21 @@ class FakeBraidd:
                 link["used_bytes"] += int((rx + tx) / 8)
             sample = {"event": "sample", **self.status(brief=True)}
         self.push(sample)
+
+    def keep_sampling(self, rates: dict[str, tuple[float, float]], interval: float = 1.0) -> None:
+        """Push a sample every ``interval`` seconds until stop(), as braidd does at 1 Hz.
+
+        A tray that hears nothing for a few seconds takes the daemon for hung.
+        """
+        self._sampling.clear()
+
+        def run() -> None:
+            while not self._sampling.wait(interval):
+                self.push_sample(rates)
+
+        thread = threading.Thread(target=run, name="fake-braidd-samples", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     # -- state ------------------------------------------------------------------
 
