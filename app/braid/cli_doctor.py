@@ -13,6 +13,13 @@ import argparse
 import json
 
 MARK = {"ok": "ok", "warning": "!!", "error": "XX"}
+#: What a level means, for a link and for the whole report (the tray shows the same words).
+LINK_VERDICTS = {
+    "ok": "works",
+    "warning": "works, but see the warning",
+    "error": "Braid cannot use it as it is",
+}
+VERDICTS = {"ok": "nothing wrong found", "warning": "warnings above", "error": "problems above"}
 #: braidd answers within about 7 s; the command gives it a little more.
 WAIT = 15.0
 
@@ -21,20 +28,17 @@ def render(report: dict) -> str:
     lines = [f"Braid doctor — server {report.get('server') or '(not paired)'}"]
     for link in report["links"]:
         lines.append("")
-        lines.append(f"{link['name']} ({link['kind']}): {link['level']}")
+        lines.append(
+            f"{link['name']} ({link['kind']}): {link['level']} — {LINK_VERDICTS[link['level']]}"
+        )
         for finding in link["findings"]:
             lines.append(f"  [{MARK[finding['level']]}] {finding['check']:<9} {finding['text']}")
     lines.append("")
     lines.append("this laptop:")
     for finding in report["laptop"]:
         lines.append(f"  [{MARK[finding['level']]}] {finding['check']:<9} {finding['text']}")
-    verdict = {
-        "ok": "nothing wrong found",
-        "warning": "warnings above",
-        "error": "problems above",
-    }[report["level"]]
     lines.append("")
-    lines.append(f"=> {verdict}")
+    lines.append(f"=> {VERDICTS[report['level']]}")
     return "\n".join(lines)
 
 

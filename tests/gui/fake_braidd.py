@@ -21,6 +21,7 @@ from braid.protocol import control
 from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.pairing import PairingError, parse_pairing
 
+_LATER = object()  # a handler's answer that comes later, from a thread of its own
 CHANGES = set(Commands.CHANGES)  # the commands that need an operator, as braidd has them
 SCHEMA = [
     {
@@ -97,6 +98,10 @@ class FakeBraidd:
         self.settings: dict[str, Any] = {item["key"]: item["default"] for item in SCHEMA}
         self.forbidden: set[str] = set()  # commands answered as if the caller were no operator
         self.up_error: str | None = None  # a reason to refuse "up" with, as a wrong token is
+        # doctor: how long braidd takes (it answers within about 7 s) and links whose UDP
+        # to the server is blocked; the report is made by braidd's own diagnose().
+        self.doctor_delay = 1.0
+        self.udp_blocked: set[str] = set()
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -270,7 +275,8 @@ class FakeBraidd:
                 if not line.strip():
                     continue
                 answer = self._dispatch(conn, line)
-                conn.sendall(answer)
+                if answer:  # None: answered later, from another thread (doctor)
+                    conn.sendall(answer)
         except OSError:
             pass
         finally:
@@ -297,9 +303,63 @@ class FakeBraidd:
             if handler is None:
                 raise ControlError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r}")
             result = handler(conn, request)
+            if result is _LATER:
+                return None
             return control.ok(request_id, result)
         except ControlError as exc:
             return control.error(request_id, exc.code, exc.message)
+
+    def _cmd_doctor(self, conn: socket.socket, request: dict) -> object:
+        """Answered after ``doctor_delay``, as braidd's checks take seconds; other requests go on."""
+        request_id = request.get("id")
+
+        def answer() -> None:
+            with contextlib.suppress(OSError):
+                conn.sendall(control.ok(request_id, self.doctor_report()))
+
+        timer = threading.Timer(self.doctor_delay, answer)
+        timer.daemon = True
+        timer.start()
+        return _LATER
+
+    def doctor_report(self) -> dict[str, Any]:
+        from braid.daemon.doctor import LinkObservation, Observations, diagnose
+
+        with self._lock:
+            connected = self.state == "connected"
+            seen = [
+                LinkObservation(
+                    name=link["name"],
+                    kind=link["kind"],
+                    priority=link["effective_priority"],
+                    address=link["addresses"][0],
+                    default_route=link["order"] == 0,
+                    routed=True,
+                    tcp="ok",
+                    connect_ms=link["rtt_ms"],
+                    mptcp=True,
+                    join=True,
+                    probed=connected,
+                    udp_alive=link["name"] not in self.udp_blocked,
+                    rtt_ms=link["rtt_ms"] if connected else None,
+                    jitter_ms=link["jitter_ms"],
+                    loss=link["loss"],
+                    subflows=1,
+                    spread_tunnels=1,
+                    rp_filter=2,
+                )
+                for link in self.links
+            ]
+            server = self.server or (self.saved[0] if self.saved else None)
+        observations = Observations(
+            server=server,
+            connected=connected,
+            links=seen,
+            limits={"subflows": 8, "add_addr_accepted": 8},
+            counters={"MPCapableSYNTX": 12, "MPCapableSYNACKRX": 12, "MPJoinSynTx": 24},
+            counters_since="braidd started",
+        )
+        return diagnose(observations, port=7443)
 
     def _cmd_status(self, conn: socket.socket, request: dict) -> dict:
         with self._lock:

@@ -61,7 +61,7 @@ def test_menu_has_a_line_per_link_in_its_colour(qtbot, daemon, session, tray) ->
     lines = [t for t in texts if t.split()[0] in ("eth0", "wlan0", "usb0")]
     assert len(lines) == 3
     assert "41.5 Mbit/s" in lines[0] and "Always" in lines[0]
-    assert texts[-4:] == ["Dashboard", "Settings…", "About Braid", "Quit"]
+    assert texts[-5:] == ["Dashboard", "Diagnose…", "Settings…", "About Braid", "Quit"]
     icons = [action.icon() for action in tray.link_actions]
     assert all(not icon.isNull() for icon in icons)
     # The colour of a link is the same as in the graphs: its palette entry.

@@ -114,6 +114,15 @@ def test_wayland_without_a_tray_still_works(daemon) -> None:
             desktop.ask("--show", "settings", "--page", "links")
             wait_for(lambda: desktop.state()["settings_visible"], 10, "the settings dialog")
             desktop.screenshot("wayland-settings")
+
+            daemon.udp_blocked = {"usb0"}
+            desktop.ask("--show", "diagnose")
+            state = wait_for(
+                lambda: (s := desktop.state())["diagnose"].get("level") and s, 15, "Diagnose"
+            )
+            assert state["diagnose"]["visible"] and not state["diagnose"]["running"]
+            assert any("eth0 (ethernet): works" in line for line in state["diagnose"]["links"])
+            desktop.screenshot("wayland-diagnose")
         finally:
             code = desktop.stop()
     assert code == 0, desktop.log.read_text()[-3000:]

@@ -1,6 +1,6 @@
 """``braid tray`` (also ``braid-tray``): the tray icon, the dashboard and the settings dialog.
 
-    braid tray [--control PATH] [--show dashboard|settings|menu [--page NAME]]
+    braid tray [--control PATH] [--show dashboard|settings|diagnose|menu [--page NAME]]
                [--dump FILE] [--instance NAME]
 
 One tray per user: a second start asks the first to show its dashboard (or what
@@ -27,6 +27,7 @@ from braid.client import default_control_path
 from braid.gui.client import DaemonClient
 from braid.gui.colours import LinkColours
 from braid.gui.dashboard import Dashboard
+from braid.gui.diagnose import DiagnoseDialog
 from braid.gui.icons import IconSet
 from braid.gui.instance import SingleInstance, forward, instance_name
 from braid.gui.preferences import Preferences, config_dir
@@ -78,9 +79,11 @@ class TrayApp(QObject):
         self.tray = Tray(self.session, self.icons, self)
         self.tray.dashboard_requested.connect(self.toggle_dashboard)
         self.tray.settings_requested.connect(self.show_settings)
+        self.tray.diagnose_requested.connect(self.show_diagnose)
         self.tray.quit_requested.connect(self.quit)
         self.dashboard: Dashboard | None = None
         self.settings: SettingsDialog | None = None
+        self.diagnose: DiagnoseDialog | None = None
         self.has_tray = False
         self.host = "none"
         self._tray_poll = QTimer(self)
@@ -116,6 +119,7 @@ class TrayApp(QObject):
         if self.dashboard is None:
             self.dashboard = Dashboard(self.session, self.icons)
             self.dashboard.settings_requested.connect(self.show_settings)
+            self.dashboard.diagnose_requested.connect(self.show_diagnose)
             self.dashboard.closed.connect(self._dashboard_closed)
             if not self.has_tray:
                 self.dashboard.set_notice(NO_TRAY_NOTICE)
@@ -147,6 +151,16 @@ class TrayApp(QObject):
         self.settings.raise_()
         self.settings.activateWindow()
 
+    def show_diagnose(self) -> None:
+        """One Diagnose window: opening it again raises it (and checks again if it is done)."""
+        if self.diagnose is None:
+            self.diagnose = DiagnoseDialog(self.session)
+        if not self.diagnose.running:
+            self.diagnose.run()
+        self.diagnose.show()
+        self.diagnose.raise_()
+        self.diagnose.activateWindow()
+
     def _settings_closed(self) -> None:
         if self.settings is not None:
             self.settings.deleteLater()
@@ -169,6 +183,8 @@ class TrayApp(QObject):
             self.tray.menu.hide()
         if verb == "show" and what == "settings":
             self.show_settings(page)
+        elif verb == "show" and what == "diagnose":
+            self.show_diagnose()
         elif verb == "show" and what == "menu":
             self.show_menu()
         elif verb == "show":
@@ -199,7 +215,19 @@ class TrayApp(QObject):
             "notice": dashboard.notice.text() if dashboard and dashboard.notice.isVisible() else "",
             "curves": dashboard.graphs.drawn_peaks() if dashboard else {},
             "settings_visible": bool(self.settings and self.settings.isVisible()),
+            "diagnose": self._diagnose_state(),
             "menu": [action.text() for action in self.tray.menu.actions() if action.text()],
+        }
+
+    def _diagnose_state(self) -> dict[str, Any]:
+        window = self.diagnose
+        if window is None:
+            return {"visible": False}
+        return {
+            "visible": window.isVisible(),
+            "running": window.running,
+            "level": (window.report or {}).get("level"),
+            "links": [window.links.item(i).text() for i in range(window.links.count())],
         }
 
     def dump(self, path: Path) -> None:
@@ -224,7 +252,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--show",
-        choices=("dashboard", "settings", "menu"),
+        choices=("dashboard", "settings", "diagnose", "menu"),
         help="open this window at start (or in the tray already running)",
     )
     parser.add_argument(

@@ -207,6 +207,10 @@ class DaemonClient(QObject):
     def set_settings(self, values: dict[str, Any]) -> int:
         return self._send("set-settings", settings=dict(values))
 
+    def doctor(self) -> int:
+        """Ask braidd to check every link (it answers within about 7 s)."""
+        return self._send("doctor")
+
     def _send(self, cmd: str, **args: Any) -> int:
         request_id, data = self._core.request(cmd, **args)
         if not self.is_connected:

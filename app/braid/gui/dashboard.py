@@ -101,6 +101,7 @@ class Dashboard(QWidget):
     """The main window: status line, graphs with legend, the links, and what happened."""
 
     settings_requested = Signal()
+    diagnose_requested = Signal()
     closed = Signal()
 
     def __init__(self, session: Session, icons: IconSet, parent: QWidget | None = None) -> None:
@@ -211,9 +212,14 @@ class Dashboard(QWidget):
         self.toggle_button = QPushButton("Connect")
         self.toggle_button.setMinimumWidth(110)
         self.toggle_button.clicked.connect(self.session.toggle)
+        self.diagnose_button = QPushButton("Diagnose…")
+        self.diagnose_button.setToolTip(
+            "Ask braidd to check every link: why is Braid not using all of them?"
+        )
+        self.diagnose_button.clicked.connect(self.diagnose_requested)
         self.settings_button = QPushButton("Settings…")
         self.settings_button.clicked.connect(self.settings_requested)
-        for button in (self.toggle_button, self.settings_button):
+        for button in (self.toggle_button, self.diagnose_button, self.settings_button):
             button.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
             row.addWidget(button, 0, Qt.AlignmentFlag.AlignVCenter)
         return row

@@ -45,6 +45,7 @@ class Tray(QObject):
 
     dashboard_requested = Signal()  # left click: show or hide
     settings_requested = Signal()
+    diagnose_requested = Signal()
     quit_requested = Signal()
 
     def __init__(self, session: Session, icons: IconSet, parent: QObject | None = None) -> None:
@@ -107,6 +108,7 @@ class Tray(QObject):
             empty.setEnabled(False)
         self.menu.addSeparator()
         self.menu.addAction("Dashboard").triggered.connect(self.dashboard_requested)
+        self.menu.addAction("Diagnose…").triggered.connect(self.diagnose_requested)
         self.menu.addAction("Settings…").triggered.connect(self.settings_requested)
         self.menu.addAction("About Braid").triggered.connect(show_about)
         self.menu.addSeparator()
