@@ -82,6 +82,8 @@ class Platform:
         except (PathManagerUnavailable, OSError) as exc:
             # The in-kernel path manager then opens every link's subflow on every connection.
             log.warning("%s: every connection uses every link from its start", exc)
+        # Only the in-kernel path manager reads endpoints: then NetworkManager's must be braidd's.
+        self._routing.take_over_endpoints = not self.paths.active
 
     async def stop(self) -> None:
         await self.capture(None)

@@ -12,6 +12,14 @@ often share one subnet and gateway):
 - an MPTCP endpoint per address with the device and the ``subflow`` flag
   (plus ``backup`` for backup links), so the kernel opens one subflow per link.
 
+An address may already have an endpoint of another program's: NetworkManager 1.40 and later
+adds one for every device with a default route, and the kernel refuses a second endpoint for
+an address. While braidd runs the userspace path manager no endpoint is used for new
+connections, so braidd leaves that one in place (NetworkManager would delete braidd's on the
+device's next activation and add its own again). Only where the kernel's own path manager
+opens the subflows (no userspace one) do the endpoint's flags decide, and braidd takes it over
+(``take_over_endpoints``). docs/ARCHITECTURE.md has the experiment.
+
 Everything Braid owns is recognisable without a record: tables and rule
 priorities in a reserved range, rules and routes with Braid's protocol
 number, endpoint ids in a reserved range. That is what lets ``cleanup``
@@ -135,6 +143,11 @@ class Routing:
         self._state_dir = state_dir
         self._applied: dict[str, LinkRouting] = {}
         self._withdrawn: set[str] = set()
+        #: Replace another program's endpoint for a link's address (set when the in-kernel
+        #: path manager opens the subflows, so that the endpoint's flags are braidd's).
+        self.take_over_endpoints = False
+        #: Addresses whose endpoint another program holds: address -> its endpoint id.
+        self._held: dict[str, int] = {}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -287,6 +300,8 @@ class Routing:
         self._withdrawn.discard(device)
         for family in (socket.AF_INET, socket.AF_INET6):
             self._del_endpoint(want.endpoint_id(family))
+        for address in want.addresses4 + want.addresses6:
+            self._held.pop(address, None)
         self._flush_rules(lambda prio: prio == want.priority)
         self._flush_table(want.table)
         log.info("link %s: routing removed", device)
@@ -315,6 +330,7 @@ class Routing:
         self._flush_table(CAPTURE_TABLE)
         self.restore_limits()
         self._applied.clear()
+        self._held.clear()
 
     # -- internals ----------------------------------------------------------
 
@@ -385,15 +401,55 @@ class Routing:
                     # pyroute2 0.9.7 declares the index as raw bytes: pass it packed.
                     if_idx=struct.pack("=i", want.ifindex),
                 )
+                self._held.pop(addresses[0], None)
             except NetlinkError as exc:
                 if exc.code != ERRNO_EXISTS:
                     raise
-                log.warning(
-                    "link %s: an endpoint for %s exists already and is not Braid's; "
-                    "leaving it alone",
+                self._foreign_endpoint(want, family, addresses[0], flags)
+
+    def _foreign_endpoint(self, want: LinkRouting, family: int, address: str, flags: int) -> None:
+        """The kernel refused braidd's endpoint: another program's holds ``address``."""
+        holder = next((e for e in self.endpoints() if e["address"] == address), None)
+        if holder is None or owns_endpoint(holder["id"]):
+            return  # gone in between, or a leftover of braidd's own: the next pass retries
+        if not self.take_over_endpoints:
+            if self._held.get(address) != holder["id"]:
+                log.info(
+                    "link %s: %s has an MPTCP endpoint of another program's (id %d, %s; "
+                    "NetworkManager adds these); braidd opens this link's subflows itself, "
+                    "so it stays",
                     want.device,
-                    addresses[0],
+                    address,
+                    holder["id"],
+                    holder["flags"] or "no flags",
                 )
+            self._held[address] = holder["id"]
+            return
+        self._del_endpoint(holder["id"])
+        key = "addr4" if family == socket.AF_INET else "addr6"
+        self._mptcp.endpoint(
+            "add",
+            **{key: address},
+            id=want.endpoint_id(family),
+            flags=flags,
+            if_idx=struct.pack("=i", want.ifindex),
+        )
+        self._held.pop(address, None)
+        log.info(
+            "link %s: took over the MPTCP endpoint of %s from another program (id %d): the "
+            "kernel's path manager opens the subflows, so the flags must be braidd's",
+            want.device,
+            address,
+            holder["id"],
+        )
+
+    def endpoints(self) -> list[dict]:
+        """Every MPTCP endpoint of the namespace: id, address, flags (names) and device."""
+        return [_endpoint(msg) for msg in self._mptcp.endpoint("show")]
+
+    def held(self) -> dict[str, int]:
+        """Links' addresses whose endpoint is another program's, with its id."""
+        return dict(self._held)
 
     def install_capture_routing(self, mark: int) -> None:
         """``ip rule fwmark MARK lookup 18432`` with a local default route to loopback.
@@ -536,6 +592,29 @@ class Routing:
                 except NetlinkError as exc:
                     if exc.code not in (ERRNO_NOENT, ERRNO_NOSRCH):
                         raise
+
+
+FLAG_NAMES = ((FLAG_SIGNAL, "signal"), (FLAG_SUBFLOW, "subflow"), (FLAG_BACKUP, "backup"))
+
+
+def _endpoint(msg) -> dict:
+    attrs = msg.get_attr("MPTCP_PM_ATTR_ADDR")
+    get = attrs.get_attr if attrs is not None else (lambda name: None)
+    flags = get("MPTCP_PM_ADDR_ATTR_FLAGS") or 0
+    names = [name for bit, name in FLAG_NAMES if flags & bit]
+    if flags & 8:
+        names.append("fullmesh")
+    index = get("MPTCP_PM_ADDR_ATTR_IF_IDX")
+    if isinstance(index, str):  # pyroute2 0.9.7 gives the raw bytes as "02:00:00:00"
+        index = bytes.fromhex(index.replace(":", ""))
+    if isinstance(index, bytes):
+        index = struct.unpack("=i", index[:4])[0] if len(index) >= 4 else None
+    return {
+        "id": get("MPTCP_PM_ADDR_ATTR_ID"),
+        "address": get("MPTCP_PM_ADDR_ATTR_ADDR4") or get("MPTCP_PM_ADDR_ATTR_ADDR6"),
+        "flags": " ".join(names),
+        "ifindex": index or None,
+    }
 
 
 def _route_key(route, table: int) -> dict:
