@@ -445,7 +445,7 @@ class Routing:
 
     def endpoints(self) -> list[dict]:
         """Every MPTCP endpoint of the namespace: id, address, flags (names) and device."""
-        return [_endpoint(msg) for msg in self._mptcp.endpoint("show")]
+        return [parse_endpoint(msg) for msg in self._mptcp.endpoint("show")]
 
     def held(self) -> dict[str, int]:
         """Links' addresses whose endpoint is another program's, with its id."""
@@ -597,7 +597,7 @@ class Routing:
 FLAG_NAMES = ((FLAG_SIGNAL, "signal"), (FLAG_SUBFLOW, "subflow"), (FLAG_BACKUP, "backup"))
 
 
-def _endpoint(msg) -> dict:
+def parse_endpoint(msg) -> dict:
     attrs = msg.get_attr("MPTCP_PM_ATTR_ADDR")
     get = attrs.get_attr if attrs is not None else (lambda name: None)
     flags = get("MPTCP_PM_ADDR_ATTR_FLAGS") or 0
