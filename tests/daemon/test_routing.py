@@ -174,3 +174,42 @@ def test_an_endpoint_another_program_holds(netns, mode: str) -> None:
         ]
         assert "took over" in done.stderr
         assert run(netns, "ip", "mptcp", "endpoint") == ""
+
+
+def test_another_programs_endpoint_in_braids_id_range_is_not_braids(netns, tmp_path) -> None:
+    """The kernel numbers an endpoint added without an id upwards from the highest id in use:
+    after braidd's 180, NetworkManager's next one is 181, inside Braid's range. Neither
+    braidd's removal nor a cleanup after a crash may take it for Braid's."""
+    script = textwrap.dedent(
+        """
+        import subprocess, sys
+        from pathlib import Path
+        from braid.daemon.routing.policy import LinkRouting, Routing, prefixes_of
+        routing = Routing(Path(sys.argv[1]))
+        view = routing.view("usb0")
+        routing.apply(LinkRouting(
+            device="usb0", ifindex=view.ifindex, slot=0,
+            addresses4=tuple(a for a, _ in view.addresses4),
+            prefixes4=prefixes_of(view.addresses4), gateway4=view.gateway4))
+        subprocess.run(["ip", "mptcp", "endpoint", "add", "198.18.42.11", "subflow", "dev",
+                        "usb1"], check=True)
+        if sys.argv[2] == "crash":
+            sys.exit(0)  # no cleanup: braidd's table, rule and endpoint stay
+        routing.remove_all()
+        """
+    )
+    theirs = "198.18.42.11 id 181 subflow dev usb1"
+    run(netns, sys.executable, "-c", script, str(tmp_path), "stop")
+    assert run(netns, "ip", "mptcp", "endpoint").strip() == theirs
+    run(netns, "ip", "mptcp", "endpoint", "flush")
+    run(netns, sys.executable, "-c", script, str(tmp_path), "crash")
+    assert "198.18.42.10 id 180" in run(netns, "ip", "mptcp", "endpoint")
+    run(
+        netns,
+        sys.executable,
+        "-c",
+        "import sys; from pathlib import Path; from braid.daemon.routing.policy import Routing;"
+        "Routing(Path(sys.argv[1])).cleanup()",
+        str(tmp_path),
+    )
+    assert run(netns, "ip", "mptcp", "endpoint").strip() == theirs

@@ -500,12 +500,14 @@ def read_limits() -> dict | None:
         return None
 
 
-def read_endpoints() -> list[dict] | None:
-    """The MPTCP endpoints of this namespace that are not Braid's, with device names."""
+def read_endpoints(own: set[tuple[int, str]] = frozenset()) -> list[dict] | None:
+    """The MPTCP endpoints of this namespace but braidd's own (``own``: id and address), with
+    device names. An id in Braid's range is not enough: the kernel numbers other programs'
+    endpoints upwards from the highest id in use."""
     try:
         from pyroute2 import MPTCP
 
-        from braid.daemon.routing.policy import owns_endpoint, parse_endpoint
+        from braid.daemon.routing.policy import parse_endpoint
 
         with MPTCP() as mptcp:
             found = [parse_endpoint(msg) for msg in mptcp.endpoint("show")]
@@ -513,7 +515,7 @@ def read_endpoints() -> list[dict] | None:
         return None
     out = []
     for endpoint in found:
-        if endpoint["id"] is None or owns_endpoint(endpoint["id"]):
+        if endpoint["id"] is None or (endpoint["id"], endpoint["address"]) in own:
             continue
         device = None
         if endpoint["ifindex"]:
@@ -679,7 +681,16 @@ async def observe(r, mark: int | None, baseline: dict[str, int] | None = None) -
     if server is not None and r.spreading.active:
         await bounded(join_test(r, links, server, family, mark), JOIN_WAIT + 1.0, None)
     obs.limits = await bounded(asyncio.to_thread(read_limits), 1.0, None)
-    obs.endpoints = await bounded(asyncio.to_thread(read_endpoints), 1.0, None)
+    own = {
+        (want.endpoint_id(family), addresses[0])
+        for want in applied.values()
+        for family, addresses in (
+            (socket.AF_INET, want.addresses4),
+            (socket.AF_INET6, want.addresses6),
+        )
+        if addresses
+    }
+    obs.endpoints = await bounded(asyncio.to_thread(read_endpoints, own), 1.0, None)
     obs.userspace_pm = bool(getattr(r.platform.paths, "active", False))
     obs.counters = since(await asyncio.to_thread(read_counters), baseline)
     obs.counters_since = "braidd started" if baseline else "boot"

@@ -22,8 +22,12 @@ opens the subflows (no userspace one) do the endpoint's flags decide, and braidd
 
 Everything Braid owns is recognisable without a record: tables and rule
 priorities in a reserved range, rules and routes with Braid's protocol
-number, endpoint ids in a reserved range. That is what lets ``cleanup``
-remove a crashed run's leftovers and nothing else.
+number, endpoints with an id in a reserved range *and* the address of Braid's
+rule for that id's slot. The id alone is not enough: the kernel numbers other
+programs' endpoints upwards from the highest id in use, so NetworkManager's
+land in Braid's range once braidd has added its own (seen: 185 and 186 after
+braidd's 180–184). That is what lets ``cleanup`` remove a crashed run's
+leftovers and nothing else; a running braidd deletes only the ids it added.
 
 The calls block (netlink round trips of a few milliseconds); the daemon runs
 them on one worker thread so changes never interleave.
@@ -67,6 +71,7 @@ SUBFLOWS_NEEDED = 8
 LIMITS_FILE = "mptcp-limits.json"
 
 ERRNO_EXISTS = 17
+ERRNO_BUSY = 16  # an endpoint id that is taken
 ERRNO_NOENT = 2
 ERRNO_NOSRCH = 3
 
@@ -148,6 +153,8 @@ class Routing:
         self.take_over_endpoints = False
         #: Addresses whose endpoint another program holds: address -> its endpoint id.
         self._held: dict[str, int] = {}
+        #: The endpoints this braidd added: id -> address (never delete or change another's).
+        self._mine: dict[int, str] = {}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -299,7 +306,7 @@ class Routing:
             return
         self._withdrawn.discard(device)
         for family in (socket.AF_INET, socket.AF_INET6):
-            self._del_endpoint(want.endpoint_id(family))
+            self._del_own_endpoint(want.endpoint_id(family))
         for address in want.addresses4 + want.addresses6:
             self._held.pop(address, None)
         self._flush_rules(lambda prio: prio == want.priority)
@@ -319,11 +326,10 @@ class Routing:
 
     def cleanup(self) -> None:
         """Remove everything in Braid's ranges, whoever left it, and restore the limits."""
-        for endpoint in list(self._mptcp.endpoint("show")):
-            attrs = endpoint.get_attr("MPTCP_PM_ATTR_ADDR")
-            endpoint_id = attrs.get_attr("MPTCP_PM_ADDR_ATTR_ID") if attrs else None
-            if endpoint_id is not None and owns_endpoint(endpoint_id):
-                self._del_endpoint(endpoint_id)
+        for endpoint in self.endpoints():
+            if endpoint["id"] in self._mine or self._left_by_braid(endpoint):
+                self._del_endpoint(endpoint["id"])
+        self._mine.clear()
         self._flush_rules(owns_priority)
         for slot in range(SLOTS):
             self._flush_table(table_for(slot))
@@ -381,6 +387,20 @@ class Routing:
                     if exc.code != ERRNO_EXISTS:
                         raise
 
+    def _left_by_braid(self, endpoint: dict) -> bool:
+        """An endpoint a braidd that stopped without cleaning up added: its id is in Braid's
+        range and its address is the source of Braid's rule for that id's slot."""
+        endpoint_id = endpoint["id"]
+        if endpoint_id is None or not owns_endpoint(endpoint_id):
+            return False
+        priority = RULE_PRIORITY_BASE + (endpoint_id - ENDPOINT_ID_BASE) // 2
+        family = socket.AF_INET6 if ":" in (endpoint["address"] or "") else socket.AF_INET
+        return any(
+            rule.get_attr("FRA_PRIORITY") == priority
+            and rule.get_attr("FRA_SRC") == endpoint["address"]
+            for rule in self._ipr.get_rules(family=family)
+        )
+
     def _install_endpoints(self, want: LinkRouting) -> None:
         flags = FLAG_SUBFLOW | (FLAG_BACKUP if want.backup else 0)
         for family, addresses in (
@@ -390,7 +410,7 @@ class Routing:
             if not addresses:
                 continue
             endpoint_id = want.endpoint_id(family)
-            self._del_endpoint(endpoint_id)
+            self._del_own_endpoint(endpoint_id)
             key = "addr4" if family == socket.AF_INET else "addr6"
             try:
                 self._mptcp.endpoint(
@@ -402,16 +422,42 @@ class Routing:
                     if_idx=struct.pack("=i", want.ifindex),
                 )
                 self._held.pop(addresses[0], None)
+                self._mine[endpoint_id] = addresses[0]
             except NetlinkError as exc:
+                if exc.code in (ERRNO_BUSY, ERRNO_EXISTS) and self._adopt(
+                    endpoint_id, addresses[0]
+                ):
+                    continue
+                if exc.code == ERRNO_BUSY:
+                    # The kernel gave this id to another program's endpoint (it numbers them
+                    # upwards from the highest in use). Only the kernel's path manager reads
+                    # endpoints; braidd opens subflows by address and device.
+                    log.info(
+                        "link %s: MPTCP endpoint id %d is another program's; %s has none of "
+                        "braidd's",
+                        want.device,
+                        endpoint_id,
+                        addresses[0],
+                    )
+                    continue
                 if exc.code != ERRNO_EXISTS:
                     raise
                 self._foreign_endpoint(want, family, addresses[0], flags)
 
+    def _adopt(self, endpoint_id: int, address: str) -> bool:
+        """The endpoint braidd wants is there already, with its id and address: a braidd
+        before this one added it (the kernel refuses a second one either way)."""
+        if not any(e["id"] == endpoint_id and e["address"] == address for e in self.endpoints()):
+            return False
+        self._mine[endpoint_id] = address
+        self._held.pop(address, None)
+        return True
+
     def _foreign_endpoint(self, want: LinkRouting, family: int, address: str, flags: int) -> None:
         """The kernel refused braidd's endpoint: another program's holds ``address``."""
         holder = next((e for e in self.endpoints() if e["address"] == address), None)
-        if holder is None or owns_endpoint(holder["id"]):
-            return  # gone in between, or a leftover of braidd's own: the next pass retries
+        if holder is None or holder["id"] in self._mine:
+            return  # gone in between, or braidd's own: the next pass retries
         if not self.take_over_endpoints:
             if self._held.get(address) != holder["id"]:
                 log.info(
@@ -427,6 +473,7 @@ class Routing:
             return
         self._del_endpoint(holder["id"])
         key = "addr4" if family == socket.AF_INET else "addr6"
+        self._del_own_endpoint(want.endpoint_id(family))
         self._mptcp.endpoint(
             "add",
             **{key: address},
@@ -435,6 +482,7 @@ class Routing:
             if_idx=struct.pack("=i", want.ifindex),
         )
         self._held.pop(address, None)
+        self._mine[want.endpoint_id(family)] = address
         log.info(
             "link %s: took over the MPTCP endpoint of %s from another program (id %d): the "
             "kernel's path manager opens the subflows, so the flags must be braidd's",
@@ -497,7 +545,7 @@ class Routing:
             (socket.AF_INET, want.addresses4),
             (socket.AF_INET6, want.addresses6),
         ):
-            if addresses:
+            if addresses and want.endpoint_id(family) in self._mine:
                 self._set_flags(want.endpoint_id(family), family, addresses[0], flags)
         self._applied[device] = replace(want, backup=backup)
         log.info("link %s: %s", device, "backup" if backup else "no longer backup")
@@ -542,7 +590,7 @@ class Routing:
         if want is None or device in self._withdrawn:
             return
         for family in (socket.AF_INET, socket.AF_INET6):
-            self._del_endpoint(want.endpoint_id(family))
+            self._del_own_endpoint(want.endpoint_id(family))
         self._withdrawn.add(device)
         log.info("link %s: endpoints withdrawn", device)
 
@@ -555,6 +603,11 @@ class Routing:
         self._install_routes(want)
         self._install_endpoints(want)
         log.info("link %s: endpoints back", device)
+
+    def _del_own_endpoint(self, endpoint_id: int) -> None:
+        """Delete an endpoint this braidd added; an id it did not add may be another's."""
+        if self._mine.pop(endpoint_id, None) is not None:
+            self._del_endpoint(endpoint_id)
 
     def _del_endpoint(self, endpoint_id: int) -> None:
         try:
