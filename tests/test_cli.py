@@ -144,3 +144,26 @@ def test_two_sources_at_once_are_refused(braidd, tmp_path: Path):
     with pytest.raises(SystemExit) as exit_:
         up(path, "--pairing", "-", "--pairing-file", str(tmp_path / "x"))
     assert exit_.value.code == 2
+
+
+def test_status_shows_a_link_behind_a_captive_portal_as_sign_in_required() -> None:
+    link = {
+        "name": "wlan0",
+        "kind": "wifi",
+        "priority": "always",
+        "effective_priority": "always",
+        "state": "up",
+        "alive": None,
+        "rtt_ms": None,
+        "loss": None,
+        "rx_bps": 0,
+        "tx_bps": 0,
+        "used_bytes": 0,
+        "cap": None,
+        "connectivity": "portal",
+    }
+    text = cli.render_links([link])
+    assert "sign-in required" in text.splitlines()[1]
+    assert "dead" not in text
+    assert "sign in" in text.splitlines()[-1]
+    assert "sign-in required" not in cli.render_links([{**link, "connectivity": "full"}])

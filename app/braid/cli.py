@@ -72,7 +72,7 @@ def render_udp_flows(flows: list[dict]) -> str:
 
 def render_links(links: list[dict]) -> str:
     lines = [
-        f"{'LINK':<10}{'KIND':<10}{'PRIORITY':<10}{'STATE':<12}{'HEALTH':<8}"
+        f"{'LINK':<10}{'KIND':<10}{'PRIORITY':<10}{'STATE':<18}{'HEALTH':<8}"
         f"{'RTT':>8}{'LOSS':>7}{'DOWN':>14}{'UP':>14}  DATA"
     ]
     for link in links:
@@ -85,12 +85,20 @@ def render_links(links: list[dict]) -> str:
         data = format_bytes(link.get("used_bytes", 0))
         if link.get("cap"):
             data += f" of {format_bytes(link['cap']['limit_bytes'])}/{link['cap']['period']}"
+        state = link["state"]
+        if state == "up" and link.get("connectivity") == "portal":
+            state = "sign-in required"
         lines.append(
-            f"{link['name']:<10}{link['kind']:<10}{priority:<10}{link['state']:<12}{health:<8}"
+            f"{link['name']:<10}{link['kind']:<10}{priority:<10}{state:<18}{health:<8}"
             f"{rtt:>8}{loss:>7}{format_rate(link['rx_bps']):>14}{format_rate(link['tx_bps']):>14}  {data}"
         )
     if any(link.get("capped") for link in links):
         lines.append("* over its data cap")
+    if any(link.get("connectivity") == "portal" for link in links):
+        lines.append(
+            "sign-in required: a captive portal holds the link (NetworkManager's check); open any "
+            "web page on that network to sign in, and Braid uses it again"
+        )
     return "\n".join(lines)
 
 

@@ -62,8 +62,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "reverse-path filter; and the MPTCP limits",
         description="Ask braidd to check, per link, whether the server's TCP and UDP port are "
         "reachable through it, whether MPTCP survives the path, its idle round trip and its "
-        "reverse-path filter, and the laptop's MPTCP limits and counters. Exits 1 when it finds "
-        "a problem.",
+        "reverse-path filter, whether a captive portal holds it, and the laptop's MPTCP "
+        "limits, counters and other programs' (NetworkManager's) endpoints. Exits 1 when it "
+        "finds a problem.",
     )
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.set_defaults(func=cmd_doctor)

@@ -25,6 +25,8 @@ class FakePlatform:
     def __init__(self) -> None:
         self.devices: dict[str, DeviceView] = {}
         self.kinds: dict[str, tuple[str, bool | None]] = {}
+        #: NetworkManager's connectivity per device, as the test sets it.
+        self.connectivity_of: dict[str, str] = {}
         self.routing: dict[str, LinkRouting] = {}
         self.withdrawn: set[str] = set()
         self.plan: Any = None
@@ -67,6 +69,9 @@ class FakePlatform:
 
     async def discover(self) -> dict[str, tuple[str, bool | None]]:
         return {n: k for n, k in self.kinds.items() if n in self.devices}
+
+    async def connectivity(self) -> dict[str, str]:
+        return dict(self.connectivity_of)
 
     async def interfaces(self) -> list:
         from braid.daemon.links.classify import Classification

@@ -130,6 +130,29 @@ def test_the_laptop_limits_and_counters() -> None:
     assert unpaired["laptop"][0]["check"] == "server" and unpaired["level"] == "error"
 
 
+def test_a_link_behind_a_captive_portal_needs_sign_in_not_repair() -> None:
+    findings = diagnose_link(healthy(connectivity="portal", tcp=None), 1)
+    assert [(f.check, f.level) for f in findings] == [("portal", "warning")]
+    assert "sign-in required" in findings[0].text
+
+
+def test_networkmanagers_endpoints_are_reported() -> None:
+    theirs = {"id": 1, "address": "198.18.1.2", "flags": "subflow", "ifindex": 2, "device": "eth0"}
+
+    def endpoints(**kw) -> list[dict]:
+        links = [healthy(addresses=["198.18.1.2"]), healthy("wlan0")]
+        obs = Observations(server="s:1", connected=True, links=links, counters=COUNTERS, **kw)
+        return [f for f in diagnose(obs, 1)["laptop"] if f["check"] == "endpoints"]
+
+    assert endpoints() == []
+    (beside,) = endpoints(endpoints=[theirs])
+    assert beside["level"] == "ok" and "unused" in beside["text"] and "link eth0" in beside["text"]
+    (deciding,) = endpoints(endpoints=[theirs], userspace_pm=False)
+    assert deciding["level"] == "warning" and "mptcp-flags disabled" in deciding["text"]
+    (unread,) = endpoints(endpoints=None)
+    assert unread["level"] == "warning"
+
+
 def test_counters_count_from_braidd_start_but_gauges_do_not() -> None:
     from braid.daemon.doctor import since
 

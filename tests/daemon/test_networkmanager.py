@@ -16,11 +16,15 @@ import pytest
 from braid.daemon.links.classify import Classification
 from braid.daemon.links.networkmanager import (
     NM_BUS_NAME,
+    NM_PATH,
     NmDevice,
+    NmView,
+    connectivity_of,
     merge,
     parse_device,
     parse_devices,
     read_devices,
+    read_view,
     unwrap_variants,
 )
 
@@ -82,6 +86,29 @@ def test_odd_property_values_do_not_raise() -> None:
     assert parse_device({"Interface": 5, "IpInterface": None}) is None
     device = parse_device({"Interface": "x0", "DeviceType": "1", "Metered": True})
     assert device == NmDevice("x0", None, None, 0)
+
+
+@pytest.mark.parametrize(
+    ("ip4", "ip6", "expected"),
+    [
+        (2, 1, "portal"),  # IPv4 behind a captive portal, no IPv6
+        (4, 2, "full"),  # IPv6 reaches the internet: the better family wins
+        (3, 0, "limited"),
+        (1, 1, "none"),
+        (0, 0, None),  # NM has not checked, or its check is off
+        (None, None, None),  # NM older than 1.16: no such properties
+        ("4", True, None),  # not numbers
+    ],
+)
+def test_connectivity(ip4: Any, ip6: Any, expected: str | None) -> None:
+    assert connectivity_of(ip4, ip6) == expected
+
+
+def test_device_behind_a_captive_portal() -> None:
+    device = parse_device(
+        {"Interface": "wlan0", "DeviceType": 2, "Ip4Connectivity": 2, "Ip6Connectivity": 1}
+    )
+    assert device == NmDevice("wlan0", "wifi", None, 2, "portal")
 
 
 def test_parse_devices_by_name() -> None:
@@ -227,6 +254,7 @@ class FakeNetworkManager:
 
         self.devices = devices
         self.listed = list(devices)
+        self.connectivity: tuple[str, Any] | None = None  # the manager's; None: no property
         self.silent = False
         self.conn = open_dbus_connection(bus=address)
         self.conn.send_and_get_reply(message_bus.RequestName(NM_BUS_NAME), timeout=5)
@@ -250,6 +278,8 @@ class FakeNetworkManager:
                 self.conn.send(new_method_return(msg, "ao", (self.listed,)))
             elif member == "GetAll" and path in self.devices:
                 self.conn.send(new_method_return(msg, "a{sv}", (self.devices[path],)))
+            elif member == "Get" and path == NM_PATH and self.connectivity is not None:
+                self.conn.send(new_method_return(msg, "v", (self.connectivity,)))
             else:
                 error = "org.freedesktop.DBus.Error.UnknownObject"
                 self.conn.send(new_error(msg, error, "s", (f"no {path}",)))
@@ -278,6 +308,8 @@ def fake_nm(private_bus: str) -> Iterator[FakeNetworkManager]:
                 "DeviceType": ("u", 2),
                 "Metered": ("u", 4),
                 "Driver": ("s", "iwlwifi"),
+                "Ip4Connectivity": ("u", 2),
+                "Ip6Connectivity": ("u", 1),
             },
             f"{base}/3": {
                 "Interface": ("s", "cdc-wdm0"),
@@ -294,9 +326,22 @@ def fake_nm(private_bus: str) -> Iterator[FakeNetworkManager]:
 def test_read_devices_from_networkmanager(fake_nm: FakeNetworkManager) -> None:
     assert read_devices() == {
         "lo": NmDevice("lo", "other", None, 32),
-        "wlp0s20f3": NmDevice("wlp0s20f3", "wifi", False, 2),
+        "wlp0s20f3": NmDevice("wlp0s20f3", "wifi", False, 2, "portal"),
         "wwan0": NmDevice("wwan0", "cellular", True, 8),
     }
+
+
+def test_read_the_global_connectivity(fake_nm: FakeNetworkManager) -> None:
+    fake_nm.connectivity = ("u", 2)
+    view = read_view()
+    assert isinstance(view, NmView)
+    assert view.connectivity == "portal"
+    assert view.devices["wlp0s20f3"].connectivity == "portal"
+
+
+def test_no_global_connectivity_is_unknown(fake_nm: FakeNetworkManager) -> None:
+    view = read_view()
+    assert view is not None and view.connectivity is None
 
 
 def test_a_device_that_vanished_is_skipped(fake_nm: FakeNetworkManager) -> None:

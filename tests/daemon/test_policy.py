@@ -124,6 +124,58 @@ def test_a_dead_link_is_withdrawn_and_loses_best_then_comes_back() -> None:
     assert ("link-back", "eth0") in kinds(back.events)
 
 
+def test_a_link_behind_a_captive_portal_needs_sign_in_and_comes_back() -> None:
+    first = policy.decide({}, inputs(alive={"eth0": True}), connected=True)
+    assert first.best == "eth0"
+    portal = policy.decide(
+        first.links,
+        inputs(alive={"eth0": True}, connectivity={"eth0": "portal", "wlan0": "full"}),
+        first.best,
+        connected=True,
+    )
+    link = portal.links["eth0"]
+    assert link.sign_in_required and link.to_json()["connectivity"] == "portal"
+    # not used: no routing, no probes, not the best link
+    assert portal.routing["eth0"] is None and "eth0" not in portal.probe
+    assert not link.carrying and not link.usable
+    assert portal.best == "wlan0"
+    # not reported as failed: not dead, still up, no link-lost, the state is not degraded
+    assert link.alive is None and link.state is LinkState.UP
+    assert ("sign-in-required", "eth0") in kinds(portal.events)
+    assert "link-lost" not in [k for k, _ in kinds(portal.events)]
+    assert policy.daemon_state(True, True, portal.links) == policy.State.CONNECTED
+    # still behind the portal: said once
+    again = policy.decide(
+        portal.links, inputs(connectivity={"eth0": "portal"}), portal.best, connected=True
+    )
+    assert "sign-in-required" not in [k for k, _ in kinds(again.events)]
+    # signed in: NetworkManager's check reaches the internet; used again at once
+    back = policy.decide(
+        again.links, inputs(connectivity={"eth0": "full"}), again.best, connected=True
+    )
+    assert back.routing["eth0"] is not None and back.probe["eth0"] == "198.18.1.2"
+    assert back.links["eth0"].carrying and back.best == "eth0"
+    assert ("link-back", "eth0") in kinds(back.events)
+
+
+@pytest.mark.parametrize("connectivity", ["none", "limited", "full", None])
+def test_only_a_portal_keeps_a_link_out(connectivity) -> None:
+    # "limited" and "none" say only that NetworkManager's check URI did not answer; the
+    # server may still: the probes decide.
+    d = policy.decide({}, inputs(connectivity={"eth0": connectivity} if connectivity else {}))
+    assert d.routing["eth0"] is not None and d.best == "eth0"
+    assert d.links["eth0"].connectivity == connectivity
+
+
+def test_a_portal_on_a_link_that_is_down_is_forgotten() -> None:
+    d = policy.decide(
+        {},
+        inputs(views={**WORLD, "eth0": view("eth0", 2, up=False)}, connectivity={"eth0": "portal"}),
+    )
+    assert d.links["eth0"].connectivity is None
+    assert "sign-in-required" not in [k for k, _ in kinds(d.events)]
+
+
 def test_without_probes_nothing_is_withdrawn() -> None:
     first = policy.decide({}, inputs())
     dead = policy.decide(first.links, inputs(alive={"eth0": False}))

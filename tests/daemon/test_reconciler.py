@@ -104,6 +104,33 @@ def test_links_are_applied_then_a_dead_link_withdrawn_and_failover(tmp_path: Pat
     run(scenario)
 
 
+def test_a_captive_portal_takes_a_link_out_until_signed_in(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Rig(tmp_path) as rig:
+            up = await rig.up()
+            await rig.settle()
+            pool, prober = rig.made.pools[0], rig.made.probers[0]
+            pool.connect()
+            await up
+            assert rig.r.best == "eth0"
+            rig.platform.connectivity_of = {"eth0": "portal", "wlan0": "full"}
+            await rig.settle()
+            assert set(rig.platform.routing) == {"wlan0"} and rig.r.best == "wlan0"
+            assert set(prober.links) == {"wlan0"}
+            (eth0,) = [
+                link for link in await rig.commands.links(ROOT, {}) if link["name"] == "eth0"
+            ]
+            assert eth0["connectivity"] == "portal" and eth0["alive"] is None
+            assert eth0["state"] == "up" and not eth0["carrying"]
+            assert "sign-in-required" in [e["event"] for e in rig.r.events]
+            rig.platform.connectivity_of = {"eth0": "full", "wlan0": "full"}
+            await rig.settle()
+            assert set(rig.platform.routing) == {"eth0", "wlan0"} and rig.r.best == "eth0"
+            assert set(prober.links) == {"eth0", "wlan0"}
+
+    run(scenario)
+
+
 def test_a_down_while_up_waits_for_its_tunnel_answers_both_clearly(tmp_path: Path) -> None:
     """Before: the up re-read the daemon's pool while polling, and a down in between made it
     fail with "internal error: 'NoneType'…"."""

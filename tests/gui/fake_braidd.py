@@ -76,6 +76,7 @@ def make_link(name: str, kind: str, order: int, priority: str = "always") -> dic
         "rtt_ms": 10.0 * (order + 1),
         "jitter_ms": 0.5,
         "loss": 0.0,
+        "connectivity": None,
     }
 
 

@@ -62,6 +62,19 @@ def test_dashboard_shows_units_and_health(qapp) -> None:
     assert not model.flags(model.index(0, model.column_of("priority"))) & Qt.ItemFlag.ItemIsEditable
 
 
+def test_a_link_behind_a_captive_portal_asks_for_sign_in(qapp) -> None:
+    rows = links()
+    rows[0].update(connectivity="portal", alive=None, carrying=False)
+    model = LinkTableModel(LinkColours(), IconSet(), DASHBOARD_COLUMNS)
+    model.set_links(rows)
+    state = model.index(0, model.column_of("state"))
+    assert state.data() == "Sign-in required"
+    assert "sign in" in state.data(Qt.ItemDataRole.ToolTipRole)
+    rows[0].update(connectivity="full", alive=True, carrying=True)
+    model.set_links(rows)
+    assert model.index(0, model.column_of("state")).data() == "Up"
+
+
 def test_each_link_keeps_its_colour(qapp) -> None:
     colours = LinkColours()
     colours.assign(["eth0", "wlan0", "usb0"])

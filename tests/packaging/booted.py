@@ -47,16 +47,17 @@ def unavailable() -> str | None:
     return None
 
 
-def base_root(extra: list[str]) -> tuple[Path, float | None]:
+def base_root(extra: list[str], flavour: str = "minbase") -> tuple[Path, float | None]:
     """The cached debootstrapped root with BASE_PACKAGES and ``extra``, made now if missing or
-    made with other packages; and the seconds debootstrap took (None: it was cached)."""
+    made with other packages; and the seconds debootstrap took (None: it was cached). Each
+    ``flavour`` (the package tests', NetworkManager's) has a cache of its own."""
     include = ",".join(sorted(set(BASE_PACKAGES) | set(extra)))
-    base = CACHE / f"{SUITE}-minbase"
+    base = CACHE / f"{SUITE}-{flavour}"
     stamp = base / ".braid-include"
     if stamp.is_file() and stamp.read_text() == include:
         return base, None
     shutil.rmtree(base, ignore_errors=True)
-    partial = CACHE / f"{SUITE}-minbase.partial"
+    partial = CACHE / f"{SUITE}-{flavour}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -75,15 +76,15 @@ def base_root(extra: list[str]) -> tuple[Path, float | None]:
     return base, time.monotonic() - started
 
 
-def fresh_copy(base: Path) -> Path:
-    """A copy of the cached root to boot and change (the cache stays as debootstrap made it);
-    copies left by runs that died are removed."""
+def fresh_copy(base: Path, name: str = "") -> Path:
+    """A copy of the cached root to boot and change (the cache stays as debootstrap made it),
+    ``root-<pid>[-name]``; copies left by runs that died are removed."""
     for old in CACHE.glob("root-*"):
-        pid = old.name.removeprefix("root-")
+        pid = old.name.removeprefix("root-").split("-")[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             _kill_containers_of(old)
             shutil.rmtree(old, ignore_errors=True)
-    root = CACHE / f"root-{os.getpid()}"
+    root = CACHE / (f"root-{os.getpid()}-{name}" if name else f"root-{os.getpid()}")
     shutil.rmtree(root, ignore_errors=True)
     subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(root)], check=True)
     return root

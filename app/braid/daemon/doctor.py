@@ -6,8 +6,10 @@ same connection says whether the MPTCP option survives the path (a middlebox tha
 makes the connection fall back to plain TCP); whether a subflow through it joins a tunnel
 opened through the first link; the health probes' verdict, round trip and loss
 (the probes are UDP to the server's port, so they say whether UDP gets through); the subflows
-it has in the tunnels that spread over every link; and its reverse-path filter. For the laptop:
-the MPTCP limits and the kernel's MPTCP counters (nstat's MPTcpExt*) in braidd's namespace.
+it has in the tunnels that spread over every link; its reverse-path filter; and whether
+NetworkManager found a captive portal on it. For the laptop: the MPTCP limits, the kernel's MPTCP
+counters (nstat's MPTcpExt*) and the MPTCP endpoints of other programs (NetworkManager's) in
+braidd's namespace.
 
 :func:`diagnose` turns the observations into findings and is pure; the readers below block and
 run off the event loop (:func:`observe` does that), all within about 7 seconds.
@@ -79,6 +81,8 @@ class LinkObservation:
     subflows: int = 0  # subflows it has in the spread tunnels
     spread_tunnels: int = 0  # tunnels spread over every link right now
     rp_filter: int | None = None  # the effective value: max(all, the interface's)
+    addresses: list[str] = field(default_factory=list)
+    connectivity: str | None = None  # NetworkManager's check: none | portal | limited | full
 
 
 @dataclass
@@ -87,6 +91,10 @@ class Observations:
     connected: bool = False
     links: list[LinkObservation] = field(default_factory=list)
     limits: dict | None = None  # {"subflows": n, "add_addr_accepted": n}
+    #: MPTCP endpoints that are not Braid's (NetworkManager's): id, address, flags, device.
+    endpoints: list[dict] | None = field(default_factory=list)
+    #: braidd opens the subflows itself (the userspace path manager): endpoints are unused.
+    userspace_pm: bool = True
     counters: dict[str, int] = field(default_factory=dict)
     counters_since: str = "boot"  # or "braidd started"
     elapsed_ms: float = 0.0
@@ -97,7 +105,9 @@ class Observations:
 
 @dataclass(frozen=True)
 class Finding:
-    check: str  # tcp | mptcp | join | udp | subflows | rtt | rp_filter | limits | counters | link
+    # tcp | mptcp | join | udp | subflows | rtt | rp_filter | portal | limits | counters |
+    # endpoints | link
+    check: str
     level: str  # ok | warning | error
     text: str
 
@@ -116,6 +126,13 @@ def diagnose_link(link: LinkObservation, port: int | None) -> list[Finding]:
         return [Finding("link", OK, "priority never: Braid does not use it")]
     if link.state != "up":
         return [Finding("link", ERROR, f"not usable: {link.state}")]
+    if link.connectivity == "portal":
+        text = (
+            "sign-in required: a captive portal holds this link (NetworkManager's connectivity "
+            "check); open any web page on that network to sign in. Braid uses it once it "
+            "reaches the internet"
+        )
+        return [Finding("portal", WARNING, text)]
     if link.address is None:
         return [Finding("link", ERROR, "no address of the server's family (IPv4 or IPv6) on it")]
     where = f"port {port}" if port else "its port"
@@ -231,6 +248,44 @@ def diagnose_link(link: LinkObservation, port: int | None) -> list[Finding]:
     return out
 
 
+def diagnose_endpoints(obs: Observations) -> list[Finding]:
+    """Other programs' MPTCP endpoints: NetworkManager 1.40+ adds one for every device with a
+    default route. Unused while braidd runs the userspace path manager; under the kernel's, the
+    ones on a link's address are braidd's to own (it takes them over) and any left decide."""
+    if obs.endpoints is None:
+        return [
+            Finding("endpoints", WARNING, "cannot read the MPTCP endpoints (ip mptcp endpoint)")
+        ]
+    links = {a: link.name for link in obs.links for a in link.addresses}
+    out = []
+    for endpoint in obs.endpoints:
+        where = endpoint.get("device") or "any device"
+        on = f" (link {links[endpoint['address']]})" if endpoint.get("address") in links else ""
+        text = (
+            f"MPTCP endpoint id {endpoint.get('id')} of another program: {endpoint.get('address')}"
+            f" {endpoint.get('flags') or 'no flags'} dev {where}{on}"
+        )
+        if obs.userspace_pm:
+            out.append(
+                Finding(
+                    "endpoints",
+                    OK,
+                    f"{text}; NetworkManager adds these: unused, braidd opens the subflows itself",
+                )
+            )
+        else:
+            out.append(
+                Finding(
+                    "endpoints",
+                    WARNING,
+                    f"{text}; the kernel's path manager opens subflows from it with these flags. "
+                    "If NetworkManager added it: nmcli connection modify CONNECTION "
+                    "connection.mptcp-flags disabled, then reconnect",
+                )
+            )
+    return out
+
+
 def diagnose_laptop(obs: Observations) -> list[Finding]:
     """The MPTCP limits and counters of braidd's namespace (pure)."""
     out: list[Finding] = []
@@ -258,6 +313,7 @@ def diagnose_laptop(obs: Observations) -> list[Finding]:
             )
         else:
             out.append(Finding("limits", OK, text))
+    out += diagnose_endpoints(obs)
     counters = obs.counters
     if not counters:
         out.append(
@@ -444,6 +500,31 @@ def read_limits() -> dict | None:
         return None
 
 
+def read_endpoints(own: set[tuple[int, str]] = frozenset()) -> list[dict] | None:
+    """The MPTCP endpoints of this namespace but braidd's own (``own``: id and address), with
+    device names. An id in Braid's range is not enough: the kernel numbers other programs'
+    endpoints upwards from the highest id in use."""
+    try:
+        from pyroute2 import MPTCP
+
+        from braid.daemon.routing.policy import parse_endpoint
+
+        with MPTCP() as mptcp:
+            found = [parse_endpoint(msg) for msg in mptcp.endpoint("show")]
+    except Exception:
+        return None
+    out = []
+    for endpoint in found:
+        if endpoint["id"] is None or (endpoint["id"], endpoint["address"]) in own:
+            continue
+        device = None
+        if endpoint["ifindex"]:
+            with contextlib.suppress(OSError):
+                device = socket.if_indextoname(endpoint["ifindex"])
+        out.append({**endpoint, "device": device})
+    return out
+
+
 def established_subflows(sock: socket.socket, family: int) -> set[str]:
     """The local addresses of the connection's subflows that are established (a subflow whose
     join is still under way is listed by the connection too, hence the sock_diag dump)."""
@@ -569,6 +650,8 @@ async def observe(r, mark: int | None, baseline: dict[str, int] | None = None) -
             default_route=link.name == default,
             routed=link.name in applied,
             rp_filter=await asyncio.to_thread(read_rp_filter, link.name),
+            addresses=list(link.addresses),
+            connectivity=link.connectivity,
         )
         if r.prober is not None:
             with contextlib.suppress(KeyError):
@@ -587,6 +670,8 @@ async def observe(r, mark: int | None, baseline: dict[str, int] | None = None) -
     async def test(seen: LinkObservation) -> None:
         if server is None or seen.address is None or seen.priority == "never":
             return
+        if seen.connectivity == "portal":
+            return  # not routed: it could only time out
         result = await asyncio.to_thread(connect_test, seen.address, seen.name, server, mark)
         for key, value in result.items():
             setattr(seen, key, value)
@@ -596,6 +681,17 @@ async def observe(r, mark: int | None, baseline: dict[str, int] | None = None) -
     if server is not None and r.spreading.active:
         await bounded(join_test(r, links, server, family, mark), JOIN_WAIT + 1.0, None)
     obs.limits = await bounded(asyncio.to_thread(read_limits), 1.0, None)
+    own = {
+        (want.endpoint_id(family), addresses[0])
+        for want in applied.values()
+        for family, addresses in (
+            (socket.AF_INET, want.addresses4),
+            (socket.AF_INET6, want.addresses6),
+        )
+        if addresses
+    }
+    obs.endpoints = await bounded(asyncio.to_thread(read_endpoints, own), 1.0, None)
+    obs.userspace_pm = bool(getattr(r.platform.paths, "active", False))
     obs.counters = since(await asyncio.to_thread(read_counters), baseline)
     obs.counters_since = "braidd started" if baseline else "boot"
     obs.elapsed_ms = round((time.monotonic() - started) * 1000, 1)
@@ -613,6 +709,7 @@ __all__ = [
     "observe",
     "parse_netstat",
     "read_counters",
+    "read_endpoints",
     "read_limits",
     "read_rp_filter",
 ]

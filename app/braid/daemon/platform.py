@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: NetworkManager's view changes rarely; netlink tells about links themselves.
-NM_REFRESH = 30.0
+#: How old NetworkManager's view may get: its connectivity (a captive portal signed in) is
+#: only polled; netlink tells about the links themselves.
+NM_REFRESH = 5.0
 
 
 class PlatformBase(Protocol):
@@ -43,6 +44,7 @@ class PlatformBase(Protocol):
     async def stop(self) -> None: ...
     async def views(self, names: list[str]) -> dict[str, DeviceView | None]: ...
     async def discover(self) -> dict[str, tuple[str, bool | None]]: ...
+    async def connectivity(self) -> dict[str, str]: ...
     async def interfaces(self) -> list[Any]: ...
     async def apply(self, routing: dict[str, LinkRouting | None], withdrawn: set[str]) -> None: ...
     def applied(self) -> dict[str, LinkRouting]: ...
@@ -62,7 +64,7 @@ class Platform:
         self._routing: Routing | None = None
         self.paths = PathManager(state_dir)
         self._nm_read_at = -1e9
-        self._nm_devices: dict = {}
+        self._nm_view: Any = None  # networkmanager.NmView, or None: no NetworkManager
         self._classify_failed = False
         self._capture_routing = False
 
@@ -80,6 +82,8 @@ class Platform:
         except (PathManagerUnavailable, OSError) as exc:
             # The in-kernel path manager then opens every link's subflow on every connection.
             log.warning("%s: every connection uses every link from its start", exc)
+        # Only the in-kernel path manager reads endpoints: then NetworkManager's must be braidd's.
+        self._routing.take_over_endpoints = not self.paths.active
 
     async def stop(self) -> None:
         await self.capture(None)
@@ -94,16 +98,24 @@ class Platform:
         assert self._routing is not None
         return await self.in_netlink(self._routing.views, names)
 
-    def _classify(self) -> dict[str, tuple[str, bool | None]]:
-        from braid.daemon.links.networkmanager import merge, read_devices
+    def _nm(self) -> Any:
+        """NetworkManager's view, read again when older than NM_REFRESH (blocking)."""
+        from braid.daemon.links.networkmanager import read_view
 
         now = time.monotonic()
         if now - self._nm_read_at > NM_REFRESH:
-            self._nm_devices = read_devices() or {}
+            self._nm_view = read_view()
             self._nm_read_at = now
+        return self._nm_view
+
+    def _classify(self) -> dict[str, tuple[str, bool | None]]:
+        from braid.daemon.links.networkmanager import merge
+
+        view = self._nm()
+        devices = view.devices if view is not None else {}
         found = {}
         for c in self._classifier.classify_all():
-            c = merge(c, self._nm_devices.get(c.name))
+            c = merge(c, devices.get(c.name))
             if c.is_link:
                 found[c.name] = (c.kind, c.metered)
         return found
@@ -118,6 +130,17 @@ class Platform:
             self._classify_failed = True
             return {}
         return found
+
+    async def connectivity(self) -> dict[str, str]:
+        """NetworkManager's connectivity per device it checked ("portal": sign-in required)."""
+        try:
+            view = await asyncio.get_running_loop().run_in_executor(None, self._nm)
+        except Exception as exc:  # read_view never raises; this is the executor's own failure
+            log.debug("NetworkManager's connectivity: %s", exc)
+            return {}
+        if view is None:
+            return {}
+        return {n: d.connectivity for n, d in view.devices.items() if d.connectivity}
 
     async def interfaces(self) -> list[Any]:
         """Every interface with what discovery makes of it (sysfs, off the event loop)."""

@@ -54,6 +54,8 @@ class Inputs:
     used: Mapping[str, int] = field(default_factory=dict)  # bytes used this billing period
     #: The address family the probes use (None: no probes running).
     probe_family: int | None = None
+    #: NetworkManager's connectivity per device it checked ("portal": sign-in required).
+    connectivity: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,9 +143,18 @@ def metered_use(link: Link, used: int) -> Link:
     return replace(link, used_bytes=used, capped=capped, effective=effective)
 
 
+def may_carry(link: Link) -> bool:
+    """Up, allowed to carry, and not held by a captive portal (it cannot reach the server)."""
+    return (
+        link.state is LinkState.UP
+        and link.effective is not Priority.NEVER
+        and not link.sign_in_required
+    )
+
+
 def routing_for(link: Link, view: DeviceView | None) -> LinkRouting | None:
     """The routing an up link that may carry traffic should have; None for any other."""
-    if link.state is not LinkState.UP or link.effective is Priority.NEVER or view is None:
+    if not may_carry(link) or view is None:
         return None
     return LinkRouting(
         device=link.name,
@@ -196,6 +207,24 @@ def link_events(before: Link | None, after: Link | None) -> list[Event]:
             out.append(Event(EventKind.LINK_UP, after.name, f"{after.name} is up"))
         elif was is LinkState.UP:
             out.append(Event(EventKind.LINK_DOWN, after.name, f"{after.name} is {after.state}"))
+    if after.sign_in_required and not (before is not None and before.sign_in_required):
+        out.append(
+            Event(
+                EventKind.SIGN_IN_REQUIRED,
+                after.name,
+                f"{after.name} needs you to sign in (a captive portal): open any web page in a "
+                "browser to sign in; Braid uses it once it reaches the internet",
+            )
+        )
+    elif (
+        before is not None
+        and before.sign_in_required
+        and not after.sign_in_required
+        and after.state is LinkState.UP
+    ):
+        out.append(
+            Event(EventKind.LINK_BACK, after.name, f"{after.name} is signed in: carrying traffic")
+        )
     if after.alive is False and (before is None or before.alive is not False):
         out.append(
             Event(
@@ -285,12 +314,16 @@ def decide(
         view = inputs.views.get(name)
         link = observe(link, view)
         link = metered_use(link, inputs.used.get(name, link.used_bytes))
-        may_carry = link.state is LinkState.UP and link.effective is not Priority.NEVER
-        if may_carry and inputs.probe_family is not None:
+        connectivity = inputs.connectivity.get(name) if link.state is LinkState.UP else None
+        link = replace(link, connectivity=connectivity)
+        # A link behind a captive portal is neither probed nor routed: it is not dead, and
+        # probes could only fail until the user signs in.
+        carries = may_carry(link)
+        if carries and inputs.probe_family is not None:
             link = replace(link, alive=inputs.alive.get(name, link.alive))
         else:
             link = replace(link, alive=None, health={})
-        link = replace(link, carrying=may_carry and link.alive is not False)
+        link = replace(link, carrying=carries and link.alive is not False)
         events += link_events(before, link)
         out[name] = link
     routing = {name: routing_for(link, inputs.views.get(name)) for name, link in out.items()}
@@ -384,6 +417,7 @@ __all__ = [
     "daemon_state",
     "decide",
     "link_events",
+    "may_carry",
     "metered_use",
     "observe",
     "ordered",

@@ -193,6 +193,7 @@ class Reconciler:
             alive=dict(self._alive),
             used={name: self.store.used(name) for name in names},
             probe_family=self._probe_family if self.prober is not None else None,
+            connectivity=await self.platform.connectivity(),
         )
         connected = self.pool.connected if self.pool is not None else None
         decision = policy.decide(self.links, inputs, self.best, connected)

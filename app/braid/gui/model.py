@@ -207,6 +207,8 @@ class LinkTableModel(QAbstractTableModel):
                 return KIND_LABELS.get(str(row.get("kind")), str(row.get("kind", "")))
             case "state":
                 state = STATE_LABELS.get(str(row.get("state")), str(row.get("state", "")))
+                if row.get("state") == "up" and row.get("connectivity") == "portal":
+                    return "Sign-in required"
                 if row.get("state") == "up" and row.get("alive") is False:
                     return "Not answering"
                 return state
@@ -259,6 +261,8 @@ class LinkTableModel(QAbstractTableModel):
     def _state_colour(self, row: dict[str, Any]) -> str:
         if row.get("state") != "up":
             return "#9a9996"
+        if row.get("connectivity") == "portal":
+            return "#ff7800"  # waiting for the user, not failed
         if row.get("alive") is False:
             return "#e01b24"
         if row.get("carrying") is False and row.get("effective_priority") != "never":
@@ -272,6 +276,11 @@ class LinkTableModel(QAbstractTableModel):
                 f"{row.get('name')} ({KIND_LABELS.get(str(row.get('kind')), 'Other')}): {addresses}"
             )
         if key == "state":
+            if row.get("state") == "up" and row.get("connectivity") == "portal":
+                return (
+                    "A captive portal holds this link (NetworkManager's connectivity check): "
+                    "open any web page on this network to sign in. Braid uses it again then."
+                )
             parts = [f"interface {row.get('state')}"]
             alive = row.get("alive")
             parts.append(

@@ -14,6 +14,8 @@ LinkStateName = Literal["up", "no-address", "down", "missing"]
 PriorityName = Literal["always", "backup", "never"]
 DaemonState = Literal["disconnected", "connecting", "connected", "degraded"]
 CaptureInForce = Literal["off", "tunnel", "blocked", "direct"]
+#: NetworkManager's connectivity check through a link; "portal": sign-in required.
+ConnectivityName = Literal["none", "portal", "limited", "full"]
 
 
 class LinkObject(TypedDict):
@@ -39,6 +41,10 @@ class LinkObject(TypedDict):
     rtt_ms: float | None
     jitter_ms: float | None
     loss: float | None
+    # NetworkManager's connectivity check through it; null without NetworkManager or a check.
+    # "portal": a captive portal wants the user to sign in; the link carries nothing until then
+    # and is not reported as failed.
+    connectivity: ConnectivityName | None
 
 
 class CaptureObject(TypedDict):

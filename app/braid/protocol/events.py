@@ -41,6 +41,7 @@ class EventKind(enum.StrEnum):
     LINK_DOWN = ("link-down", Level.WARNING, "A link is down")
     LINK_LOST = ("link-lost", Level.WARNING, "A link stopped answering", True)
     LINK_BACK = ("link-back", Level.INFO, "A link is back", True)
+    SIGN_IN_REQUIRED = ("sign-in-required", Level.WARNING, "Sign-in required", True)
     FAILOVER = ("failover", Level.WARNING, "New connections moved to another link", True)
     NO_LINK = ("no-link", Level.WARNING, "No link reaches the server", True)
     CAP_REACHED = ("cap-reached", Level.WARNING, "Data cap reached", True)

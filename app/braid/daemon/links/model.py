@@ -70,14 +70,23 @@ class Link:
     subflows: int = 0  # TCP subflows to the server leaving from its addresses
     gateway4: str | None = None
     gateway6: str | None = None
+    #: NetworkManager's connectivity check through it: "none", "portal", "limited", "full";
+    #: None where NetworkManager does not run or has not checked.
+    connectivity: str | None = None
+
+    @property
+    def sign_in_required(self) -> bool:
+        """Behind a captive portal: it cannot reach the server until the user signs in."""
+        return self.connectivity == "portal"
 
     @property
     def usable(self) -> bool:
-        """Up, allowed to carry traffic, and not known to be dead."""
+        """Up, allowed to carry traffic, not known to be dead, and not behind a portal."""
         return (
             self.state is LinkState.UP
             and self.effective is not Priority.NEVER
             and self.alive is not False
+            and not self.sign_in_required
         )
 
     def to_json(self) -> dict:
@@ -104,4 +113,5 @@ class Link:
             "rtt_ms": self.health.get("rtt_ms"),
             "jitter_ms": self.health.get("jitter_ms"),
             "loss": self.health.get("loss"),
+            "connectivity": self.connectivity,
         }

@@ -20,7 +20,17 @@ from typing import Any
 
 from .classify import Classification
 
-__all__ = ["NmDevice", "merge", "parse_device", "parse_devices", "read_devices"]
+__all__ = [
+    "CONNECTIVITY",
+    "NmDevice",
+    "NmView",
+    "connectivity_of",
+    "merge",
+    "parse_device",
+    "parse_devices",
+    "read_devices",
+    "read_view",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +94,18 @@ METERED = {
 }
 
 
+# NMConnectivityState (NetworkManager 1.16 and later per device, Ip4Connectivity and
+# Ip6Connectivity; the manager's Connectivity for the whole machine). 0 is unknown: NM has not
+# checked, or its connectivity check is off.
+CONNECTIVITY = {
+    1: "none",  # no route out at all
+    2: "portal",  # a captive portal answered the check: the user must sign in
+    3: "limited",  # a route out, but the check URI did not answer
+    4: "full",
+}
+_RANK = {"none": 0, "limited": 1, "portal": 2, "full": 3}
+
+
 @dataclass(frozen=True)
 class NmDevice:
     """One NetworkManager device, keyed by the kernel interface that carries its IP traffic."""
@@ -92,6 +114,28 @@ class NmDevice:
     kind: str | None  # "ethernet" | "wifi" | "cellular" | "other"; None when NM does not know
     metered: bool | None
     device_type: int = DEVICE_TYPE_UNKNOWN  # NM's raw NMDeviceType, for display
+    #: What NM's connectivity check found through this device ("none", "portal", "limited",
+    #: "full"); None when unknown (NM older than 1.16, the check is off, or not checked yet).
+    connectivity: str | None = None
+
+
+@dataclass(frozen=True)
+class NmView:
+    """What braidd reads from NetworkManager in one go."""
+
+    devices: dict[str, NmDevice]
+    #: The manager's own Connectivity: the machine's as a whole (None: unknown).
+    connectivity: str | None = None
+
+
+def connectivity_of(ip4: Any, ip6: Any) -> str | None:
+    """One device's connectivity from its IPv4 and IPv6 check: the better of the two.
+
+    A link whose IPv6 reaches the internet while IPv4 hits a portal still carries Braid's
+    IPv6 subflows, so the better family wins; unknown only when both are.
+    """
+    found = [CONNECTIVITY[v] for v in (_number(ip4), _number(ip6)) if v in CONNECTIVITY]
+    return max(found, key=_RANK.__getitem__) if found else None
 
 
 def parse_device(props: Mapping[str, Any]) -> NmDevice | None:
@@ -112,7 +156,8 @@ def parse_device(props: Mapping[str, Any]) -> NmDevice | None:
     else:
         kind = "other"
     metered = METERED.get(_number(props.get("Metered")))
-    return NmDevice(name, kind, metered, device_type)
+    connectivity = connectivity_of(props.get("Ip4Connectivity"), props.get("Ip6Connectivity"))
+    return NmDevice(name, kind, metered, device_type, connectivity)
 
 
 def parse_devices(all_props: Iterable[Mapping[str, Any]]) -> dict[str, NmDevice]:
@@ -141,8 +186,14 @@ def read_devices(timeout: float = 2.0) -> dict[str, NmDevice] | None:
     None means no system bus, no NetworkManager on it, or no answer in
     *timeout* seconds; the caller then goes by sysfs alone. Never raises.
     """
+    view = read_view(timeout)
+    return view.devices if view is not None else None
+
+
+def read_view(timeout: float = 2.0) -> NmView | None:
+    """NetworkManager's devices and its global connectivity, or None (as :func:`read_devices`)."""
     try:
-        return _read_devices(timeout)
+        return _read_view(timeout)
     except Exception as error:  # D-Bus, socket and parsing errors alike mean "no NM view"
         log.debug("NetworkManager not available: %s", error)
         return None
@@ -183,7 +234,7 @@ def merge(classification: Classification, nm: NmDevice | None) -> Classification
     )
 
 
-def _read_devices(timeout: float) -> dict[str, NmDevice]:
+def _read_view(timeout: float) -> NmView:
     # Imported here so that the rest of Braid loads even where jeepney is missing.
     from jeepney import DBusAddress, DBusErrorResponse, Properties, new_method_call
     from jeepney.io.blocking import open_dbus_connection
@@ -211,7 +262,13 @@ def _read_devices(timeout: float) -> dict[str, NmDevice]:
                 log.debug("NetworkManager device %s: %s", path, error)
                 continue
             all_props.append(unwrap_variants(props))
-    return parse_devices(all_props)
+        reply = conn.send_and_get_reply(Properties(manager).get("Connectivity"), timeout=left())
+        try:
+            (connectivity,) = _unwrap(reply)
+            connectivity = CONNECTIVITY.get(_number(connectivity[1]))
+        except DBusErrorResponse:
+            connectivity = None
+    return NmView(parse_devices(all_props), connectivity)
 
 
 def _unwrap(reply: Any) -> tuple[Any, ...]:

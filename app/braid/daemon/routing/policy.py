@@ -12,10 +12,22 @@ often share one subnet and gateway):
 - an MPTCP endpoint per address with the device and the ``subflow`` flag
   (plus ``backup`` for backup links), so the kernel opens one subflow per link.
 
+An address may already have an endpoint of another program's: NetworkManager 1.40 and later
+adds one for every device with a default route, and the kernel refuses a second endpoint for
+an address. While braidd runs the userspace path manager no endpoint is used for new
+connections, so braidd leaves that one in place (NetworkManager would delete braidd's on the
+device's next activation and add its own again). Only where the kernel's own path manager
+opens the subflows (no userspace one) do the endpoint's flags decide, and braidd takes it over
+(``take_over_endpoints``). docs/ARCHITECTURE.md has the experiment.
+
 Everything Braid owns is recognisable without a record: tables and rule
 priorities in a reserved range, rules and routes with Braid's protocol
-number, endpoint ids in a reserved range. That is what lets ``cleanup``
-remove a crashed run's leftovers and nothing else.
+number, endpoints with an id in a reserved range *and* the address of Braid's
+rule for that id's slot. The id alone is not enough: the kernel numbers other
+programs' endpoints upwards from the highest id in use, so NetworkManager's
+land in Braid's range once braidd has added its own (seen: 185 and 186 after
+braidd's 180–184). That is what lets ``cleanup`` remove a crashed run's
+leftovers and nothing else; a running braidd deletes only the ids it added.
 
 The calls block (netlink round trips of a few milliseconds); the daemon runs
 them on one worker thread so changes never interleave.
@@ -59,6 +71,7 @@ SUBFLOWS_NEEDED = 8
 LIMITS_FILE = "mptcp-limits.json"
 
 ERRNO_EXISTS = 17
+ERRNO_BUSY = 16  # an endpoint id that is taken
 ERRNO_NOENT = 2
 ERRNO_NOSRCH = 3
 
@@ -135,6 +148,13 @@ class Routing:
         self._state_dir = state_dir
         self._applied: dict[str, LinkRouting] = {}
         self._withdrawn: set[str] = set()
+        #: Replace another program's endpoint for a link's address (set when the in-kernel
+        #: path manager opens the subflows, so that the endpoint's flags are braidd's).
+        self.take_over_endpoints = False
+        #: Addresses whose endpoint another program holds: address -> its endpoint id.
+        self._held: dict[str, int] = {}
+        #: The endpoints this braidd added: id -> address (never delete or change another's).
+        self._mine: dict[int, str] = {}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -286,7 +306,9 @@ class Routing:
             return
         self._withdrawn.discard(device)
         for family in (socket.AF_INET, socket.AF_INET6):
-            self._del_endpoint(want.endpoint_id(family))
+            self._del_own_endpoint(want.endpoint_id(family))
+        for address in want.addresses4 + want.addresses6:
+            self._held.pop(address, None)
         self._flush_rules(lambda prio: prio == want.priority)
         self._flush_table(want.table)
         log.info("link %s: routing removed", device)
@@ -304,17 +326,17 @@ class Routing:
 
     def cleanup(self) -> None:
         """Remove everything in Braid's ranges, whoever left it, and restore the limits."""
-        for endpoint in list(self._mptcp.endpoint("show")):
-            attrs = endpoint.get_attr("MPTCP_PM_ATTR_ADDR")
-            endpoint_id = attrs.get_attr("MPTCP_PM_ADDR_ATTR_ID") if attrs else None
-            if endpoint_id is not None and owns_endpoint(endpoint_id):
-                self._del_endpoint(endpoint_id)
+        for endpoint in self.endpoints():
+            if endpoint["id"] in self._mine or self._left_by_braid(endpoint):
+                self._del_endpoint(endpoint["id"])
+        self._mine.clear()
         self._flush_rules(owns_priority)
         for slot in range(SLOTS):
             self._flush_table(table_for(slot))
         self._flush_table(CAPTURE_TABLE)
         self.restore_limits()
         self._applied.clear()
+        self._held.clear()
 
     # -- internals ----------------------------------------------------------
 
@@ -365,6 +387,20 @@ class Routing:
                     if exc.code != ERRNO_EXISTS:
                         raise
 
+    def _left_by_braid(self, endpoint: dict) -> bool:
+        """An endpoint a braidd that stopped without cleaning up added: its id is in Braid's
+        range and its address is the source of Braid's rule for that id's slot."""
+        endpoint_id = endpoint["id"]
+        if endpoint_id is None or not owns_endpoint(endpoint_id):
+            return False
+        priority = RULE_PRIORITY_BASE + (endpoint_id - ENDPOINT_ID_BASE) // 2
+        family = socket.AF_INET6 if ":" in (endpoint["address"] or "") else socket.AF_INET
+        return any(
+            rule.get_attr("FRA_PRIORITY") == priority
+            and rule.get_attr("FRA_SRC") == endpoint["address"]
+            for rule in self._ipr.get_rules(family=family)
+        )
+
     def _install_endpoints(self, want: LinkRouting) -> None:
         flags = FLAG_SUBFLOW | (FLAG_BACKUP if want.backup else 0)
         for family, addresses in (
@@ -374,7 +410,7 @@ class Routing:
             if not addresses:
                 continue
             endpoint_id = want.endpoint_id(family)
-            self._del_endpoint(endpoint_id)
+            self._del_own_endpoint(endpoint_id)
             key = "addr4" if family == socket.AF_INET else "addr6"
             try:
                 self._mptcp.endpoint(
@@ -385,15 +421,83 @@ class Routing:
                     # pyroute2 0.9.7 declares the index as raw bytes: pass it packed.
                     if_idx=struct.pack("=i", want.ifindex),
                 )
+                self._held.pop(addresses[0], None)
+                self._mine[endpoint_id] = addresses[0]
             except NetlinkError as exc:
+                if exc.code in (ERRNO_BUSY, ERRNO_EXISTS) and self._adopt(
+                    endpoint_id, addresses[0]
+                ):
+                    continue
+                if exc.code == ERRNO_BUSY:
+                    # The kernel gave this id to another program's endpoint (it numbers them
+                    # upwards from the highest in use). Only the kernel's path manager reads
+                    # endpoints; braidd opens subflows by address and device.
+                    log.info(
+                        "link %s: MPTCP endpoint id %d is another program's; %s has none of "
+                        "braidd's",
+                        want.device,
+                        endpoint_id,
+                        addresses[0],
+                    )
+                    continue
                 if exc.code != ERRNO_EXISTS:
                     raise
-                log.warning(
-                    "link %s: an endpoint for %s exists already and is not Braid's; "
-                    "leaving it alone",
+                self._foreign_endpoint(want, family, addresses[0], flags)
+
+    def _adopt(self, endpoint_id: int, address: str) -> bool:
+        """The endpoint braidd wants is there already, with its id and address: a braidd
+        before this one added it (the kernel refuses a second one either way)."""
+        if not any(e["id"] == endpoint_id and e["address"] == address for e in self.endpoints()):
+            return False
+        self._mine[endpoint_id] = address
+        self._held.pop(address, None)
+        return True
+
+    def _foreign_endpoint(self, want: LinkRouting, family: int, address: str, flags: int) -> None:
+        """The kernel refused braidd's endpoint: another program's holds ``address``."""
+        holder = next((e for e in self.endpoints() if e["address"] == address), None)
+        if holder is None or holder["id"] in self._mine:
+            return  # gone in between, or braidd's own: the next pass retries
+        if not self.take_over_endpoints:
+            if self._held.get(address) != holder["id"]:
+                log.info(
+                    "link %s: %s has an MPTCP endpoint of another program's (id %d, %s; "
+                    "NetworkManager adds these); braidd opens this link's subflows itself, "
+                    "so it stays",
                     want.device,
-                    addresses[0],
+                    address,
+                    holder["id"],
+                    holder["flags"] or "no flags",
                 )
+            self._held[address] = holder["id"]
+            return
+        self._del_endpoint(holder["id"])
+        key = "addr4" if family == socket.AF_INET else "addr6"
+        self._del_own_endpoint(want.endpoint_id(family))
+        self._mptcp.endpoint(
+            "add",
+            **{key: address},
+            id=want.endpoint_id(family),
+            flags=flags,
+            if_idx=struct.pack("=i", want.ifindex),
+        )
+        self._held.pop(address, None)
+        self._mine[want.endpoint_id(family)] = address
+        log.info(
+            "link %s: took over the MPTCP endpoint of %s from another program (id %d): the "
+            "kernel's path manager opens the subflows, so the flags must be braidd's",
+            want.device,
+            address,
+            holder["id"],
+        )
+
+    def endpoints(self) -> list[dict]:
+        """Every MPTCP endpoint of the namespace: id, address, flags (names) and device."""
+        return [parse_endpoint(msg) for msg in self._mptcp.endpoint("show")]
+
+    def held(self) -> dict[str, int]:
+        """Links' addresses whose endpoint is another program's, with its id."""
+        return dict(self._held)
 
     def install_capture_routing(self, mark: int) -> None:
         """``ip rule fwmark MARK lookup 18432`` with a local default route to loopback.
@@ -441,7 +545,7 @@ class Routing:
             (socket.AF_INET, want.addresses4),
             (socket.AF_INET6, want.addresses6),
         ):
-            if addresses:
+            if addresses and want.endpoint_id(family) in self._mine:
                 self._set_flags(want.endpoint_id(family), family, addresses[0], flags)
         self._applied[device] = replace(want, backup=backup)
         log.info("link %s: %s", device, "backup" if backup else "no longer backup")
@@ -486,7 +590,7 @@ class Routing:
         if want is None or device in self._withdrawn:
             return
         for family in (socket.AF_INET, socket.AF_INET6):
-            self._del_endpoint(want.endpoint_id(family))
+            self._del_own_endpoint(want.endpoint_id(family))
         self._withdrawn.add(device)
         log.info("link %s: endpoints withdrawn", device)
 
@@ -499,6 +603,11 @@ class Routing:
         self._install_routes(want)
         self._install_endpoints(want)
         log.info("link %s: endpoints back", device)
+
+    def _del_own_endpoint(self, endpoint_id: int) -> None:
+        """Delete an endpoint this braidd added; an id it did not add may be another's."""
+        if self._mine.pop(endpoint_id, None) is not None:
+            self._del_endpoint(endpoint_id)
 
     def _del_endpoint(self, endpoint_id: int) -> None:
         try:
@@ -536,6 +645,29 @@ class Routing:
                 except NetlinkError as exc:
                     if exc.code not in (ERRNO_NOENT, ERRNO_NOSRCH):
                         raise
+
+
+FLAG_NAMES = ((FLAG_SIGNAL, "signal"), (FLAG_SUBFLOW, "subflow"), (FLAG_BACKUP, "backup"))
+
+
+def parse_endpoint(msg) -> dict:
+    attrs = msg.get_attr("MPTCP_PM_ATTR_ADDR")
+    get = attrs.get_attr if attrs is not None else (lambda name: None)
+    flags = get("MPTCP_PM_ADDR_ATTR_FLAGS") or 0
+    names = [name for bit, name in FLAG_NAMES if flags & bit]
+    if flags & 8:
+        names.append("fullmesh")
+    index = get("MPTCP_PM_ADDR_ATTR_IF_IDX")
+    if isinstance(index, str):  # pyroute2 0.9.7 gives the raw bytes as "02:00:00:00"
+        index = bytes.fromhex(index.replace(":", ""))
+    if isinstance(index, bytes):
+        index = struct.unpack("=i", index[:4])[0] if len(index) >= 4 else None
+    return {
+        "id": get("MPTCP_PM_ADDR_ATTR_ID"),
+        "address": get("MPTCP_PM_ADDR_ATTR_ADDR4") or get("MPTCP_PM_ADDR_ATTR_ADDR6"),
+        "flags": " ".join(names),
+        "ifindex": index or None,
+    }
 
 
 def _route_key(route, table: int) -> dict:
