@@ -11,7 +11,7 @@ For each it prints p50/p99 round trip, the share of datagrams later than 150 ms 
 worst gap between answers, the bulk download's goodput during the call, and draws every
 datagram's round trip to a PNG.
 
-    ./dev bench realtime [--png benchmarks/out/realtime.png] [--seconds 10]
+    ./dev bench realtime [--png benchmarks/out/realtime.png] [--seconds 10] [--only bulk ...]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ MODE = {
     "datagram, redundant": "redundant",
 }
 SITUATIONS = ("idle", "bulk download", "link blackholed 4 s", "link down 4 s")
+ONLY = dict(zip(SITUATIONS, ("idle", "bulk", "blackhole", "down"), strict=True))
 
 
 # --- the call client (runs in the laptop's namespace) -------------------------------------------
@@ -230,8 +231,10 @@ def draw(png: Path, results: dict, seconds: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(SITUATIONS), 1, figsize=(11, 3.2 * len(SITUATIONS)), sharex=True)
-    for ax, situation in zip(axes, SITUATIONS, strict=True):
+    fig, axes = plt.subplots(
+        len(results), 1, figsize=(11, 3.2 * len(results)), sharex=True, squeeze=False
+    )
+    for ax, situation in zip(axes[:, 0], results, strict=True):
         for contender in CONTENDERS:
             raw = results[situation][contender]["raw"]
             xs = [t for t, r in zip(raw["sent_at"], raw["rtts_ms"], strict=True) if r is not None]
@@ -244,7 +247,7 @@ def draw(png: Path, results: dict, seconds: float) -> None:
         ax.set_yscale("log")
         ax.set_xlim(0, seconds)
         ax.legend(loc="upper right", fontsize=7)
-    axes[-1].set_xlabel("time into the call (s)")
+    axes[-1, 0].set_xlabel("time into the call (s)")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -254,6 +257,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--png", type=Path, default=Path("benchmarks/out/realtime.png"))
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--only",
+        choices=("idle", "bulk", "blackhole", "down"),
+        action="append",
+        help="run only these situations (repeatable; default: all)",
+    )
     parser.add_argument("--call", help=argparse.SUPPRESS)
     parser.add_argument("--device", help=argparse.SUPPRESS)
     parser.add_argument("--bind", help=argparse.SUPPRESS)
@@ -266,14 +275,15 @@ def main() -> int:
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
-    results: dict = {s: {} for s in SITUATIONS}
+    chosen = [s for s in SITUATIONS if not args.only or ONLY[s] in args.only]
+    results: dict = {s: {} for s in chosen}
     started_load = os.getloadavg()[0]
     with World(links_for(RTTS, RATES)) as world, BraidStack(world) as stack:
         stack.call("up", pairing=stack.pairing_uri, mode="system")
         wait_for(lambda: stack.status()["datagram"]["session"], 20)
         wait_for(lambda: all(x["usable"] for x in stack.status()["datagram"]["links"]), 20)
         alone = bulk_alone(world, args.seconds)
-        for situation in SITUATIONS:
+        for situation in chosen:
             for contender in CONTENDERS:
                 raw, summary, goodput, cut = measure(
                     stack, world, contender, situation, args.seconds
@@ -296,7 +306,7 @@ def main() -> int:
         "| situation | contender | p50 ms | p99 ms | late (>150 ms) or lost | lost | worst gap ms | bulk Mbit/s |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for situation in SITUATIONS:
+    for situation in chosen:
         for contender in CONTENDERS:
             r = results[situation][contender]
             print(
