@@ -219,50 +219,53 @@ async def serve_speedtest(
         await close_writer(writer)
         return
     started = time.monotonic()
-    moved = 0
+    moved = _Moved()
     try:
         if ask.direction is Direction.DOWN:
-            moved = await _send(writer, grant)
+            await _send(writer, grant, moved)
         else:
-            moved = await _sink(frames, writer, grant)
+            await _sink(frames, writer, grant, moved)
+    except (ConnectionError, OSError):
+        pass  # the client hung up: how braidd ends a test once it has its figure
     finally:
-        tests.finish(ticket, moved)
+        # Counted and let go as soon as the transfer ends; the close may take longer.
+        tests.finish(ticket, moved.bytes)
         if ask.direction is Direction.DOWN:
-            count(0, moved)
+            count(0, moved.bytes)
         else:
-            count(moved, 0)
+            count(moved.bytes, 0)
         log.info(
             "%s: speed test %s: %d bytes in %.1f s (granted %d bytes, %d ms)",
             label,
             ask.direction.name.lower(),
-            moved,
+            moved.bytes,
             time.monotonic() - started,
             grant.bytes,
             grant.ms,
         )
+    await close_writer(writer)  # what is queued still goes out, unless the client hung up
 
 
-async def _send(writer: asyncio.StreamWriter, grant: Grant) -> int:
-    """Send the server's data until the granted bytes or time; the bytes sent."""
-    sent = 0
-    deadline = time.monotonic() + grant.ms / 1000
-    try:
+@dataclass
+class _Moved:
+    bytes: int = 0
+
+
+async def _send(writer: asyncio.StreamWriter, grant: Grant, moved: _Moved) -> None:
+    """Send the server's data until the granted bytes or time, then the end frame."""
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(grant.ms / 1000):
-            while sent < grant.bytes and time.monotonic() < deadline:
-                size = min(len(_BLOCK), grant.bytes - sent)
+            while moved.bytes < grant.bytes:
+                size = min(len(_BLOCK), grant.bytes - moved.bytes)
                 _frame(writer, _BLOCK[:size] if size < len(_BLOCK) else _BLOCK)
-                sent += size
+                moved.bytes += size
                 await writer.drain()
-    except TimeoutError:
-        pass
     writer.write(EOF_FRAME)
-    await close_writer(writer)  # what is queued still goes out; the client may cut it short
-    return sent
 
 
-async def _sink(frames: _Frames, writer: asyncio.StreamWriter, grant: Grant) -> int:
+async def _sink(frames: _Frames, writer: asyncio.StreamWriter, grant: Grant, moved: _Moved) -> None:
     """Receive the client's data, reporting as it comes, until the granted bytes or time (and a
-    little grace for what was already on its way); the bytes received."""
+    little grace for what was already on its way), then the last report and the end frame."""
     loop = asyncio.get_running_loop()
     first: float | None = None
     last_report = 0.0
@@ -270,12 +273,13 @@ async def _sink(frames: _Frames, writer: asyncio.StreamWriter, grant: Grant) -> 
 
     def report() -> None:
         ms = 0 if first is None else int((loop.time() - first) * 1000)
-        _frame(writer, encode_report(Report(frames.bytes, ms)))
+        _frame(writer, encode_report(Report(moved.bytes, ms)))
 
-    try:
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout_at(limit):
             while frames.bytes < grant.bytes:
                 frame = await frames.next()
+                moved.bytes = frames.bytes
                 if frame is None:
                     break
                 now = loop.time()
@@ -285,20 +289,15 @@ async def _sink(frames: _Frames, writer: asyncio.StreamWriter, grant: Grant) -> 
                     last_report = now
                     report()
                     await writer.drain()
-    except TimeoutError:
-        pass
-    received = frames.bytes
     report()
     writer.write(EOF_FRAME)
     await writer.drain()
     # What is still on its way is read and dropped for a moment, so that the client reads the
     # last report before the connection goes (it hangs up on the end frame).
-    with contextlib.suppress(TimeoutError, OSError):
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(GRACE):
             while await frames.reader.read(READ_SIZE):
                 pass
-    await close_writer(writer)
-    return received
 
 
 __all__ = [
