@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from braid.aio import spawn
 from braid.protocol.address import Address
 from braid.protocol.control import ControlError, ErrorCode
+from braid.protocol.session import DataReceived, SessionError, StreamEnded
 from braid.protocol.speedtest import (
     Ask,
     Direction,
@@ -38,6 +39,7 @@ from braid.protocol.speedtest import (
     steady_rate,
 )
 from braid.protocol.tunnel import FRAME_MAX, Command, ProtocolError, Reply
+from braid.transport import READ_SIZE
 from braid.tunnel_client import Tunnel, TunnelError, open_tunnel
 
 #: The whole run ends within this many seconds (connecting, joining and measuring).
@@ -126,8 +128,21 @@ def _recent_bps(samples: list[tuple[float, int]], span: float = 1.0) -> float | 
     return (end_b - start[1]) * 8 / elapsed if elapsed > 0 else None
 
 
-async def _answer(tunnel: Tunnel, direction: Direction, seconds: float) -> float:
-    """Send the request and read the grant; the seconds the transfer may last."""
+async def _read(tunnel: Tunnel) -> tuple[int, list]:
+    """What arrived next: its size, counted as read (a 64 KiB frame is too coarse a step at a
+    few Mbit/s), and the session's events for it. Raises TunnelError."""
+    try:
+        data = await tunnel.reader.read(READ_SIZE)
+        if not data:
+            tunnel.session.receive_eof()  # raises: the server did not end its stream
+        return len(data), tunnel.session.receive(data)
+    except (OSError, SessionError) as exc:  # ssl.SSLError is an OSError
+        raise TunnelError(f"the tunnel to {tunnel.server} broke ({exc})") from None
+
+
+async def _answer(tunnel: Tunnel, direction: Direction, seconds: float) -> tuple[float, int, list]:
+    """Send the request and read the grant: the seconds the transfer may last, and the bytes
+    and events that came behind the grant in the same reads."""
     address = Address("0.0.0.0", 0)
     tunnel.send_request(address, Command.SPEEDTEST)
     ask = Ask(direction, MAX_BYTES, int(seconds * 1000))
@@ -140,17 +155,26 @@ async def _answer(tunnel: Tunnel, direction: Direction, seconds: float) -> float
         )
     if reply.code is not Reply.SUCCEEDED:
         raise TunnelError(f"the server refused the speed test: {reply.code.describe()}")
+    events: list = []
+    read = 0
     try:
         async with asyncio.timeout(ANSWER_TIMEOUT):
-            frame = await tunnel.receive_datagram()
-        grant = parse_grant(frame or b"")
+            while not any(isinstance(event, DataReceived) for event in events):
+                if any(isinstance(event, StreamEnded) for event in events):
+                    raise ProtocolError("the server ended the speed test without a grant")
+                size, more = await _read(tunnel)
+                read += size
+                events += more
+        first = next(i for i, event in enumerate(events) if isinstance(event, DataReceived))
+        grant = parse_grant(events[first].data)
     except TimeoutError:
         raise TunnelError("the server did not answer the speed-test request in time") from None
     except ProtocolError as exc:
         raise TunnelError(str(exc)) from None
     if grant.status is not Status.GRANTED:
         raise SpeedTestRefused(grant.status.describe(grant.retry_after))
-    return min(seconds, grant.ms / 1000)
+    behind = read - 2 - len(events[first].data)  # the REPLY was read exactly; then the grant
+    return min(seconds, grant.ms / 1000), behind, events[first + 1 :]
 
 
 async def measure(
@@ -164,32 +188,39 @@ async def measure(
     Raises SpeedTestRefused (the server will not) or TunnelError (the tunnel broke).
     """
     try:
-        limit = await _answer(tunnel, direction, seconds)
+        limit, behind, early = await _answer(tunnel, direction, seconds)
         if direction is Direction.DOWN:
-            return await _download(tunnel, limit, progress)
-        return await _upload(tunnel, limit, progress)
+            return await _download(tunnel, limit, progress, behind, early)
+        return await _upload(tunnel, limit, progress, early)
     finally:
         await tunnel.close(abort=True)  # queued data is worth nothing now
 
 
-async def _download(tunnel: Tunnel, limit: float, progress) -> Measured:
+async def _download(tunnel: Tunnel, limit: float, progress, received: int, early: list) -> Measured:
+    """Count what arrives until ``limit`` seconds after the first bytes, or the end frame."""
     loop = asyncio.get_running_loop()
     samples: list[tuple[float, int]] = []
-    received = 0
+    ended = any(isinstance(event, StreamEnded) for event in early)
+    if received:
+        samples.append((loop.time(), received))
     deadline: float | None = None
     shown = loop.time()
     with contextlib.suppress(TimeoutError):
-        # The first frame starts the clock; the server stops by itself at its granted time.
+        # The first bytes start the clock; the server stops by itself at its granted time.
         async with asyncio.timeout(limit + ANSWER_TIMEOUT) as timer:
-            while True:
-                frame = await tunnel.receive_datagram()
-                if frame is None:
-                    break
+            while not ended:
+                try:
+                    size, events = await _read(tunnel)
+                except TunnelError:
+                    if samples:
+                        break  # cut short: what came so far still makes a figure
+                    raise
+                ended = any(isinstance(event, StreamEnded) for event in events)
                 now = loop.time()
-                received += len(frame)
+                received += size
                 samples.append((now, received))
                 if deadline is None:
-                    deadline = now + limit
+                    deadline = samples[0][0] + limit
                     timer.reschedule(deadline)
                 if now - shown >= PROGRESS_INTERVAL:
                     shown = now
@@ -197,7 +228,7 @@ async def _download(tunnel: Tunnel, limit: float, progress) -> Measured:
     return _result(samples)
 
 
-async def _upload(tunnel: Tunnel, limit: float, progress) -> Measured:
+async def _upload(tunnel: Tunnel, limit: float, progress, early: list) -> Measured:
     loop = asyncio.get_running_loop()
     with contextlib.suppress(OSError):
         tunnel.sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
@@ -209,17 +240,23 @@ async def _upload(tunnel: Tunnel, limit: float, progress) -> Measured:
                 tunnel.writer.write(tunnel.session.send_data(_ZEROS))
                 await tunnel.writer.drain()
 
-    async def reports() -> None:
-        shown = loop.time()
-        while True:
-            frame = await tunnel.receive_datagram()
-            if frame is None:
-                return
+    def take(events: list) -> bool:
+        """Keep the reports among ``events``; whether the server ended the test."""
+        for event in events:
+            if isinstance(event, StreamEnded):
+                return True
             try:
-                report = parse_report(frame)
+                report = parse_report(event.data)
             except ProtocolError as exc:
                 raise TunnelError(str(exc)) from None
             samples.append((report.ms / 1000, report.bytes))
+        return False
+
+    async def reports() -> None:
+        shown = loop.time()
+        if take(early):
+            return
+        while not take((await _read(tunnel))[1]):
             if loop.time() - shown >= PROGRESS_INTERVAL:
                 shown = loop.time()
                 progress(_recent_bps(samples))
@@ -453,8 +490,13 @@ def _why_not(link, family: int) -> str:
 async def run_speed_test(r, mark: int | None, seconds: float | None, progress: Progress) -> dict:
     """The whole ``speed-test`` answer (raises ControlError when it cannot run at all)."""
     run = Run(r, mark, seconds, progress)
-    async with asyncio.timeout(TIME_LIMIT + 5):  # a bug must not make it unbounded
-        return await run.run()
+    try:
+        async with asyncio.timeout(TIME_LIMIT + 5):  # a bug must not make it unbounded
+            return await run.run()
+    except TimeoutError:
+        raise ControlError(
+            ErrorCode.FAILED, f"the speed test did not end within {TIME_LIMIT + 5:.0f} s"
+        ) from None
 
 
 __all__ = ["Measured", "SpeedTestRefused", "measure", "run_speed_test", "seconds_each"]

@@ -127,7 +127,10 @@ def steady_rate(samples: list[tuple[float, int]], warmup: float = 0.2) -> float 
 
     ``samples`` are (seconds, bytes received so far) as the receiver saw them, in order. The
     first ``warmup`` share of the time (at most half a second) is left out: slow start and the
-    first queue filling are not the path's rate. None with fewer than two samples or no time.
+    first queue filling are not the path's rate. The rate is the least-squares slope of the
+    rest, so one sample taken late (a receiver busy for a moment reads a backlog at once) moves
+    it little, where the first and last samples alone would carry the whole error. None with
+    fewer than two samples or no time between them.
     """
     if len(samples) < 2:
         return None
@@ -135,13 +138,15 @@ def steady_rate(samples: list[tuple[float, int]], warmup: float = 0.2) -> float 
     if end <= start:
         return None
     skip = start + min(0.5, warmup * (end - start))
-    first = next(s for s in samples if s[0] >= skip)
-    if first is samples[-1]:
-        first = samples[0]
-    elapsed = samples[-1][0] - first[0]
-    if elapsed <= 0:
+    steady = [s for s in samples if s[0] >= skip]
+    if len(steady) < 3:
+        steady = samples
+    mean_t = sum(t for t, _ in steady) / len(steady)
+    mean_b = sum(b for _, b in steady) / len(steady)
+    spread = sum((t - mean_t) ** 2 for t, _ in steady)
+    if spread <= 0:
         return None
-    return (samples[-1][1] - first[1]) / elapsed
+    return sum((t - mean_t) * (b - mean_b) for t, b in steady) / spread
 
 
 __all__ = [
