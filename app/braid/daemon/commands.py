@@ -170,6 +170,9 @@ class Commands:
         self._speed_running = True
         try:
             result = await speed.run_speed_test(self.r, OWN_MARK, seconds, progress)
+        except ControlError as exc:
+            log.info("speed test ended without a result: %s", exc.message)
+            raise
         finally:
             self._speed_running = False
         log.info(
