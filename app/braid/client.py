@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from braid.protocol import control
-from braid.protocol.client_core import ClientCore, Garbage, Pushed, Reply
+from braid.protocol.client_core import ClientCore, Garbage, Progress, Pushed, Reply
 from braid.protocol.control import ControlError
 
 
@@ -91,11 +92,15 @@ class ControlClient:
             if isinstance(item, Pushed):
                 yield item.message
 
-    def call(self, cmd: str, **args: Any) -> Any:
-        """Send one request and return its result; raises ControlError on an error reply."""
+    def call(self, cmd: str, on_progress: Callable[[dict], None] | None = None, **args: Any) -> Any:
+        """Send one request and return its result; raises ControlError on an error reply.
+
+        ``on_progress`` is told what the daemon says of a long request before it answers."""
         request_id, data = self._core.request(cmd, **args)
         self._sock.sendall(data)
         for item in self._incoming():
             if isinstance(item, Reply) and item.id == request_id:
                 return item.unwrap()
+            if isinstance(item, Progress) and item.id == request_id and on_progress is not None:
+                on_progress(item.news)
         raise DaemonUnavailable("the Braid daemon closed the connection")  # pragma: no cover

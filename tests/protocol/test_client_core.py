@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from braid.protocol import control
-from braid.protocol.client_core import MAX_INCOMING_LINE, ClientCore, Garbage, Pushed, Reply
+from braid.protocol.client_core import (
+    MAX_INCOMING_LINE,
+    ClientCore,
+    Garbage,
+    Progress,
+    Pushed,
+    Reply,
+)
 from braid.protocol.control import ControlError
 
 
@@ -31,6 +38,23 @@ def test_replies_match_their_requests_across_split_reads_and_events_between() ->
     assert len(items) == 3 and core.pending == {}
     with pytest.raises(ControlError, match="no link"):
         items[1].unwrap()
+
+
+def test_progress_comes_before_the_answer_and_keeps_the_request_pending() -> None:
+    core = ClientCore()
+    asked, _ = core.request("speed-test")
+    stream = (
+        control.progress(asked, {"step": 1, "steps": 6, "link": "eth0"})
+        + control.progress(asked, {"step": 2, "steps": 6, "link": "eth0"})
+        + control.ok(asked, {"links": []})
+    )
+    items = core.receive(stream)
+    assert items[:2] == [
+        Progress(asked, "speed-test", {"step": 1, "steps": 6, "link": "eth0"}),
+        Progress(asked, "speed-test", {"step": 2, "steps": 6, "link": "eth0"}),
+    ]
+    assert items[2] == Reply(asked, "speed-test", True, {"links": []})
+    assert core.pending == {}
 
 
 def test_garbage_and_overlong_lines_are_reported_not_raised() -> None:

@@ -22,6 +22,7 @@ from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.routing.policy import SLOTS
 from braid.daemon.settings import SETTINGS, Settings
 from braid.files import load_json
+from braid.protocol import control
 from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.events import Event, EventKind
 from braid.protocol.pairing import Pairing, PairingError, parse_pairing
@@ -53,6 +54,7 @@ class Commands:
         #: The MPTCP counters when braidd started: `doctor` counts from there.
         self._counters_at_start: dict[str, int] | None = None
         self._doctor_run: asyncio.Future | None = None
+        self._speed_running = False
 
     async def start(self) -> None:
         """What the commands need to know from the start (run once braidd is set up)."""
@@ -77,6 +79,7 @@ class Commands:
             "set-settings": self.set_settings,
             "route-process": self.route_process,
             "doctor": self.doctor,
+            "speed-test": self.speed_test,
         }
 
     #: The commands that change state: braidd refuses them to callers without the right.
@@ -91,6 +94,7 @@ class Commands:
             "set-order",
             "set-settings",
             "route-process",
+            "speed-test",  # it costs data on every link, metered ones included
         }
     )
 
@@ -133,6 +137,53 @@ class Commands:
 
         observations = await doctor.observe(self.r, OWN_MARK, self._counters_at_start)
         return doctor.diagnose(observations, self.r.pairing.port if self.r.pairing else None)
+
+    async def speed_test(self, caller: Caller, request: dict) -> dict:
+        """Each link's download and upload to the server, then all bonded (bounded in time and
+        volume; progress lines go to the caller before the answer)."""
+        from braid.daemon import speed
+
+        seconds = request.get("seconds")
+        if seconds is not None and (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not speed.MIN_SECONDS <= seconds <= speed.MAX_SECONDS
+        ):
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"seconds must be a number from {speed.MIN_SECONDS:g} to {speed.MAX_SECONDS:g}",
+            )
+        if self._speed_running:
+            raise ControlError(
+                ErrorCode.FAILED,
+                "a speed test is running already: wait for it to end (at most "
+                f"{speed.TIME_LIMIT:.0f} s) and ask again",
+            )
+        writer, request_id = request["_writer"], request.get("id")
+
+        def progress(news: dict) -> None:
+            if writer.is_closing():  # the caller went away: stop moving data for nobody
+                raise ControlError(ErrorCode.FAILED, "the caller closed the connection")
+            writer.write(control.progress(request_id, news))
+
+        log.info("speed test requested by %s", caller.describe())
+        self._speed_running = True
+        try:
+            result = await speed.run_speed_test(self.r, OWN_MARK, seconds, progress)
+        except ControlError as exc:
+            log.info("speed test ended without a result: %s", exc.message)
+            raise
+        finally:
+            self._speed_running = False
+        log.info(
+            "speed test: %s",
+            ", ".join(
+                f"{entry['name']} down {entry['down_mbps']} up {entry['up_mbps']} Mbit/s"
+                for entry in [*result["links"], result["bonded"]]
+                if not entry["skipped"]
+            ),
+        )
+        return result
 
     # -- pairing ------------------------------------------------------------------
 

@@ -47,6 +47,15 @@ class Pushed:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """How a pending request is getting on; its answer is still to come."""
+
+    id: int
+    cmd: str
+    news: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Garbage:
     """Something the daemon sent that this client cannot read."""
 
@@ -72,10 +81,10 @@ class ClientCore:
         self._buffer.clear()
         return list(pending)
 
-    def receive(self, data: bytes) -> list[Reply | Pushed | Garbage]:
+    def receive(self, data: bytes) -> list[Reply | Progress | Pushed | Garbage]:
         """Bytes from the daemon: what the complete lines among them say."""
         self._buffer += data
-        out: list[Reply | Pushed | Garbage] = []
+        out: list[Reply | Progress | Pushed | Garbage] = []
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:
@@ -90,9 +99,9 @@ class ClientCore:
                 if item is not None:
                     out.append(item)
 
-    def line(self, line: bytes) -> Reply | Pushed | Garbage | None:
-        """One line: a reply to a pending request, a pushed message, garbage, or None (a reply
-        to nothing this client asked)."""
+    def line(self, line: bytes) -> Reply | Progress | Pushed | Garbage | None:
+        """One line: a reply to a pending request, its progress, a pushed message, garbage, or
+        None (a reply to nothing this client asked)."""
         try:
             message = control.decode_reply(line)
         except ControlError as exc:
@@ -102,6 +111,8 @@ class ClientCore:
         request_id = message.get("id")
         if not isinstance(request_id, int) or request_id not in self.pending:
             return None
+        if isinstance(message.get("progress"), dict):
+            return Progress(request_id, self.pending[request_id], message["progress"])
         cmd = self.pending.pop(request_id)
         if message.get("ok"):
             return Reply(request_id, cmd, True, message.get("result"))
@@ -115,4 +126,4 @@ class ClientCore:
         )
 
 
-__all__ = ["ClientCore", "Garbage", "Pushed", "Reply"]
+__all__ = ["ClientCore", "Garbage", "Progress", "Pushed", "Reply"]

@@ -4,6 +4,7 @@ Newline-delimited JSON over a Unix socket. Every message carries the protocol
 version ``v``. A request is ``{"v": 1, "id": 7, "cmd": "status", ...}``; its
 answer is ``{"v": 1, "id": 7, "ok": true, "result": {...}}`` or
 ``{"v": 1, "id": 7, "ok": false, "error": {"code": "...", "message": "..."}}``.
+A long request may send ``{"v": 1, "id": 7, "progress": {...}}`` lines before its answer.
 See docs/control-api.md.
 """
 
@@ -64,6 +65,11 @@ def decode_request(line: bytes) -> dict[str, Any]:
 
 def ok(request_id: Any, result: Any = None) -> bytes:
     return encode({"id": request_id, "ok": True, "result": result})
+
+
+def progress(request_id: Any, news: dict[str, Any]) -> bytes:
+    """How a long request is getting on, sent before its answer (``speed-test``)."""
+    return encode({"id": request_id, "progress": news})
 
 
 def error(request_id: Any, code: str, message: str) -> bytes:

@@ -17,7 +17,9 @@ datagrams to and from the address, one datagram per frame (the session ends
 with the end-of-stream frame or when idle). DNS carries DNS messages, one per
 frame, that the server answers through its own resolver; the address is
 ignored (send 0.0.0.0:53). Replies come back in any order; the client matches
-them by the DNS message id.
+them by the DNS message id. SPEEDTEST measures the tunnel itself: the server
+sends or sinks data of its own within caps (see braid.protocol.speedtest); the
+address is ignored.
 
 A server that does not accept the HELLO closes the connection without a
 byte, so an unauthenticated peer learns nothing about it.
@@ -47,6 +49,7 @@ class Command(enum.IntEnum):
     UDP = 3
     DNS = 4
     DATAGRAM = 5  # a datagram-path session (braid.protocol.datagram); the address is ignored
+    SPEEDTEST = 6  # a bounded speed test against the server itself (braid.protocol.speedtest)
 
 
 class Reply(enum.IntEnum):

@@ -4,7 +4,8 @@ One connection carries one flow: TLS handshake, HELLO with the token, AUTH_OK,
 then (after up to ``timeouts.idle`` in the client's warm pool) one REQUEST,
 its REPLY, and the framed relay until both directions have ended. The flow
 is a TCP stream (CONNECT), datagrams to one destination (UDP, see udp.py) or
-DNS messages answered by the server's resolver (DNS, see dns.py).
+DNS messages answered by the server's resolver (DNS, see dns.py), or a bounded
+speed test against the server itself (SPEEDTEST, see speedtest.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from braid.server.datagram import DatagramSessions
 from braid.server.dns import Resolver, serve_dns
 from braid.server.policy import judge, normalise
 from braid.server.probe import start_probe_responder
+from braid.server.speedtest import SpeedTests, serve_speedtest
 from braid.server.state import (
     Device,
     DeviceSeen,
@@ -407,6 +409,7 @@ class BraidServer:
         self.warnings = WarningLimiter()
         self.admission = admission_for(max_files)
         self.datagrams = DatagramSessions(self._open_udp, self.udp_idle)
+        self.speed_tests = SpeedTests()
         self._clients: Counter[str] = Counter()  # authenticated tunnels open per address
         self._tunnels: dict[Device, set[asyncio.Task]] = {}  # open, per device
         self.seen: dict[str, DeviceSeen] = read_seen(state)[1] if state is not None else {}
@@ -809,6 +812,16 @@ class BraidServer:
             await self._serve_dns(tunnel, label)
         elif request.command == Command.DATAGRAM:
             await self.datagrams.serve(tunnel.reader, tunnel.writer, label)
+        elif request.command == Command.SPEEDTEST:
+            await serve_speedtest(
+                reader,
+                writer,
+                session,
+                tunnel.device.name,
+                self.speed_tests,
+                label,
+                self._count,
+            )
         else:
             log.info("%s: unsupported command %s", label, request.command.name)
             await self._reply(tunnel, Reply.COMMAND_NOT_SUPPORTED)
