@@ -42,6 +42,11 @@ def render(report: dict) -> str:
     lines.append("this laptop:")
     for finding in report["laptop"]:
         lines.append(f"  [{MARK[finding['level']]}] {finding['check']:<9} {finding['text']}")
+    if report.get("server_checks"):
+        lines.append("")
+        lines.append("the server:")
+        for finding in report["server_checks"]:
+            lines.append(f"  [{MARK[finding['level']]}] {finding['check']:<9} {finding['text']}")
     lines.append("")
     lines.append(f"=> {VERDICTS[report['level']]}")
     return "\n".join(lines)
@@ -57,6 +62,20 @@ def _megabytes(count: int) -> str:
     return f"{count / 1e6:.1f} MB" if count < 1e8 else f"{count / 1e6:.0f} MB"
 
 
+def _round_trips(link: dict) -> str:
+    """ "11 ms idle, 34 ms downloading, 52 ms uploading" (what is known of it)."""
+    parts = [
+        f"{link[key]:.0f} ms {label}"
+        for key, label in (
+            ("rtt_idle_ms", "idle"),
+            ("rtt_down_ms", "downloading"),
+            ("rtt_up_ms", "uploading"),
+        )
+        if link.get(key) is not None
+    ]
+    return ", ".join(parts)
+
+
 def render_speed(result: dict) -> str:
     """The speed test in plain words: one line per link, then the bonded total."""
     lines = [
@@ -67,6 +86,9 @@ def render_speed(result: dict) -> str:
             lines.append(f"{link['name']}: not tested ({link['skipped']})")
             continue
         text = f"{link['name']}: down {_rate(link['down_mbps'])}, up {_rate(link['up_mbps'])}"
+        rtts = _round_trips(link)
+        if rtts:
+            text += f"; round trip {rtts}"
         lines.append(text + (f" ({link['error']})" if link["error"] else ""))
     bonded = result["bonded"]
     if bonded["skipped"]:

@@ -53,6 +53,7 @@ def test_a_healthy_link_has_only_ok_findings() -> None:
             links=[healthy(), healthy("wlan0")],
             limits={"subflows": 8, "add_addr_accepted": 0},
             counters=COUNTERS,
+            server_info={"version": "0.1.0", "mptcp_limits": {"subflows": 8}},
         ),
         7443,
     )
@@ -128,6 +129,35 @@ def test_the_laptop_limits_and_counters() -> None:
     assert laptop(limits=good, counters={})["counters"] == "warning"
     unpaired = diagnose(Observations(), None)
     assert unpaired["laptop"][0]["check"] == "server" and unpaired["level"] == "error"
+
+
+def test_the_servers_limits_bind_the_links_too() -> None:
+    def server(**kw) -> list[dict]:
+        links = [healthy(), healthy("wlan0"), healthy("usb0")]
+        obs = Observations(server="s:1", connected=True, links=links, **kw)
+        return diagnose(obs, 1)["server_checks"]
+
+    good = server(server_info={"version": "0.1.0", "mptcp_limits": {"subflows": 8}})
+    assert [f["level"] for f in good] == ["ok"] and "subflows 8" in good[0]["text"]
+    low = server(server_info={"version": "0.1.0", "mptcp_limits": {"subflows": 1}})
+    assert low[0]["level"] == "error" and "ip mptcp limits set subflows 8" in low[0]["text"]
+    unread = server(server_info={"version": "0.1.0", "mptcp_limits": None})
+    assert unread[0]["level"] == "warning" and "net.mptcp.enabled" in unread[0]["text"]
+    old = server(server_info_error="the server is too old to say (upgrade braid-server there)")
+    assert old[0]["level"] == "warning" and "too old" in old[0]["text"]
+    assert diagnose(Observations(server="s:1", connected=False), 1)["server_checks"] == []
+    text = render(
+        diagnose(
+            Observations(
+                server="s:1",
+                connected=True,
+                links=[healthy()],
+                server_info={"version": "0.1.0", "mptcp_limits": {"subflows": 8}},
+            ),
+            1,
+        )
+    )
+    assert "the server:" in text and "braid-server 0.1.0" in text
 
 
 def test_a_link_behind_a_captive_portal_needs_sign_in_not_repair() -> None:

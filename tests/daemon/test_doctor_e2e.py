@@ -82,6 +82,10 @@ def test_a_healthy_world_is_healthy(stack: BraidStack) -> None:
         assert findings(result, name)["join"]["level"] == "ok", findings(result, name)
     limits = next(f for f in result["laptop"] if f["check"] == "limits")
     assert limits["level"] == "ok" and "subflows 8" in limits["text"]
+    # The server's limits, as braid-server reports them (it raised them to 8 at its start).
+    (server,) = result["server_checks"]
+    assert server["level"] == "ok" and "subflows 8" in server["text"], server
+    assert "the server:" in done.stdout
 
 
 def test_doctors_asked_together_share_one_run(stack: BraidStack) -> None:

@@ -70,6 +70,9 @@ def test_each_link_near_its_rate_and_bonded_above_the_best(stack: BraidStack) ->
         for direction in ("down", "up"):
             measured = entry[f"{direction}_mbps"]
             assert 0.6 * rate <= measured <= 1.1 * rate, (name, direction, measured, rate)
+        # The probes' round trip idle and with the link full: the queue its ISP builds.
+        assert entry["rtt_idle_ms"] is not None and entry["rtt_down_ms"] is not None, entry
+        assert entry["rtt_down_ms"] > entry["rtt_idle_ms"], entry
     bonded = result["bonded"]
     assert sorted(bonded["links"]) == sorted(RATES), bonded
     for direction in ("down", "up"):
@@ -84,6 +87,7 @@ def test_each_link_near_its_rate_and_bonded_above_the_best(stack: BraidStack) ->
     assert steps[-1].startswith("[10/10] all links bonded: upload"), done.stderr
     text = render_speed(result)
     assert f"eth0: down {links['eth0']['down_mbps']:.1f} Mbit/s, up " in text
+    assert " ms idle, " in text and " ms downloading" in text
     assert "all links bonded: down " in text
 
 

@@ -110,7 +110,7 @@ def test_datagram_commands_round_trip(command: Command, address: Address) -> Non
 
 def test_command_values_are_fixed() -> None:
     """The values are on the wire: 2 (SOCKS's BIND) stays unused, 3, 4, 5 and 6 never move."""
-    assert [int(c) for c in Command] == [1, 3, 4, 5, 6]
+    assert [int(c) for c in Command] == [1, 3, 4, 5, 6, 7]
     with pytest.raises(ProtocolError, match="unknown command 2"):
         parse_request(b"\x02\x01\x01\x02\x03\x04\x00\x50")
 

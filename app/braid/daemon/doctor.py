@@ -97,6 +97,9 @@ class Observations:
     userspace_pm: bool = True
     counters: dict[str, int] = field(default_factory=dict)
     counters_since: str = "boot"  # or "braidd started"
+    #: What the server says of itself (Command.INFO): version and MPTCP limits; or why not.
+    server_info: dict | None = None
+    server_info_error: str | None = None
     elapsed_ms: float = 0.0
 
     def to_json(self) -> dict:
@@ -342,6 +345,96 @@ def diagnose_laptop(obs: Observations) -> list[Finding]:
     return out
 
 
+def diagnose_server(obs: Observations) -> list[Finding]:
+    """What the server said of itself: its MPTCP limits bind the laptop's links too (pure)."""
+    if not obs.server or not obs.connected:
+        return []
+    if obs.server_info is None:
+        return [
+            Finding(
+                "limits",
+                WARNING,
+                f"cannot read the server's MPTCP limits: {obs.server_info_error or 'no answer'}",
+            )
+        ]
+    version = obs.server_info.get("version") or "?"
+    limits = obs.server_info.get("mptcp_limits")
+    if not isinstance(limits, dict):
+        return [
+            Finding(
+                "limits",
+                WARNING,
+                f"braid-server {version} cannot read its own MPTCP limits (is MPTCP enabled "
+                "there? sysctl net.mptcp.enabled)",
+            )
+        ]
+    used = [
+        link
+        for link in obs.links
+        if link.priority != "never" and link.state == "up" and link.address is not None
+    ]
+    subflows = int(limits.get("subflows", 0))
+    text = (
+        f"braid-server {version}, MPTCP limits: subflows {subflows}, add_addr_accepted "
+        f"{int(limits.get('add_addr_accepted', 0))}"
+    )
+    if subflows < max(len(used) - 1, 1):
+        return [
+            Finding(
+                "limits",
+                ERROR,
+                f"{text}: too low for {len(used)} links; on the server, as root: "
+                "ip mptcp limits set subflows 8 (braid-server raises it when it starts as root)",
+            )
+        ]
+    return [Finding("limits", OK, text)]
+
+
+async def ask_server_info(
+    pairing, address: str, mark: int | None, timeout: float = CONNECT_TIMEOUT
+) -> tuple[dict | None, str | None]:
+    """The server's answer to Command.INFO, or (None, why not)."""
+    import json
+
+    from braid.protocol.address import Address
+    from braid.protocol.session import DataReceived, SessionError, StreamEnded
+    from braid.protocol.tunnel import Command, Reply
+    from braid.tunnel_client import TunnelError, open_tunnel
+
+    try:
+        tunnel = await open_tunnel(pairing, timeout=timeout, addresses=[address], mark=mark)
+    except TunnelError as exc:
+        return None, str(exc)
+    try:
+        nowhere = Address("0.0.0.0", 0)
+        tunnel.send_request(nowhere, Command.INFO)
+        reply = await tunnel.read_reply(nowhere, timeout=timeout)
+        if reply.code is Reply.COMMAND_NOT_SUPPORTED:
+            return None, "the server is too old to say (upgrade braid-server there)"
+        if reply.code is not Reply.SUCCEEDED:
+            return None, f"the server refused: {reply.code.describe()}"
+        data = b""
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await tunnel.reader.read(4096)
+                if not chunk:
+                    break
+                events = tunnel.session.receive(chunk)
+                data += b"".join(e.data for e in events if isinstance(e, DataReceived))
+                if len(data) > 16384:
+                    return None, "the server's answer is too long"
+                if any(isinstance(e, StreamEnded) for e in events):
+                    break
+        info = json.loads(data)
+        if not isinstance(info, dict):
+            return None, "the server's answer is not an object"
+        return info, None
+    except (TimeoutError, TunnelError, SessionError, OSError, ValueError) as exc:
+        return None, str(exc) or type(exc).__name__
+    finally:
+        await tunnel.close(abort=True)
+
+
 def diagnose(obs: Observations, port: int | None = None) -> dict:
     """The whole answer: findings per link and for the laptop, with the observations."""
     links = []
@@ -360,12 +453,14 @@ def diagnose(obs: Observations, port: int | None = None) -> dict:
         laptop.insert(0, Finding("server", ERROR, "Braid is not paired with a server: braid up"))
     elif not obs.connected:
         laptop.insert(0, Finding("server", WARNING, f"not connected to {obs.server} now"))
-    levels = [entry["level"] for entry in links] + [f.level for f in laptop]
+    remote = diagnose_server(obs)
+    levels = [entry["level"] for entry in links] + [f.level for f in laptop + remote]
     return {
         "server": obs.server,
         "level": max(levels, key=_RANK.__getitem__, default=OK),
         "links": links,
         "laptop": [f.to_json() for f in laptop],
+        "server_checks": [f.to_json() for f in remote],
         "observations": obs.to_json(),
     }
 
@@ -676,11 +771,23 @@ async def observe(r, mark: int | None, baseline: dict[str, int] | None = None) -
         for key, value in result.items():
             setattr(seen, key, value)
 
+    # The server's own account (its MPTCP limits), asked beside the links' tests.
+    info = None
+    if pairing is not None and addresses and obs.connected:
+        info = asyncio.ensure_future(
+            bounded(
+                ask_server_info(pairing, pm.plain_address(addresses[0]), mark),
+                CONNECT_TIMEOUT + 0.5,
+                (None, "no answer in time"),
+            )
+        )
     left = max(0.5, TIME_LIMIT - (time.monotonic() - started))
     await bounded(asyncio.gather(*(test(seen) for seen in links)), min(left, 3.5), None)
     if server is not None and r.spreading.active:
         await bounded(join_test(r, links, server, family, mark), JOIN_WAIT + 1.0, None)
     obs.limits = await bounded(asyncio.to_thread(read_limits), 1.0, None)
+    if info is not None:
+        obs.server_info, obs.server_info_error = await info
     own = {
         (want.endpoint_id(family), addresses[0])
         for want in applied.values()

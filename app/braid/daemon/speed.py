@@ -89,6 +89,11 @@ class LinkResult:
     error: str | None = None  # why a direction has no figure
     skipped: str | None = None  # why the link was not tested at all
     links: list[str] = field(default_factory=list)  # the bonded test's: links it spans
+    #: The probes' round trip through the link: before its tests, and at the end of each
+    #: transfer (the queue a full link builds, at its ISP or here).
+    rtt_idle_ms: float | None = None
+    rtt_down_ms: float | None = None
+    rtt_up_ms: float | None = None
 
     def to_json(self) -> dict:
         out = {
@@ -100,6 +105,9 @@ class LinkResult:
             "up_bytes": self.up_bytes,
             "error": self.error,
             "skipped": self.skipped,
+            "rtt_idle_ms": self.rtt_idle_ms,
+            "rtt_down_ms": self.rtt_down_ms,
+            "rtt_up_ms": self.rtt_up_ms,
         }
         if self.name == "bonded":
             out["links"] = self.links
@@ -341,6 +349,15 @@ class Run:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def _rtt(self, name: str) -> float | None:
+        """The probes' smoothed round trip through ``name`` now (None: not probed)."""
+        prober = self.r.prober
+        try:
+            rtt = prober.health(name).rtt_ms if prober is not None else None
+        except KeyError:
+            return None
+        return None if rtt is None else round(rtt, 1)
+
     def _report(self, name: str, direction: Direction, bps: float | None) -> None:
         self.progress(
             {
@@ -412,6 +429,8 @@ class Run:
             )
             return
         self._report(result.name, direction, None)
+        if not bonded and direction is Direction.DOWN:
+            result.rtt_idle_ms = self._rtt(result.name)
         timeout = min(OPEN_TIMEOUT, self.left() - self.seconds)
         try:
             if bonded:
@@ -433,10 +452,11 @@ class Run:
             return
         self.moved += measured.bytes
         mbps = _mbps(measured.bps)
+        loaded = None if bonded else self._rtt(result.name)
         if direction is Direction.DOWN:
-            result.down_mbps, result.down_bytes = mbps, measured.bytes
+            result.down_mbps, result.down_bytes, result.rtt_down_ms = mbps, measured.bytes, loaded
         else:
-            result.up_mbps, result.up_bytes = mbps, measured.bytes
+            result.up_mbps, result.up_bytes, result.rtt_up_ms = mbps, measured.bytes, loaded
         if mbps is None:
             result.error = _join(
                 result.error, f"{direction.name.lower()}: too little arrived to measure ({name})"

@@ -50,6 +50,7 @@ class Command(enum.IntEnum):
     DNS = 4
     DATAGRAM = 5  # a datagram-path session (braid.protocol.datagram); the address is ignored
     SPEEDTEST = 6  # a bounded speed test against the server itself (braid.protocol.speedtest)
+    INFO = 7  # the server's version and MPTCP limits: one JSON data frame, then the end
 
 
 class Reply(enum.IntEnum):

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import errno
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -61,7 +62,7 @@ from braid.server.state import (
     read_seen,
     write_seen,
 )
-from braid.server.system import OwnAddresses
+from braid.server.system import OwnAddresses, read_mptcp_limits
 from braid.server.udp import DatagramCounters, DatagramPipe, relay_udp
 from braid.transport import (
     MptcpUnavailable,
@@ -822,6 +823,8 @@ class BraidServer:
                 label,
                 self._count,
             )
+        elif request.command == Command.INFO:
+            await self._serve_info(tunnel)
         else:
             log.info("%s: unsupported command %s", label, request.command.name)
             await self._reply(tunnel, Reply.COMMAND_NOT_SUPPORTED)
@@ -913,6 +916,20 @@ class BraidServer:
             self.stats.unreachable += 1
             log.debug("%s: cannot reach %s: %s", label, dest, outcome.detail)
         await self._reply(tunnel, outcome.code)
+
+    @staticmethod
+    async def _serve_info(tunnel: Authenticated) -> None:
+        """What ``braid doctor`` asks of the server: its version and MPTCP limits."""
+        from braid import __version__
+
+        limits = await asyncio.to_thread(read_mptcp_limits)
+        info = json.dumps({"version": __version__, "mptcp_limits": limits}).encode()
+        writer = tunnel.writer
+        writer.write(tunnel.session.send_reply(Reply.SUCCEEDED))
+        writer.write(tunnel.session.send_data(info))
+        writer.write(tunnel.session.send_end())
+        await writer.drain()
+        await close_writer(writer)
 
     @staticmethod
     async def _reply(tunnel: Authenticated, code: Reply) -> None:

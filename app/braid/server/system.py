@@ -64,6 +64,26 @@ def raise_subflow_limit(minimum: int = MIN_SUBFLOWS) -> int | None:
         mptcp.close()
 
 
+def read_mptcp_limits() -> dict[str, int] | None:
+    """This machine's MPTCP limits (``ip mptcp limits``), or None when they cannot be read."""
+    try:
+        from pyroute2 import MPTCP
+
+        mptcp = MPTCP()
+    except Exception:
+        return None
+    try:
+        current = _limits(mptcp)
+    except Exception:
+        return None
+    finally:
+        mptcp.close()
+    return {
+        "subflows": int(current.get("MPTCP_PM_ATTR_SUBFLOWS", 0)),
+        "add_addr_accepted": int(current.get("MPTCP_PM_ATTR_RCV_ADD_ADDRS", 0)),
+    }
+
+
 def raise_descriptor_limit() -> int:
     """Raise the soft limit on open files to the hard one; returns the soft limit now in force.
 
