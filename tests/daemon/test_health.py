@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from braid.daemon.links.health import MAX_SILENCE, LinkHealth, Prober
+from braid.daemon.links.health import FAST_SILENCE, MAX_SILENCE, LinkHealth, Prober
 from braid.netbed import LinkSpec, World, unavailable_reason
 from braid.netbed.stack import BraidStack
 from braid.protocol import probe
@@ -93,6 +93,38 @@ def test_verdicts_follow_the_replies() -> None:
         assert [alive for _, _, alive in net.events] == [True, False, True]
 
     asyncio.run(scenario())
+
+
+def test_a_silent_link_is_dead_in_half_a_second_through_urgent_probes() -> None:
+    async def scenario() -> list[float]:
+        took = []
+        async with Loopback() as net:
+            net.prober.set_link("lo", "", "127.0.0.1")
+            await net.wait("lo", True, 1.0)
+            for _ in range(3):
+                await asyncio.sleep(0.3)
+                net.responder.silent = True
+                took.append(await net.wait("lo", False, 1.5))
+                net.responder.silent = False
+                await net.wait("lo", True, 1.0)
+        return took
+
+    took = asyncio.run(scenario())
+    # FAST_SILENCE after the last reply, and at most an interval before a probe goes unanswered.
+    assert all(FAST_SILENCE - 0.05 <= t < 0.55 for t in took), took
+
+
+def test_isolated_lost_probes_do_not_make_a_link_dead() -> None:
+    async def scenario() -> tuple[list, LinkHealth]:
+        async with Loopback() as net:
+            net.responder.drop = lambda seq: seq % 3 == 0  # a third of the probes, never two
+            net.prober.set_link("lo", "", "127.0.0.1")
+            await asyncio.sleep(4.0)
+            return [alive for _, _, alive in net.events], net.prober.health("lo")
+
+    verdicts, health = asyncio.run(scenario())
+    assert verdicts == [True], verdicts
+    assert health.loss > 0.1  # urgent probes are answered, regular ones still count as lost
 
 
 def test_ipv6_server() -> None:
