@@ -6,7 +6,9 @@ more. Each link gets its own UDP socket, bound to the link's address and device
 so the probe really leaves by that link, and sends an authenticated echo request
 (:mod:`braid.protocol.probe`) to the server. A link whose replies stop for
 ``dead_after`` plus its round-trip time (never more than ``MAX_SILENCE``) is
-declared dead, in time for the daemon to act within a second; ``alive_after``
+declared dead, in time for the daemon to act within a second; sooner, in about
+0.4 s, when a probe is overdue and the urgent probes it sends go unanswered too
+(see ``URGENT_COUNT``); ``alive_after``
 consecutive replies make it alive again. The replies also give the RTT, jitter
 and loss shown per link.
 """
