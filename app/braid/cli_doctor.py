@@ -76,20 +76,34 @@ def _round_trips(link: dict) -> str:
     return ", ".join(parts)
 
 
+def speed_line(link: dict) -> str:
+    """One link's figures of a speed test, in words."""
+    if link["skipped"]:
+        return f"{link['name']}: not tested ({link['skipped']})"
+    text = f"{link['name']}: down {_rate(link['down_mbps'])}, up {_rate(link['up_mbps'])}"
+    rtts = _round_trips(link)
+    if rtts:
+        text += f"; round trip {rtts}"
+    return text + (f" ({link['error']})" if link["error"] else "")
+
+
+def progress_text(news: dict) -> str:
+    """A speed test's progress message in words: "[3/10] wlan0: download 9.3 Mbit/s (…)"."""
+    name = "all links bonded" if news.get("link") == "bonded" else news.get("link")
+    what = "download" if news.get("direction") == "down" else "upload"
+    rate = f" {_rate(news['mbps'])}" if news.get("mbps") is not None else "…"
+    return (
+        f"[{news.get('step')}/{news.get('steps')}] {name}: {what}{rate}  "
+        f"({news.get('elapsed', 0):.0f} s of at most {news.get('time_limit', 0):.0f} s)"
+    )
+
+
 def render_speed(result: dict) -> str:
     """The speed test in plain words: one line per link, then the bonded total."""
     lines = [
         f"Braid speed test — server {result['server']} ({result['seconds']:g} s each way per test)"
     ]
-    for link in result["links"]:
-        if link["skipped"]:
-            lines.append(f"{link['name']}: not tested ({link['skipped']})")
-            continue
-        text = f"{link['name']}: down {_rate(link['down_mbps'])}, up {_rate(link['up_mbps'])}"
-        rtts = _round_trips(link)
-        if rtts:
-            text += f"; round trip {rtts}"
-        lines.append(text + (f" ({link['error']})" if link["error"] else ""))
+    lines += [speed_line(link) for link in result["links"]]
     bonded = result["bonded"]
     if bonded["skipped"]:
         lines.append(f"all links bonded: not tested ({bonded['skipped']})")
@@ -118,13 +132,7 @@ class SpeedProgress:
         self._width = 0
 
     def __call__(self, news: dict) -> None:
-        name = "all links bonded" if news.get("link") == "bonded" else news.get("link")
-        what = "download" if news.get("direction") == "down" else "upload"
-        rate = f" {_rate(news['mbps'])}" if news.get("mbps") is not None else "…"
-        text = (
-            f"[{news.get('step')}/{news.get('steps')}] {name}: {what}{rate}  "
-            f"({news.get('elapsed', 0):.0f} s of at most {news.get('time_limit', 0):.0f} s)"
-        )
+        text = progress_text(news)
         if self.tty:
             self.stream.write("\r" + text.ljust(self._width))
             self._width = len(text)

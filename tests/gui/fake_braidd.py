@@ -102,6 +102,7 @@ class FakeBraidd:
         # doctor: how long braidd takes (it answers within about 7 s) and links whose UDP
         # to the server is blocked; the report is made by braidd's own diagnose().
         self.doctor_delay = 1.0
+        self.speed_step = 0.05  # seconds between a speed test's progress lines
         self.udp_blocked: set[str] = set()
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -321,6 +322,74 @@ class FakeBraidd:
         timer = threading.Timer(self.doctor_delay, answer)
         timer.daemon = True
         timer.start()
+        return _LATER
+
+    def _cmd_speed_test(self, conn: socket.socket, request: dict) -> object:
+        """As braidd does: progress lines, a step per link and direction, then the answer."""
+        request_id = request.get("id")
+        with self._lock:
+            # Each link's figure: 20, 12, 6 Mbit/s ... by its place.
+            links = [
+                (link["name"], link["kind"], 20.0 / (1 + i)) for i, link in enumerate(self.links)
+            ]
+
+        def run() -> None:
+            steps = 2 * (len(links) + 1)
+            results = []
+            with contextlib.suppress(OSError):
+                for step, (name, direction) in enumerate(
+                    [(n, d) for n, _, _ in links for d in ("down", "up")]
+                    + [("bonded", "down"), ("bonded", "up")],
+                    1,
+                ):
+                    news = {
+                        "step": step,
+                        "steps": steps,
+                        "link": name,
+                        "direction": direction,
+                        "mbps": None,
+                        "elapsed": step * 0.05,
+                        "time_limit": 30,
+                    }
+                    conn.sendall(control.progress(request_id, news))
+                    time.sleep(self.speed_step)
+                for name, kind, rate in links:
+                    results.append(
+                        {
+                            "name": name,
+                            "kind": kind,
+                            "down_mbps": rate * 0.94,
+                            "up_mbps": rate * 0.93,
+                            "down_bytes": 1,
+                            "up_bytes": 1,
+                            "error": None,
+                            "skipped": None,
+                            "rtt_idle_ms": 11.0,
+                            "rtt_down_ms": 30.0,
+                            "rtt_up_ms": 31.0,
+                        }
+                    )
+                total = sum(rate for _, _, rate in links)
+                bonded = {
+                    "name": "bonded",
+                    "kind": "bonded",
+                    "down_mbps": total * 0.9,
+                    "up_mbps": total * 0.88,
+                    "down_bytes": 1,
+                    "up_bytes": 1,
+                    "error": None,
+                    "skipped": None,
+                    "rtt_idle_ms": None,
+                    "rtt_down_ms": None,
+                    "rtt_up_ms": None,
+                    "links": [name for name, _, _ in links],
+                }
+                conn.sendall(control.ok(request_id, {
+                    "server": self.server or "198.18.20.2:7443", "seconds": 2.4,
+                    "time_limit": 30, "links": results, "bonded": bonded,
+                    "elapsed_s": 24.0, "bytes": 46_000_000}))  # fmt: skip
+
+        threading.Thread(target=run, daemon=True).start()
         return _LATER
 
     def doctor_report(self) -> dict[str, Any]:

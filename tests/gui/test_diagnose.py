@@ -42,6 +42,40 @@ def test_diagnose_shows_each_link_in_plain_words(qtbot, daemon, session) -> None
     assert QGuiApplication.clipboard().text() == text
 
 
+def test_measure_speed_follows_braidds_progress_and_shows_each_link(qtbot, daemon, session) -> None:
+    daemon.speed_step = 0.15
+    session.connect_tunnel()
+    qtbot.waitUntil(lambda: session.status.get("state") == "connected", timeout=3000)
+    dialog = DiagnoseDialog(session)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    dialog.measure()
+    assert dialog.running and not dialog.speed.isEnabled() and not dialog.again.isEnabled()
+    # The bar follows the steps braidd reports (3 links and the bonded test, each both ways).
+    qtbot.waitUntil(lambda: dialog.progress.maximum() == 8, timeout=2000)
+    qtbot.waitUntil(lambda: dialog.progress.value() >= 2, timeout=3000)
+    assert "] wlan0: download" in dialog.status.text() or "] wlan0: upload" in dialog.status.text()
+    qtbot.waitUntil(lambda: dialog.speed_result is not None, timeout=5000)
+    assert not dialog.progress.isVisible() and dialog.speed.isEnabled()
+    lines = [dialog.links.item(i).text() for i in range(dialog.links.count())]
+    assert lines[0].startswith("eth0: down 18.8 Mbit/s, up 18.6 Mbit/s; round trip 11 ms idle")
+    assert len(lines) == 3, lines
+    assert "all links bonded: down" in dialog.status.text()
+    text = dialog.details.toPlainText()
+    assert text.startswith("Braid speed test") and "took 24 s and moved 46.0 MB" in text
+    assert daemon.commands("speed-test")
+
+
+def test_measure_speed_says_who_may(qtbot, daemon, session) -> None:
+    daemon.forbidden = {"speed-test"}
+    dialog = DiagnoseDialog(session)
+    qtbot.addWidget(dialog)
+    dialog.measure()
+    qtbot.waitUntil(lambda: not dialog.running, timeout=3000)
+    assert "braidd could not measure the links" in dialog.status.text()
+    assert "braid" in dialog.status.text() and dialog.speed_result is None
+
+
 def test_diagnose_says_when_braidd_does_not_answer(qtbot, daemon, session) -> None:
     daemon.doctor_delay = 5.0
     dialog = DiagnoseDialog(session, wait=0.5)

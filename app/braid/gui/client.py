@@ -14,7 +14,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtNetwork import QLocalSocket
 
-from braid.protocol.client_core import ClientCore, Garbage, Pushed, Reply
+from braid.protocol.client_core import ClientCore, Garbage, Progress, Pushed, Reply
 from braid.protocol.control import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class DaemonClient(QObject):
     event = Signal(dict)  # every other event: link-lost, failover, ...
     error = Signal(str, str)  # code, message for people
     reply = Signal(int, bool, object)  # request id, ok, result or {"code", "message"}
+    progress = Signal(int, dict)  # request id, how a long request is getting on (speed-test)
 
     def __init__(
         self,
@@ -211,6 +212,10 @@ class DaemonClient(QObject):
         """Ask braidd to check every link (it answers within about 7 s)."""
         return self._send("doctor")
 
+    def speed_test(self) -> int:
+        """Measure each link and all of them bonded (within 30 s; progress signals meanwhile)."""
+        return self._send("speed-test")
+
     def _send(self, cmd: str, **args: Any) -> int:
         request_id, data = self._core.request(cmd, **args)
         if not self.is_connected:
@@ -246,6 +251,8 @@ class DaemonClient(QObject):
                 self.error.emit(item.code, item.message)
             elif isinstance(item, Pushed):
                 (self.sample if item.kind == "sample" else self.event).emit(item.message)
+            elif isinstance(item, Progress):
+                self.progress.emit(item.id, item.news)
             else:
                 self._answered(item)
 

@@ -3,6 +3,9 @@
 The request goes out and the window stays live while braidd works (a few seconds): a busy
 bar, then one line per link with its verdict, and the whole report as ``braid doctor``
 prints it (braid.cli_doctor.render), which Copy puts on the clipboard for a bug report.
+
+"Measure speed" is ``braid doctor --speed``: each link's download and upload, then all links
+bonded, within 30 s, the bar following braidd's progress messages step by step.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from braid.cli_doctor import LINK_VERDICTS, WAIT, render
+from braid.cli_doctor import LINK_VERDICTS, WAIT, progress_text, render, render_speed, speed_line
 from braid.gui.session import Session
 
 LEVEL_COLOURS = {"ok": "#26a269", "warning": "#c64600", "error": "#c01c28"}
@@ -66,11 +69,18 @@ class DiagnoseDialog(QDialog):
 
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         self.again = QPushButton("Check again")
+        self.speed = QPushButton("Measure speed")
+        self.speed.setToolTip(
+            "Each link's download and upload to your server, then all links bonded: at most "
+            "30 s, and about 3 s of each link's full rate each way (metered links too)"
+        )
         self.copy = QPushButton("Copy report")
         buttons.addButton(self.again, QDialogButtonBox.ButtonRole.ActionRole)
+        buttons.addButton(self.speed, QDialogButtonBox.ButtonRole.ActionRole)
         buttons.addButton(self.copy, QDialogButtonBox.ButtonRole.ActionRole)
         buttons.rejected.connect(self.reject)
         self.again.clicked.connect(self.run)
+        self.speed.clicked.connect(self.measure)
         self.copy.clicked.connect(self._copy)
         layout.addWidget(buttons)
 
@@ -78,6 +88,9 @@ class DiagnoseDialog(QDialog):
         self._timeout.setSingleShot(True)
         self._timeout.timeout.connect(self._timed_out)
         session.client.reply.connect(self._on_reply)
+        session.client.progress.connect(self._on_progress)
+        self._kind = "doctor"  # or "speed": what the pending request is
+        self.speed_result: dict | None = None
 
     @property
     def running(self) -> bool:
@@ -92,10 +105,41 @@ class DiagnoseDialog(QDialog):
             "Checking each link: TCP and UDP to the server, MPTCP through the path, the round "
             "trip, the reverse-path filter… (a few seconds)"
         )
+        self._busy("doctor")
+        self._request = self.session.client.doctor()
+        self._timeout.start(int(self.wait * 1000))
+
+    def measure(self) -> None:
+        """Ask braidd for a speed test; progress messages move the bar until the answer."""
+        if self.running:
+            return
+        self.speed_result = None
+        self.links.clear()
+        self.details.clear()
+        self.status.setText(
+            "Measuring each link's download and upload, then all links bonded (at most 30 s)…"
+        )
+        self._busy("speed")
+        self._request = self.session.client.speed_test()
+        # Progress comes twice a second: this long without any means braidd is stuck.
+        self._timeout.start(int(self.wait * 1000))
+
+    def _busy(self, kind: str) -> None:
+        self._kind = kind
+        self.progress.setRange(0, 0)
         self.progress.show()
         self.again.setEnabled(False)
+        self.speed.setEnabled(False)
         self.copy.setEnabled(False)
-        self._request = self.session.client.doctor()
+
+    def _on_progress(self, request_id: int, news: dict) -> None:
+        if request_id != self._request:
+            return
+        steps, step = int(news.get("steps") or 0), int(news.get("step") or 0)
+        if steps:
+            self.progress.setRange(0, steps)
+            self.progress.setValue(max(0, step - 1))
+        self.status.setText(progress_text(news))
         self._timeout.start(int(self.wait * 1000))
 
     def _on_reply(self, request_id: int, ok: bool, result: object) -> None:
@@ -104,10 +148,14 @@ class DiagnoseDialog(QDialog):
         self._finish()
         if not ok:
             message = result.get("message", "") if isinstance(result, dict) else str(result)
-            self._failed(f"braidd could not run its checks: {message}")
+            what = "measure the links" if self._kind == "speed" else "run its checks"
+            self._failed(f"braidd could not {what}: {message}")
             return
         assert isinstance(result, dict)
-        self.show_report(result)
+        if self._kind == "speed":
+            self.show_speed(result)
+        else:
+            self.show_report(result)
 
     def _timed_out(self) -> None:
         self._finish()
@@ -121,6 +169,7 @@ class DiagnoseDialog(QDialog):
         self._timeout.stop()
         self.progress.hide()
         self.again.setEnabled(True)
+        self.speed.setEnabled(True)
 
     def _failed(self, text: str) -> None:
         self.status.setText(f"<span style='color:{LEVEL_COLOURS['error']}'>{text}</span>")
@@ -145,6 +194,19 @@ class DiagnoseDialog(QDialog):
             item.setToolTip("\n".join(f["text"] for f in link["findings"]))
             self.links.addItem(item)
         self.details.setPlainText(render(report))
+        self.copy.setEnabled(True)
+
+    def show_speed(self, result: dict) -> None:
+        self.speed_result = result
+        bonded = result.get("bonded") or {}
+        headline = speed_line({**bonded, "name": "all links bonded"})
+        self.status.setText(f"<b>Speed measured</b> — {headline}")
+        for link in result.get("links") or []:
+            item = QListWidgetItem(speed_line(link))
+            level = "warning" if link.get("error") or link.get("skipped") else "ok"
+            item.setForeground(QColor(LEVEL_COLOURS[level]))
+            self.links.addItem(item)
+        self.details.setPlainText(render_speed(result))
         self.copy.setEnabled(True)
 
     def _copy(self) -> None:
