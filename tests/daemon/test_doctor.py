@@ -160,6 +160,36 @@ def test_the_servers_limits_bind_the_links_too() -> None:
     assert "the server:" in text and "braid-server 0.1.0" in text
 
 
+def test_a_malformed_server_answer_is_said_not_raised() -> None:
+    from braid.daemon.doctor import _server_info
+
+    good = b'{"version": "0.1.0", "mptcp_limits": {"subflows": 8, "add_addr_accepted": 0}}'
+    assert _server_info(good) == (
+        {"version": "0.1.0", "mptcp_limits": {"subflows": 8, "add_addr_accepted": 0}},
+        None,
+    )
+    assert _server_info(b'{"version": "0.1.0", "mptcp_limits": null}')[0] == {
+        "version": "0.1.0",
+        "mptcp_limits": None,
+    }
+    for bad in (
+        b"not json",
+        b"[" * 20000 + b"]" * 20000,
+        b"[]",
+        b'{"version": 7}',
+        b'{"version": "1", "mptcp_limits": []}',
+        b'{"version": "1", "mptcp_limits": {"subflows": "x"}}',
+        b'{"version": "1", "mptcp_limits": {"subflows": 1e400}}',
+        b'{"version": "1", "mptcp_limits": {"subflows": true}}',
+        b'{"version": "1", "mptcp_limits": {"subflows": -1}}',
+    ):
+        info, why = _server_info(bad)
+        assert info is None and why, bad[:40]
+    obs = Observations(server="s:1", connected=True, links=[healthy()])
+    obs.server_info, obs.server_info_error = _server_info(b'{"version": 7}')
+    assert diagnose(obs, 1)["server_checks"][0]["level"] == "warning"
+
+
 def test_a_link_behind_a_captive_portal_needs_sign_in_not_repair() -> None:
     findings = diagnose_link(healthy(connectivity="portal", tcp=None), 1)
     assert [(f.check, f.level) for f in findings] == [("portal", "warning")]

@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from braid.daemon.links.health import FAST_SILENCE, MAX_SILENCE, LinkHealth, Prober
+from braid.daemon.links.health import (
+    FAST_SILENCE,
+    MAX_SILENCE,
+    LinkHealth,
+    Prober,
+    read_rx_packets,
+)
 from braid.netbed import LinkSpec, World, unavailable_reason
 from braid.netbed.stack import BraidStack
 from braid.protocol import probe
@@ -112,6 +118,81 @@ def test_a_silent_link_is_dead_in_half_a_second_through_urgent_probes() -> None:
     took = asyncio.run(scenario())
     # FAST_SILENCE after the last reply, and at most an interval before a probe goes unanswered.
     assert all(FAST_SILENCE - 0.05 <= t < 0.55 for t in took), took
+
+
+class Held(Responder):
+    """Holds every answer back while ``hold`` is set, and sends them all when it is cleared: a
+    queue filling under a download, or a Wi-Fi scan. Nothing is lost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.held: list[tuple[bytes, tuple]] = []
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self.hold:
+            self.held.append((data, addr))
+            return
+        super().datagram_received(data, addr)
+
+    def release(self) -> None:
+        self.hold = False
+        for data, addr in self.held:
+            super().datagram_received(data, addr)
+        self.held.clear()
+
+
+def test_late_replies_on_a_link_whose_traffic_still_arrives_are_not_a_dead_link() -> None:
+    """Replies held 0.5 s, three times; the link's interface keeps receiving meanwhile."""
+    received = [0]
+
+    def rx_packets(device: str) -> int:
+        received[0] += 10  # the download's packets keep arriving
+        return received[0]
+
+    async def scenario() -> list[bool]:
+        net = Loopback(rx_packets=rx_packets)
+        net.responder = Held()
+        async with net:
+            net.prober.set_link("lo", "lo", "127.0.0.1")
+            await net.wait("lo", True, 1.0)
+            for _ in range(3):
+                await asyncio.sleep(0.3)
+                net.responder.hold = True
+                await asyncio.sleep(0.5)
+                net.responder.release()
+            await asyncio.sleep(0.3)
+        return [alive for _, _, alive in net.events]
+
+    assert asyncio.run(scenario()) == [True]
+
+
+def test_with_nothing_arriving_the_urgent_probes_decide_fast() -> None:
+    async def scenario() -> float:
+        net = Loopback(rx_packets=lambda device: 1000)  # the interface receives nothing
+        async with net:
+            net.prober.set_link("lo", "lo", "127.0.0.1")
+            await net.wait("lo", True, 1.0)
+            await asyncio.sleep(0.3)
+            net.responder.silent = True
+            return await net.wait("lo", False, 1.5)
+
+    took = asyncio.run(scenario())
+    assert FAST_SILENCE - 0.05 <= took < 0.55, took
+
+
+def test_rx_packets_come_from_proc_net_dev(tmp_path) -> None:
+    dev = tmp_path / "dev"
+    dev.write_text(
+        "Inter-|   Receive                    |  Transmit\n"
+        " face |bytes    packets errs drop|bytes    packets\n"
+        "    lo: 1234      17    0    0     1234      17\n"
+        "  eth0: 99999    321    0    0     5555      40\n"
+    )
+    assert read_rx_packets("eth0", str(dev)) == 321
+    assert read_rx_packets("lo", str(dev)) == 17
+    assert read_rx_packets("wlan0", str(dev)) is None
+    assert read_rx_packets("eth0", str(tmp_path / "missing")) is None
 
 
 def test_isolated_lost_probes_do_not_make_a_link_dead() -> None:

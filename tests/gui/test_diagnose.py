@@ -66,6 +66,20 @@ def test_measure_speed_follows_braidds_progress_and_shows_each_link(qtbot, daemo
     assert daemon.commands("speed-test")
 
 
+def test_a_speed_test_goes_on_when_the_window_is_closed(qtbot, daemon, session) -> None:
+    daemon.speed_step = 0.1
+    dialog = DiagnoseDialog(session)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    dialog.measure()
+    qtbot.waitUntil(lambda: dialog.progress.maximum() == 8, timeout=2000)
+    dialog.reject()  # closed while braidd measures
+    assert dialog.running, "the measurement is still braidd's to finish"
+    qtbot.waitUntil(lambda: dialog.speed_result is not None, timeout=5000)
+    assert not dialog.running and dialog.links.count() == 3
+    assert len(daemon.commands("speed-test")) == 1
+
+
 def test_measure_speed_says_who_may(qtbot, daemon, session) -> None:
     daemon.forbidden = {"speed-test"}
     dialog = DiagnoseDialog(session)

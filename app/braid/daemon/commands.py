@@ -37,6 +37,10 @@ SAMPLE_INTERVAL = 1.0
 AT_NEXT_CONNECTION: frozenset[str] = frozenset()
 
 
+async def _nothing() -> None:
+    """A change that changes nothing: submitted for the pass that follows it."""
+
+
 class Commands:
     def __init__(
         self,
@@ -253,6 +257,8 @@ class Commands:
             message = pool.fatal_error
             await self.r.submit(self.r.down, pool)
             raise ControlError(ErrorCode.FAILED, message)
+        if pool.connected and self.r.connected_since is None and self.r.pool is pool:
+            await self.r.submit(_nothing)  # a pass: the answer's state is "connected" then
         return self._status()
 
     async def down(self, caller: Caller, request: dict) -> dict:

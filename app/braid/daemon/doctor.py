@@ -390,12 +390,35 @@ def diagnose_server(obs: Observations) -> list[Finding]:
     return [Finding("limits", OK, text)]
 
 
+def _server_info(data: bytes) -> tuple[dict | None, str | None]:
+    """The INFO answer, kept only as declared: ``{"version": str, "mptcp_limits": {"subflows":
+    int, "add_addr_accepted": int} or None}``; anything else is a malformed answer (pure)."""
+    import json
+
+    try:
+        info = json.loads(data)
+    except Exception:  # ValueError, and RecursionError for deeply nested input
+        return None, "the server's answer is not JSON"
+    if not isinstance(info, dict) or not isinstance(info.get("version"), str):
+        return None, "the server's answer is malformed"
+    limits = info.get("mptcp_limits")
+    kept: dict | None = None
+    if limits is not None:
+        if not isinstance(limits, dict):
+            return None, "the server's answer is malformed"
+        kept = {}
+        for key in ("subflows", "add_addr_accepted"):
+            value = limits.get(key, 0)
+            if type(value) is not int or not 0 <= value <= 1 << 16:
+                return None, "the server's answer is malformed"
+            kept[key] = value
+    return {"version": info["version"][:40], "mptcp_limits": kept}, None
+
+
 async def ask_server_info(
     pairing, address: str, mark: int | None, timeout: float = CONNECT_TIMEOUT
 ) -> tuple[dict | None, str | None]:
     """The server's answer to Command.INFO, or (None, why not)."""
-    import json
-
     from braid.protocol.address import Address
     from braid.protocol.session import DataReceived, SessionError, StreamEnded
     from braid.protocol.tunnel import Command, Reply
@@ -425,10 +448,7 @@ async def ask_server_info(
                     return None, "the server's answer is too long"
                 if any(isinstance(e, StreamEnded) for e in events):
                     break
-        info = json.loads(data)
-        if not isinstance(info, dict):
-            return None, "the server's answer is not an object"
-        return info, None
+        return _server_info(data)
     except (TimeoutError, TunnelError, SessionError, OSError, ValueError) as exc:
         return None, str(exc) or type(exc).__name__
     finally:

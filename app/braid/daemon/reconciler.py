@@ -267,7 +267,7 @@ class Reconciler:
         return policy.capture_in_force(
             self.settings["mode"],
             self.pool is not None,
-            self.pool is not None and self.pool.connected,
+            self.pool is not None and self.connected_since is not None,  # as state() says
             self.settings["when_server_unreachable"],
         )
 

@@ -213,6 +213,11 @@ class DiagnoseDialog(QDialog):
         QGuiApplication.clipboard().setText(self.details.toPlainText())
 
     def done(self, result: int) -> None:
+        if self.running and self._kind == "speed":
+            # braidd goes on measuring (the tray's connection stays open): the figures are
+            # shown when they come, and the window shows them (or the bar) when opened again.
+            super().done(result)
+            return
         self._timeout.stop()
         self._request = None  # a late answer finds no one waiting for it
         super().done(result)

@@ -7,8 +7,8 @@ so the probe really leaves by that link, and sends an authenticated echo request
 (:mod:`braid.protocol.probe`) to the server. A link whose replies stop for
 ``dead_after`` plus its round-trip time (never more than ``MAX_SILENCE``) is
 declared dead, in time for the daemon to act within a second; sooner, in about
-0.4 s, when a probe is overdue and the urgent probes it sends go unanswered too
-(see ``URGENT_COUNT``); ``alive_after``
+0.4 s, when a probe is overdue, the urgent probes it sends go unanswered too and
+nothing else arrives on the link either (see ``URGENT_COUNT``); ``alive_after``
 consecutive replies make it alive again. The replies also give the RTT, jitter
 and loss shown per link.
 """
@@ -46,14 +46,18 @@ STALL = 0.3
 LOSS_WINDOW = 20
 LOSS_TIMEOUT = 1.0
 #: A probe unanswered past its link's usual round trip (smoothed RTT + 4 deviations + this
-#: margin) is overdue: ``URGENT_COUNT`` more probes go out at once, ``URGENT_SPACING`` apart, and
-#: when none of them is answered either within the same time, and the link has been silent for
-#: ``FAST_SILENCE``, it is dead: a blackholed link is known in about 0.3 s instead of 0.6 s plus
-#: its RTT, while a working link must lose four probes in a row to be called dead.
+#: margin) is overdue: ``URGENT_COUNT`` more probes go out at once, at least ``URGENT_SPACING``
+#: apart (the checker runs every ``CHECK_INTERVAL``), and when none of them is answered either
+#: within the same time, the link has been silent for ``FAST_SILENCE`` *and nothing else has
+#: arrived on its interface meanwhile* (at most ``RX_QUIET`` packets), it is dead: a blackholed
+#: link is known in about 0.4 s instead of 0.6 s plus its RTT. A link whose replies are only
+#: late (a queue filling under a download, a Wi-Fi scan) still receives its traffic, so it is
+#: judged by ``dead_after`` as before; an idle one must lose four probes in a row.
 URGENT_MARGIN = 0.03
 URGENT_COUNT = 3
 URGENT_SPACING = 0.05
 FAST_SILENCE = 0.3
+RX_QUIET = 2
 SEQ_MASK = 0xFFFFFFFF
 
 
@@ -96,6 +100,7 @@ class _Link:
         self.urgent = 0  # probes sent at once since the last reply, because one was overdue
         self.urgent_at = 0.0  # when the latest of them went out
         self.answered_sent = 0.0  # when the latest answered probe went out
+        self.rx_at_urgent: int | None = None  # the interface's packets in, at the first urgent
         self.health = LinkHealth()
 
 
@@ -115,8 +120,11 @@ class Prober:
         dead_after: float = 0.6,
         alive_after: int = 2,
         mark: int | None = None,
+        rx_packets: Callable[[str], int | None] | None = None,
     ) -> None:
         ip = ipaddress.ip_address(server[0])  # ValueError for a name
+        #: Packets received on a device so far (None: unknown); the tests pass their own.
+        self._rx_packets = rx_packets or read_rx_packets
         self._key = key
         self._server_ip = ip
         self._server = (str(ip), server[1])
@@ -141,6 +149,9 @@ class Prober:
                 return
             self._close(link)
             link.device, link.source, link.open_error = device, source, None
+            # Another path: its round trip is not the old one's.
+            link.health.rtt_ms = link.health.jitter_ms = None
+            link.urgent, link.rx_at_urgent = 0, None
         else:
             used = {other.number for other in self._links.values()}
             number = next((n for n in range(256) if n not in used), None)
@@ -317,11 +328,19 @@ class Prober:
             return False
         if link.urgent < URGENT_COUNT:
             if now - link.urgent_at >= URGENT_SPACING:
+                if link.urgent == 0:
+                    link.rx_at_urgent = self._rx_packets(link.device) if link.device else None
                 link.urgent += 1
                 link.urgent_at = now
                 self._probe(link, now)
             return False
-        return now - link.urgent_at > overdue_after and now - heard > FAST_SILENCE
+        if now - link.urgent_at <= overdue_after or now - heard <= FAST_SILENCE:
+            return False
+        if link.rx_at_urgent is not None:
+            rx = self._rx_packets(link.device)
+            if rx is not None and rx - link.rx_at_urgent > RX_QUIET:
+                return False  # its traffic still arrives: the replies are late, not lost
+        return True
 
     async def _check_loop(self) -> None:
         self._checked = self._now()
@@ -365,4 +384,18 @@ class Prober:
             log.exception("%s: the health change handler failed", link.name)
 
 
-__all__ = ["LinkHealth", "Prober"]
+def read_rx_packets(device: str, path: str = "/proc/net/dev") -> int | None:
+    """Packets received on ``device`` so far, None if it cannot be read. /proc/net/dev is this
+    process's network namespace (sysfs would be that of whoever mounted it)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, sep, fields = line.partition(":")
+                if sep and name.strip() == device:
+                    return int(fields.split()[1])  # bytes, then packets
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+__all__ = ["LinkHealth", "Prober", "read_rx_packets"]
