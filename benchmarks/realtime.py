@@ -148,25 +148,22 @@ def carrying_link(stack: BraidStack, contender: str, world: World) -> str:
     return world.links[0].name  # direct, and the tunnel's flows start on the best link
 
 
+def start_bulk(world: World, seconds: float):
+    """A download through Braid big enough to outlast a call, with progress ticks."""
+    size = int((seconds + 10) * sum(RATES) * 1e6 / 8)
+    return start_traffic(
+        world, "download", world.target_v4, "--bytes", str(size), "--progress",
+        "--tick", "0.25", "--timeout", "30",
+    )  # fmt: skip
+
+
 def measure(stack: BraidStack, world: World, contender: str, situation: str, seconds: float):
     if contender in MODE:
         stack.call("set-settings", settings={"udp_realtime": MODE[contender]})
     time.sleep(2.0)  # the previous run's traffic has drained
     bulk = None
     if situation == "bulk download":
-        size = int((seconds + 10) * sum(RATES) * 1e6 / 8)
-        bulk = start_traffic(
-            world,
-            "download",
-            world.target_v4,
-            "--bytes",
-            str(size),
-            "--progress",
-            "--tick",
-            "0.25",
-            "--timeout",
-            "30",
-        )
+        bulk = start_bulk(world, seconds)
         time.sleep(3.0)  # past slow start, with every link busy
     began = time.time()
     proc = run_call(world, contender, seconds)
@@ -199,19 +196,7 @@ def measure(stack: BraidStack, world: World, contender: str, situation: str, sec
 
 def bulk_alone(world: World, seconds: float) -> float:
     """A bulk download through Braid with no call: the goodput the others are compared with."""
-    size = int((seconds + 10) * sum(RATES) * 1e6 / 8)
-    proc = start_traffic(
-        world,
-        "download",
-        world.target_v4,
-        "--bytes",
-        str(size),
-        "--progress",
-        "--tick",
-        "0.25",
-        "--timeout",
-        "30",
-    )
+    proc = start_bulk(world, seconds)
     time.sleep(3.0 + seconds)
     proc.send_signal(signal.SIGTERM)
     text, _ = proc.communicate(timeout=30)

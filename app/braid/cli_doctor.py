@@ -29,6 +29,10 @@ VERDICTS = {"ok": "nothing wrong found", "warning": "warnings above", "error": "
 WAIT = 15.0
 
 
+def _finding(finding: dict) -> str:
+    return f"  [{MARK[finding['level']]}] {finding['check']:<9} {finding['text']}"
+
+
 def render(report: dict) -> str:
     lines = [f"Braid doctor — server {report.get('server') or '(not paired)'}"]
     for link in report["links"]:
@@ -36,17 +40,14 @@ def render(report: dict) -> str:
         lines.append(
             f"{link['name']} ({link['kind']}): {link['level']} — {LINK_VERDICTS[link['level']]}"
         )
-        for finding in link["findings"]:
-            lines.append(f"  [{MARK[finding['level']]}] {finding['check']:<9} {finding['text']}")
+        lines += map(_finding, link["findings"])
     lines.append("")
     lines.append("this laptop:")
-    for finding in report["laptop"]:
-        lines.append(f"  [{MARK[finding['level']]}] {finding['check']:<9} {finding['text']}")
+    lines += map(_finding, report["laptop"])
     if report.get("server_checks"):
         lines.append("")
         lines.append("the server:")
-        for finding in report["server_checks"]:
-            lines.append(f"  [{MARK[finding['level']]}] {finding['check']:<9} {finding['text']}")
+        lines += map(_finding, report["server_checks"])
     lines.append("")
     lines.append(f"=> {VERDICTS[report['level']]}")
     return "\n".join(lines)

@@ -99,13 +99,11 @@ class DiagnoseDialog(QDialog):
     def run(self) -> None:
         """Ask braidd; the answer comes as a reply signal, the window stays usable meanwhile."""
         self.report = None
-        self.links.clear()
-        self.details.clear()
-        self.status.setText(
+        self._busy(
+            "doctor",
             "Checking each link: TCP and UDP to the server, MPTCP through the path, the round "
-            "trip, the reverse-path filter… (a few seconds)"
+            "trip, the reverse-path filter… (a few seconds)",
         )
-        self._busy("doctor")
         self._request = self.session.client.doctor()
         self._timeout.start(int(self.wait * 1000))
 
@@ -114,18 +112,19 @@ class DiagnoseDialog(QDialog):
         if self.running:
             return
         self.speed_result = None
-        self.links.clear()
-        self.details.clear()
-        self.status.setText(
-            "Measuring each link's download and upload, then all links bonded (at most 30 s)…"
+        self._busy(
+            "speed",
+            "Measuring each link's download and upload, then all links bonded (at most 30 s)…",
         )
-        self._busy("speed")
         self._request = self.session.client.speed_test()
         # Progress comes twice a second: this long without any means braidd is stuck.
         self._timeout.start(int(self.wait * 1000))
 
-    def _busy(self, kind: str) -> None:
+    def _busy(self, kind: str, text: str) -> None:
         self._kind = kind
+        self.links.clear()
+        self.details.clear()
+        self.status.setText(text)
         self.progress.setRange(0, 0)
         self.progress.show()
         self.again.setEnabled(False)
