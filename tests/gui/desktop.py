@@ -57,7 +57,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 
 
 class Desktop:
-    def __init__(self, kind: str, control: Path, bus_address: str, name: str) -> None:
+    def __init__(self, kind: str, control: Path, bus_address: str | None, name: str) -> None:
         self.kind = kind
         self.control = control
         self.name = name
@@ -68,8 +68,9 @@ class Desktop:
             "HOME": str(self.home),
             "XDG_CONFIG_HOME": str(self.home / ".config"),
             "XDG_RUNTIME_DIR": str(self.home),
-            "DBUS_SESSION_BUS_ADDRESS": bus_address,
         }
+        if bus_address is not None:  # else the session's own bus, if any
+            self.env["DBUS_SESSION_BUS_ADDRESS"] = bus_address
         for variable in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORMTHEME"):
             self.env.pop(variable, None)
         OUTPUT.mkdir(parents=True, exist_ok=True)
@@ -107,12 +108,16 @@ class Desktop:
             )
             wait_for((self.home / "wayland-braid").exists, 15, "weston's socket")
             self.env.update(WAYLAND_DISPLAY="wayland-braid", QT_QPA_PLATFORM="wayland")
+        self.furnish()
         self.tray = self._spawn(
             [sys.executable, "-m", "braid.gui.app", "--control", str(self.control)],
             stdout=open(self.log, "w"),  # noqa: SIM115 - the child owns it
             stderr=subprocess.STDOUT,
         )
         return self
+
+    def furnish(self) -> None:
+        """What goes on the display before the tray starts (a subclass's panel); nothing here."""
 
     def _spawn(self, argv: list[str], **kwargs) -> subprocess.Popen:
         kwargs.setdefault("stdout", subprocess.DEVNULL)
@@ -167,13 +172,13 @@ class Desktop:
     def logged(self, text: str) -> bool:
         return text in self.log.read_text()
 
-    def screenshot(self, name: str) -> Path:
-        """A picture of the whole screen, taken by the display server's side."""
+    def screenshot(self, name: str, crop: str | None = None) -> Path:
+        """A picture of the whole screen (X11: or of ``crop``, WxH+X+Y), taken by the display
+        server's side."""
         path = OUTPUT / f"{name}.png"
         if self.kind == "x11":
-            subprocess.run(
-                ["import", "-window", "root", str(path)], env=self.env, check=True, timeout=30
-            )
+            argv = ["import", "-window", "root", *(["-crop", crop, "+repage"] if crop else [])]
+            subprocess.run([*argv, str(path)], env=self.env, check=True, timeout=30)
             return path
         shots = self.home / "shots"
         shots.mkdir(exist_ok=True)

@@ -9,12 +9,8 @@ dialog under test-output/gui/.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from desktop import OUTPUT, SCREEN, Desktop
 
 from braid.netbed import LinkSpec, World, unavailable_reason
 from braid.netbed.stack import BraidStack, run_traffic
@@ -34,8 +31,6 @@ LINKS = [
     LinkSpec("wlan0", "wifi", rate_mbit=30, rtt_ms=20),
     LinkSpec("usb0", "cellular", rate_mbit=20, rtt_ms=40),
 ]
-OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "gui"
-SCREEN = (1280, 800)
 X_TOOLS = ("Xvfb", "trayer", "import", "xwininfo")
 
 
@@ -70,41 +65,15 @@ def stack(world: World) -> Iterator[BraidStack]:
         shutil.rmtree(public, ignore_errors=True)
 
 
-class Desktop:
-    """Xvfb with a tray host (trayer) on a dark panel, and the tray running on it."""
+class TrayDesktop(Desktop):
+    """Xvfb with a tray host (trayer) on a dark panel and a wallpaper, and the tray on it; the
+    session's own D-Bus, if any."""
 
     def __init__(self, control: Path) -> None:
-        self.control = control
-        self.home = Path(tempfile.mkdtemp(prefix="braid-desktop-"))
-        self.home.chmod(0o700)
-        self.display = self._free_display()
-        self.env = {
-            **os.environ,
-            "DISPLAY": self.display,
-            "QT_QPA_PLATFORM": "xcb",
-            "HOME": str(self.home),
-            "XDG_CONFIG_HOME": str(self.home / ".config"),
-            "XDG_RUNTIME_DIR": str(self.home),
-        }
-        self.env.pop("WAYLAND_DISPLAY", None)
-        self.log = OUTPUT / "tray.log"
-        self.processes: list[subprocess.Popen] = []
-        self.tray: subprocess.Popen | None = None
+        super().__init__("x11", control, None, "tray")
 
-    @staticmethod
-    def _free_display() -> str:
-        for number in range(70, 100):
-            if not Path(f"/tmp/.X11-unix/X{number}").exists():
-                return f":{number}"
-        raise RuntimeError("no free X display number")
-
-    def start(self) -> Desktop:
+    def furnish(self) -> None:
         width, height = SCREEN
-        self._spawn(
-            ["Xvfb", self.display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"]
-        )
-        socket = Path(f"/tmp/.X11-unix/X{self.display[1:]}")
-        wait_for(socket.exists, 10, "Xvfb")
         self._spawn(
             [
                 "trayer",
@@ -128,65 +97,12 @@ class Desktop:
         )
         if wallpaper.exists() and shutil.which("display"):
             self._spawn(["display", "-window", "root", str(wallpaper)]).wait(20)
-        self.tray = self._spawn(
-            [sys.executable, "-m", "braid.gui.app", "--control", str(self.control)],
-            stdout=open(self.log, "w"),  # noqa: SIM115 - the child owns it
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def _spawn(self, argv: list[str], **kwargs) -> subprocess.Popen:
-        kwargs.setdefault("stdout", subprocess.DEVNULL)
-        kwargs.setdefault("stderr", subprocess.DEVNULL)
-        proc = subprocess.Popen(argv, env=self.env, **kwargs)
-        self.processes.append(proc)
-        return proc
 
     def windows(self) -> str:
         done = subprocess.run(
             ["xwininfo", "-root", "-tree"], env=self.env, capture_output=True, text=True
         )
         return done.stdout
-
-    def ask(self, *args: str) -> None:
-        """A second start of the tray: it hands the request to the running one."""
-        subprocess.run(
-            [sys.executable, "-m", "braid.gui.app", *args],
-            env=self.env,
-            check=True,
-            timeout=20,
-            capture_output=True,
-        )
-
-    def state(self) -> dict:
-        path = self.home / "state.json"
-        self.ask("--dump", str(path))
-        return json.loads(path.read_text())
-
-    def screenshot(self, name: str, crop: str | None = None) -> Path:
-        path = OUTPUT / f"{name}.png"
-        argv = ["import", "-window", "root"]
-        if crop:
-            argv += ["-crop", crop, "+repage"]
-        subprocess.run([*argv, str(path)], env=self.env, check=True, timeout=30)
-        return path
-
-    def stop(self) -> int | None:
-        code = None
-        if self.tray is not None and self.tray.poll() is None:
-            self.tray.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                code = self.tray.wait(10)
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        shutil.rmtree(self.home, ignore_errors=True)
-        return code
 
 
 def traffic_on(state: dict, names: tuple[str, ...], samples: int = 6) -> bool:
@@ -200,7 +116,7 @@ def traffic_on(state: dict, names: tuple[str, ...], samples: int = 6) -> bool:
 
 def test_real_tray_on_a_real_daemon(world: World, stack: BraidStack) -> None:
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    desktop = Desktop(stack.control_path).start()
+    desktop = TrayDesktop(stack.control_path).start()
     download: dict = {}
     try:
         wait_for(lambda: "system tray available: true" in desktop.log.read_text(), 20, "the tray")
