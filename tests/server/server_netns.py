@@ -51,6 +51,17 @@ class Netns:
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return ip("-n", self.name, *args, check=check)
 
+    def veth(self, v4: tuple[str, ...] = (), v6: tuple[str, ...] = ()) -> None:
+        """A veth pair brd0/brd1, both up, with ``v4`` (/24) and ``v6`` (/64, no DAD) on brd0:
+        every address is local, so a server and its clients and targets reach each other."""
+        self.ip("link", "add", "brd0", "type", "veth", "peer", "name", "brd1")
+        for dev in ("brd0", "brd1"):
+            self.ip("link", "set", dev, "up")
+        for addr in v4:
+            self.ip("addr", "add", f"{addr}/24", "dev", "brd0")
+        for addr in v6:
+            self.ip("addr", "add", f"{addr}/64", "dev", "brd0", "nodad")
+
     def exec_argv(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 

@@ -240,13 +240,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     netns.create()
     server: ServerProcess | None = None
     try:
-        netns.ip("link", "add", "brd0", "type", "veth", "peer", "name", "brd1")
-        for dev in ("brd0", "brd1"):
-            netns.ip("link", "set", dev, "up")
-        for addr in (SERVER_V4, *CLIENTS_V4):
-            netns.ip("addr", "add", f"{addr}/24", "dev", "brd0")
-        for addr in (SERVER_V6, CLIENT_V6):
-            netns.ip("addr", "add", f"{addr}/64", "dev", "brd0", "nodad")
+        netns.veth((SERVER_V4, *CLIENTS_V4), (SERVER_V6, CLIENT_V6))
         state_dir = tmp / "state"
         pairing = init_state(state_dir, f"[::]:{PORT}", SERVER_V4)
         server = ServerProcess(netns, state_dir, tmp / "server.log").start()

@@ -69,13 +69,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     transports: list[asyncio.BaseTransport] = []
     seen: collections.Counter = collections.Counter()
     try:
-        ns.ip("link", "add", "brd0", "type", "veth", "peer", "name", "brd1")
-        for dev in ("brd0", "brd1"):
-            ns.ip("link", "set", dev, "up")
-        for addr in (SERVER_V4, TARGET_V4):
-            ns.ip("addr", "add", f"{addr}/24", "dev", "brd0")
-        for addr in (SERVER_V6, TARGET_V6):
-            ns.ip("addr", "add", f"{addr}/64", "dev", "brd0", "nodad")
+        ns.veth((SERVER_V4, TARGET_V4), (SERVER_V6, TARGET_V6))
         ns.write_etc("hosts", "127.0.0.1 localhost\n::1 localhost\n")
         state_dir = tmp / "state"
         pairing = init_state(

@@ -281,11 +281,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server: ServerProcess | None = None
     responder = Responder()
     try:
-        ns.ip("link", "add", "brd0", "type", "veth", "peer", "name", "brd1")
-        for dev in ("brd0", "brd1"):
-            ns.ip("link", "set", dev, "up")
-        for addr in (SERVER_V4, NAMESERVER_V4):
-            ns.ip("addr", "add", f"{addr}/24", "dev", "brd0")
+        ns.veth((SERVER_V4, NAMESERVER_V4))
         # Written before the server starts: ip netns exec mounts it over /etc/resolv.conf.
         ns.write_etc("resolv.conf", f"nameserver {SERVER_V4}\nnameserver {NAMESERVER_V4}\n")
         state_dir = tmp / "state"

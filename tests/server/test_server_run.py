@@ -82,13 +82,10 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     server: ServerProcess | None = None
     try:
         # The kernel may lack the dummy driver; a veth pair inside the namespace works anywhere.
-        netns.ip("link", "add", "brd0", "type", "veth", "peer", "name", "brd1")
-        for dev in ("brd0", "brd1"):
-            netns.ip("link", "set", dev, "up")
-        for addr in (SERVER_V4, OTHER_CLIENT_V4, SILENT_CLIENT_V4, SLOW_CLIENT_V4, TARGET_V4):
-            netns.ip("addr", "add", f"{addr}/24", "dev", "brd0")
-        for cidr in (f"{SERVER_V6}/64", f"{TARGET_V6}/64"):
-            netns.ip("addr", "add", cidr, "dev", "brd0", "nodad")
+        netns.veth(
+            (SERVER_V4, OTHER_CLIENT_V4, SILENT_CLIENT_V4, SLOW_CLIENT_V4, TARGET_V4),
+            (SERVER_V6, TARGET_V6),
+        )
         netns.write_etc(
             "hosts",
             f"127.0.0.1 localhost\n::1 localhost\n{TARGET_V4} {TARGET_NAME}\n"

@@ -117,12 +117,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server: ServerProcess | None = None
     echo: list[asyncio.BaseTransport] = []
     try:
-        ns.ip("link", "add", "brd0", "type", "veth", "peer", "name", "brd1")
-        for dev in ("brd0", "brd1"):
-            ns.ip("link", "set", dev, "up")
-        for addr in (SERVER_V4, TARGET_V4):
-            ns.ip("addr", "add", f"{addr}/24", "dev", "brd0")
-        ns.ip("addr", "add", f"{TARGET_V6}/64", "dev", "brd0", "nodad")
+        ns.veth((SERVER_V4, TARGET_V4), (TARGET_V6,))
         ns.write_etc(
             "hosts",
             f"127.0.0.1 localhost\n::1 localhost\n{TARGET_V4} {TARGET_NAME}\n"
