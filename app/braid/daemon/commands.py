@@ -37,10 +37,6 @@ SAMPLE_INTERVAL = 1.0
 AT_NEXT_CONNECTION: frozenset[str] = frozenset()
 
 
-async def _nothing() -> None:
-    """A change that changes nothing: submitted for the pass that follows it."""
-
-
 class Commands:
     def __init__(
         self,
@@ -249,7 +245,10 @@ class Commands:
             ) from None
         # Wait for the first tunnel (outside the writer) so a wrong token is reported at once.
         deadline = time.monotonic() + UP_WAIT
-        while time.monotonic() < deadline and not (pool.connected or pool.fatal_error):
+        # Connected once the reconciler's pass has seen it: the answer's state says so then.
+        while time.monotonic() < deadline and not (
+            (pool.connected and self.r.connected_since is not None) or pool.fatal_error
+        ):
             if self.r.pool is not pool:
                 break  # a later up or down replaced it: that caller has the news
             await asyncio.sleep(0.05)
@@ -257,8 +256,6 @@ class Commands:
             message = pool.fatal_error
             await self.r.submit(self.r.down, pool)
             raise ControlError(ErrorCode.FAILED, message)
-        if pool.connected and self.r.connected_since is None and self.r.pool is pool:
-            await self.r.submit(_nothing)  # a pass: the answer's state is "connected" then
         return self._status()
 
     async def down(self, caller: Caller, request: dict) -> dict:
