@@ -151,7 +151,8 @@ def test_late_replies_on_a_link_whose_traffic_still_arrives_are_not_a_dead_link(
         return received[0]
 
     async def scenario() -> list[bool]:
-        net = Loopback(rx_packets=rx_packets)
+        # The old silence limit far away, so only the urgent probes could call it dead.
+        net = Loopback(rx_packets=rx_packets, dead_after=2.0)
         net.responder = Held()
         async with net:
             net.prober.set_link("lo", "lo", "127.0.0.1")
@@ -169,7 +170,9 @@ def test_late_replies_on_a_link_whose_traffic_still_arrives_are_not_a_dead_link(
 
 def test_with_nothing_arriving_the_urgent_probes_decide_fast() -> None:
     async def scenario() -> float:
-        net = Loopback(rx_packets=lambda device: 1000)  # the interface receives nothing
+        # The interface receives nothing; the old silence limit far away: the urgent probes
+        # alone decide.
+        net = Loopback(rx_packets=lambda device: 1000, dead_after=2.0)
         async with net:
             net.prober.set_link("lo", "lo", "127.0.0.1")
             await net.wait("lo", True, 1.0)
