@@ -39,6 +39,22 @@ def empty_netns() -> Iterator[str]:
 
 
 @pytest.fixture
+def nft(empty_netns: str) -> Callable[..., subprocess.CompletedProcess]:
+    """``nft(*argv, script=None)``: nft run in a new empty namespace (``script`` on its stdin)."""
+
+    def run(*argv: str, script: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ip", "netns", "exec", empty_netns, "nft", *argv],
+            input=script,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    return run
+
+
+@pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     """``tmpfs(size="64k", read_only=False)`` mounts a tiny tmpfs under tmp_path (a mount, not a
     network change) and returns it; every mount is removed afterwards."""

@@ -30,6 +30,9 @@ class FakePlatform:
         self.routing: dict[str, LinkRouting] = {}
         self.withdrawn: set[str] = set()
         self.plan: Any = None
+        #: Headroom for calls: each device's limit (bytes per second), and the ones held to it.
+        self.limits: dict[str, int] = {}
+        self.gated: set[str] = set()
         self.calls: list[tuple] = []
         self.paths = FakePaths()
         self.resolved: dict[str, list[str]] = {}
@@ -63,6 +66,10 @@ class FakePlatform:
         self.calls.append(("stop",))
         self.routing.clear()
         self.plan = None
+
+    async def headroom(self, before, limits, gated, servers, port) -> None:
+        self.calls.append(("headroom", before, dict(limits), set(gated), list(servers), port))
+        self.limits, self.gated = dict(limits), set(gated)
 
     async def views(self, names: list[str]) -> dict[str, DeviceView | None]:
         return {name: self.devices.get(name) for name in names}
@@ -182,6 +189,7 @@ class FakeProber:
     links: dict[str, str] = field(default_factory=dict)
     running: bool = False
     stopped: bool = False
+    rtt_ms: dict[str, float] = field(default_factory=dict)  # as the test sets it; else 10 ms
 
     async def start(self) -> None:
         self.running = True
@@ -196,7 +204,7 @@ class FakeProber:
         self.links.pop(name, None)
 
     def health(self, name: str) -> LinkHealth:
-        return LinkHealth(rtt_ms=10.0, jitter_ms=1.0, loss=0.0)
+        return LinkHealth(rtt_ms=self.rtt_ms.get(name, 10.0), jitter_ms=1.0, loss=0.0)
 
     def say(self, name: str, alive: bool) -> None:
         self.on_change(name, alive)

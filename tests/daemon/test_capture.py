@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,27 +77,15 @@ def test_without_links_nothing_forwarded_is_touched() -> None:
     assert not any("tproxy" in r for r in chains["tproxy_prerouting"][2:])
 
 
-def nft(netns: str, *argv: str, script: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", *argv],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
-def test_nft_accepts_the_ruleset_and_a_new_plan_keeps_bypassed_names(empty_netns: str) -> None:
-    done = nft(empty_netns, "-f", "-", script=capture.ruleset(PLAN))
+def test_nft_accepts_the_ruleset_and_a_new_plan_keeps_bypassed_names(nft) -> None:
+    done = nft("-f", "-", script=capture.ruleset(PLAN))
     assert done.returncode == 0, done.stderr
-    added = nft(
-        empty_netns, "add", "element", "inet", "braid", "bypass4", "{ 198.19.7.7 timeout 60s }"
-    )
+    added = nft("add", "element", "inet", "braid", "bypass4", "{ 198.19.7.7 timeout 60s }")
     assert added.returncode == 0, added.stderr
     changed = capture.CapturePlan(**{**PLAN.__dict__, "link_subnets": ["198.18.2.0/24"]})
-    done = nft(empty_netns, "-f", "-", script=capture.ruleset(changed))
+    done = nft("-f", "-", script=capture.ruleset(changed))
     assert done.returncode == 0, done.stderr
-    listed = nft(empty_netns, "list", "table", "inet", "braid").stdout
+    listed = nft("list", "table", "inet", "braid").stdout
     assert "198.19.7.7" in listed  # the bypass sets survive an update
     assert "198.18.2.0/24" in listed and "198.18.1.0/24" not in listed
     assert listed.count("reject with icmpx admin-prohibited") == 2

@@ -8,6 +8,7 @@ flow falls back to the tunnel by itself.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 
+from braid.daemon.routing import headroom
 from braid.daemon.routing.capture import OWN_MARK
 from braid.netbed import LinkSpec, World
 from braid.netbed.stack import BraidStack, run_traffic, start_traffic, wait_for
@@ -212,3 +214,52 @@ def test_the_datagram_path_over_ipv6_links(world: World, stack: BraidStack) -> N
         assert flow["path"] == "datagram" and len(flow["links"]) == 2, flow
     finally:
         stack.call("up", pairing=stack.pairing_uri, mode="system")
+
+
+def headroom_rules(world: World) -> str:
+    done = world.run(
+        "laptop", ["nft", "list", "table", "inet", headroom.TABLE], capture_output=True, text=True
+    )
+    return done.stdout if done.returncode == 0 else ""
+
+
+def test_a_calls_link_is_held_under_its_rate_while_a_download_queues_there(
+    world: World, stack: BraidStack
+) -> None:
+    """Headroom for calls: a download fills eth0 (slowed to 8 Mbit/s, still the link of lowest
+    delay) and queues at its provider; a call on eth0 then holds the tunnels' downloads on eth0
+    20 % under the rate the link carried, the server's TCP over it is dropped, and the hold goes
+    with the call."""
+    world.set_rate("eth0", 8)
+    # The other links slower than eth0 even with its queue, so the call keeps to eth0.
+    world.set_delay("wlan0", 80)
+    world.set_delay("usb0", 100)
+    download = start_traffic(
+        world, "download", world.target_v4, "--bytes", str(1 << 30), "--timeout", "60"
+    )
+    call = None
+    try:
+        # Every link shows its rate, and eth0 its queue, long enough for eth0's rate (50 Mbit/s
+        # earlier in this module) to come down to what it carries now.
+        time.sleep(8.0)
+        call = start_traffic(
+            world, "echo", world.target_v4, "--count", "400", "--interval", "0.02", "--size", "160"
+        )
+        wait_for(lambda: "eth0" in stack.status()["datagram"]["held"], 10)
+        held = stack.status()["datagram"]["held"]
+        assert 1e6 < held["eth0"] < 0.85 * 8e6, held
+        assert 'iifname "eth0" jump link_eth0' in headroom_rules(world)
+        # The sender goes over the hold and is dropped: its queue at eth0's provider drains.
+        wait_for(lambda: re.search(r"counter packets [1-9]", headroom_rules(world)), 15)
+        out, _ = call.communicate(timeout=30)
+        assert json.loads(out.strip().splitlines()[-1])["received"] >= 396
+        wait_for(lambda: not stack.status()["datagram"]["held"], 10)
+        assert "elements" not in headroom_rules(world)  # the limits count on, dropping nothing
+    finally:
+        for proc in (call, download):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        world.set_rate("eth0", LINKS[0].rate_mbit)
+        for link in LINKS[1:]:
+            world.set_delay(link.name, link.rtt_ms)

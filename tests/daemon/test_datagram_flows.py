@@ -87,3 +87,26 @@ def test_user_listed_ports() -> None:
         10001,
         10002,
     }
+
+
+def test_a_call_on_the_tunnel_path_counts_on_the_tunnels_link_for_headroom() -> None:
+    """A call without a datagram session (UDP blocked, or class ``tunnel``) still asks for
+    headroom, on the link its tunnel starts on; other UDP, and a call gone quiet, does not."""
+
+    async def scenario():
+        path = path_without_server()
+        path.start()
+        flows = DatagramFlows(
+            path, None, lambda *a: None, SETTINGS.__getitem__, lambda take, answer: TunnelSessions()
+        )
+        flows.start()
+        flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"x")  # STUN: a call
+        flows.send(("198.18.1.2", 4001), Address("198.19.0.1", 53), b"y" * 40)  # DNS: not
+        calls = path.realtime_links("eth0"), path.realtime_links(None)
+        quiet = path.realtime_links("eth0", within=0.0)
+        await flows.close()
+        await path.close()
+        return calls, quiet
+
+    (calls, without_best), quiet = asyncio.run(scenario())
+    assert calls == {"eth0"} and without_best == set() and quiet == set()

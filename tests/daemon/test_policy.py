@@ -262,3 +262,81 @@ def test_event_kinds_are_declared_once_with_level_and_title() -> None:
     assert EventKind.SERVER_UNREACHABLE.level == "error"
     message = policy.link_events(None, policy.decide({}, inputs()).links["eth0"])[0].to_json(1.0)
     assert message["level"] == "info" and message["title"] == "A link was found"
+
+
+# -- headroom for calls ----------------------------------------------------------------------
+
+MBIT = 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("peak", "rx", "tx", "elapsed", "held", "queue", "want"),
+    [
+        (0.0, 20 * MBIT, 0, 1.0, False, False, 20 * MBIT),  # a faster second is the new peak
+        (20 * MBIT, 1 * MBIT, 0, policy.PEAK_HALF_LIFE, False, False, 10 * MBIT),  # fades by half
+        (20 * MBIT, 15 * MBIT, 0, policy.PEAK_HALF_LIFE, False, False, 15 * MBIT),  # never under now
+        (20 * MBIT, 1 * MBIT, 0, policy.PEAK_HALF_LIFE, True, False, 20 * MBIT),  # held: its seconds lie
+        (20 * MBIT, 25 * MBIT, 0, 1.0, True, False, 25 * MBIT),  # held, yet faster: the link showed it
+        # A download queues at the provider: the link is full, its rate comes down to what it
+        # carries within seconds ...
+        (20 * MBIT, 8 * MBIT, 0.3 * MBIT, policy.QUEUE_HALF_LIFE, False, True, 10 * MBIT),
+        (20 * MBIT, 8 * MBIT, 0.3 * MBIT, 5 * policy.QUEUE_HALF_LIFE, False, True, 8 * MBIT),
+        (20 * MBIT, 25 * MBIT, 0.3 * MBIT, 1.0, False, True, 25 * MBIT),
+        (20 * MBIT, 8 * MBIT, 0.3 * MBIT, 1.0, True, True, 20 * MBIT),  # ... but not while held
+        # ... not when an upload fills it (more sent than received), nor at a trickle.
+        (20 * MBIT, 0.5 * MBIT, 9 * MBIT, 1.0, False, True, 20 * MBIT * 0.5 ** (1 / 300)),
+        (20 * MBIT, 0.2 * MBIT, 0, 1.0, True, True, 20 * MBIT),
+    ],
+)  # fmt: skip
+def test_a_links_rate_is_its_fastest_second_fading_unless_held_or_what_it_carries_when_full(
+    peak, rx, tx, elapsed, held, queue, want
+):
+    assert policy.link_peak(peak, rx, tx, elapsed, held, queue) == pytest.approx(want)
+
+
+E, W = 20 * MBIT, 12 * MBIT
+BOTH = {"eth0", "wlan0"}
+LIMITS = {"eth0": 2_000_000, "wlan0": 1_200_000}
+
+
+@pytest.mark.parametrize(
+    ("calls", "peaks", "percent", "limits", "queues", "gated", "want", "held"),
+    [
+        # Every link with a known peak gets a limit 20 % under it (bytes per second); a call on
+        # eth0, where a queue builds, holds eth0 to it.
+        ({"eth0"}, {"eth0": E, "wlan0": W}, 20, {}, {"eth0"}, set(), LIMITS, {"eth0"}),
+        # Held already: it stays held while the call lasts, although its queue is gone.
+        ({"eth0"}, {"eth0": E, "wlan0": W}, 20, LIMITS, set(), {"eth0"}, LIMITS, {"eth0"}),
+        # A call, but no queue on its link (nothing fills it): not held.
+        ({"eth0"}, {"eth0": E, "wlan0": W}, 20, {}, set(), set(), LIMITS, set()),
+        # No call: the limits count, nothing is held, queue or not.
+        (set(), {"eth0": E, "wlan0": W}, 20, {}, BOTH, {"eth0"}, LIMITS, set()),
+        # A redundant call uses two links: both held.
+        (BOTH, {"eth0": E, "wlan0": W}, 25, {}, BOTH, set(), {"eth0": 1_875_000, "wlan0": 1_125_000}, BOTH),
+        ({"eth0"}, {"eth0": E}, 0, {}, BOTH, set(), {}, set()),  # 0: off
+        # Never seen busy: capacity unknown, no limit, so not held either.
+        ({"eth0"}, {"eth0": 0.5 * MBIT, "wlan0": W}, 20, {}, BOTH, set(), {"wlan0": 1_200_000}, set()),
+        # Within a tenth of the limit: kept (a new one would start a full bucket again) ...
+        ({"eth0"}, {"eth0": 21 * MBIT}, 20, {"eth0": 2_000_000}, BOTH, set(), {"eth0": 2_000_000}, {"eth0"}),
+        # ... further: the new rate.
+        ({"eth0"}, {"eth0": 25 * MBIT}, 20, {"eth0": 2_000_000}, BOTH, set(), {"eth0": 2_500_000}, {"eth0"}),
+    ],
+)  # fmt: skip
+def test_every_known_link_is_limited_and_a_calls_queued_link_held(
+    calls, peaks, percent, limits, queues, gated, want, held
+):
+    assert policy.headroom(calls, peaks, percent, limits, queues, gated) == (want, held)
+
+
+def test_a_links_floor_is_its_lowest_round_trip_creeping_up_and_a_queue_is_well_over_it():
+    assert policy.rtt_floor(None, 10.0, 1.0) == 10.0
+    assert policy.rtt_floor(10.0, 8.0, 1.0) == 8.0
+    assert policy.rtt_floor(10.0, None, 1.0) == 10.0
+    assert policy.rtt_floor(10.0, 28.0, 1.0) == pytest.approx(10.1)  # 1 % a second
+    floor = 10.0
+    for _ in range(120):  # a longer route, two minutes on: learned
+        floor = policy.rtt_floor(floor, 14.0, 1.0)
+    assert floor == 14.0
+    assert policy.queued(28.0, 10.0) and not policy.queued(14.0, 10.0)
+    assert not policy.queued(120.0, 100.0) and policy.queued(130.0, 100.0)  # a quarter over
+    assert not policy.queued(None, 10.0) and not policy.queued(28.0, None)

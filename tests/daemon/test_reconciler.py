@@ -359,3 +359,57 @@ def test_a_change_waiting_when_braidd_stops_is_answered_not_left_hanging(tmp_pat
                 await asyncio.wait_for(waiting, 1)
 
     run(scenario)
+
+
+def test_a_calls_link_is_held_while_the_call_lasts_and_freed_after(tmp_path: Path) -> None:
+    """Headroom for calls: once connected, every link that showed its rate gets a limit 20 % (the
+    default) under its fastest second; a call holds its link to it once a queue builds there,
+    by the gate alone (the limits keep counting), until the call ends; down removes them."""
+    calls: set[str] = set()
+
+    async def second(rig: Rig, rx: dict[str, int]) -> None:
+        await asyncio.sleep(0.05)
+        rig.platform.io = {n: (rig.platform.io.get(n, (0, 0))[0] + b, 0) for n, b in rx.items()}
+        await rig.r.submit(rig.r.sample, {})
+
+    async def scenario() -> None:
+        async with Rig(tmp_path) as rig:
+            rig.r._call_links = lambda: set(calls)
+            up = await rig.up()
+            await rig.settle()
+            rig.made.pools[0].connect()
+            await up
+            prober = rig.made.probers[0]
+            await second(rig, {"eth0": 0, "wlan0": 0})
+            await second(rig, {"eth0": 125_000, "wlan0": 75_000})  # a download: 20 / 12 Mbit/s
+            peaks = dict(rig.r.peaks)
+            assert peaks["eth0"] > 10_000_000 and peaks["wlan0"] > 6_000_000
+            want = {name: int(peak * 0.8 / 8) for name, peak in peaks.items()}
+            assert rig.platform.limits == want and rig.platform.gated == set()
+            assert rig.platform.calls[-1][4:] == (["198.18.0.10"], 7443)
+            calls.add("eth0")
+            await second(rig, {"eth0": 1_000, "wlan0": 1_000})
+            assert rig.platform.gated == set()  # a call, but no queue on its link: not held
+            prober.rtt_ms["eth0"] = 28.0  # the download's queue at eth0's provider
+            await second(rig, {"eth0": 1_000, "wlan0": 1_000})
+            # Only the gate changes: the limits stay as they were (their buckets too).
+            assert rig.platform.calls[-1][1:4] == (want, want, {"eth0"})
+            assert rig.platform.limits == want and rig.r.held == {"eth0": want["eth0"]}
+            prober.rtt_ms["eth0"] = 10.0  # held: the queue drained; the link stays held
+            held_peak, wlan_peak = rig.r.peaks["eth0"], rig.r.peaks["wlan0"]
+            for _ in range(3):  # and its slow seconds do not lower its peak
+                await second(rig, {"eth0": 10, "wlan0": 10})
+            assert rig.platform.gated == {"eth0"}
+            assert rig.r.peaks["eth0"] == held_peak
+            assert rig.r.peaks["wlan0"] < wlan_peak
+            calls.clear()
+            await second(rig, {"eth0": 10, "wlan0": 10})
+            assert rig.platform.gated == set() and rig.r.held == {}
+            calls.add("eth0")
+            prober.rtt_ms["eth0"] = 28.0
+            await second(rig, {"eth0": 10, "wlan0": 10})
+            assert rig.platform.gated == {"eth0"}
+            await rig.r.submit(rig.r.down)
+            assert rig.platform.limits == {} and rig.platform.gated == set()
+
+    run(scenario)

@@ -249,6 +249,7 @@ class FakeBraidd:
                 ),
                 "too_large": 0,
                 "sessions": 0,
+                "held": {},
             },
         }
         if not brief:

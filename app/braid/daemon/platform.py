@@ -1,8 +1,8 @@
 """Everything braidd reads from or writes to the system, behind one interface.
 
-Netlink (routes, rules, MPTCP endpoints and the path manager), nftables (system-wide capture),
-sysfs and NetworkManager (which interfaces are links), /proc (counters, subflows) and name
-lookups. The reconciler talks only to a :class:`Platform`; the tests give it a recording fake
+Netlink (routes, rules, MPTCP endpoints and the path manager), nftables (system-wide capture,
+headroom for calls), sysfs and NetworkManager (which interfaces are links), /proc (counters,
+subflows) and name lookups. The reconciler talks only to a :class:`Platform`; the tests give it a recording fake
 (tests/daemon/fake_platform.py) and run it without root.
 
 Writes and netlink reads run on one worker thread, in the order they were asked for, so routing
@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import psutil
 
-from braid.daemon.routing import capture
+from braid.daemon.routing import capture, headroom
 from braid.daemon.routing.paths import PathManager, PathManagerUnavailable
 from braid.daemon.routing.policy import DeviceView, LinkRouting, Routing
 
@@ -49,6 +49,14 @@ class PlatformBase(Protocol):
     async def apply(self, routing: dict[str, LinkRouting | None], withdrawn: set[str]) -> None: ...
     def applied(self) -> dict[str, LinkRouting]: ...
     async def capture(self, plan: capture.CapturePlan | None) -> None: ...
+    async def headroom(
+        self,
+        before: dict[str, int] | None,
+        limits: dict[str, int],
+        gated: set[str],
+        servers: list[str],
+        port: int,
+    ) -> None: ...
     async def resolve(self, host: str, port: int) -> list[str]: ...
     async def counters(self) -> dict[str, tuple[int, int]]: ...
     async def in_netlink(self, fn: Callable[..., T], *args: Any) -> T: ...
@@ -76,6 +84,7 @@ class Platform:
         # A previous run that crashed may have left tables, rules or endpoints behind.
         await self.in_netlink(self._routing.cleanup)
         await self.in_netlink(remove_capture_table)
+        await self.in_netlink(headroom.remove)
         await self.in_netlink(self._routing.raise_limits)
         try:
             await self.in_netlink(self.paths.enable)
@@ -87,6 +96,7 @@ class Platform:
 
     async def stop(self) -> None:
         await self.capture(None)
+        await self.in_netlink(headroom.remove)
         if self._routing is not None:
             await self.in_netlink(self._routing.remove_all)
             await self.in_netlink(self._routing.close)
@@ -179,6 +189,18 @@ class Platform:
         await self.in_netlink(self._routing.install_capture_routing, capture.UDP_MARK)
         self._capture_routing = True
         await self.in_netlink(capture.install, plan)
+
+    async def headroom(
+        self,
+        before: dict[str, int] | None,
+        limits: dict[str, int],
+        gated: set[str],
+        servers: list[str],
+        port: int,
+    ) -> None:
+        """Limit the tunnels' downloads per link, dropping over the limit on the ``gated`` ones
+        (raises headroom.HeadroomError)."""
+        await self.in_netlink(headroom.install, before, limits, gated, servers, port)
 
     async def resolve(self, host: str, port: int) -> list[str]:
         """The server's addresses (raises OSError)."""

@@ -404,7 +404,92 @@ def daemon_state(up: bool, connected: bool, links: Mapping[str, Link]) -> str:
     return State.CONNECTED
 
 
+#: A link never seen faster than this (bits per second) is not held for calls: its capacity is
+#: unknown, and a hold under a guess would choke the download that reveals it.
+HEADROOM_MIN_BPS = 1_000_000
+#: The fastest second a link has shown counts for this long at half weight (seconds) ...
+PEAK_HALF_LIFE = 300.0
+#: ... and for this long while a download queues on it (what a full link carries is its rate).
+QUEUE_HALF_LIFE = 5.0
+
+
+def link_peak(
+    peak: float, rx_bps: float, tx_bps: float, elapsed: float, held: bool, queue: bool
+) -> float:
+    """The download rate a link can carry (bits per second), a second later.
+
+    While a download queues at its provider (``queue``, more received than sent) the link is
+    full, so the rate comes down to what it carries within seconds (``QUEUE_HALF_LIFE``: one
+    slow second does not make a slow link). Otherwise the fastest second it has shown, fading
+    with ``PEAK_HALF_LIFE``. A held link's rate only rises: its seconds show the hold, not the
+    link, and chasing them down would strangle it whenever its round trip stays up for another
+    reason."""
+    if queue and not held and rx_bps > tx_bps and rx_bps >= HEADROOM_MIN_BPS:
+        return max(rx_bps, peak * 0.5 ** (max(0.0, elapsed) / QUEUE_HALF_LIFE))
+    if rx_bps >= peak:
+        return rx_bps
+    if held:
+        return peak
+    return max(rx_bps, peak * 0.5 ** (max(0.0, elapsed) / PEAK_HALF_LIFE))
+
+
+#: A link's round trip this far over its floor (ms, or a quarter of the floor if more) means a
+#: queue is building in its provider's buffer.
+QUEUE_MS = 5.0
+#: A round trip's floor rises by this fraction a second towards a higher round trip (a route
+#: that got longer is learned in a minute or two).
+FLOOR_RISE = 0.01
+
+
+def rtt_floor(floor: float | None, rtt_ms: float | None, elapsed: float) -> float | None:
+    """A link's round trip without a queue: the lowest seen, creeping up towards what it is."""
+    if rtt_ms is None:
+        return floor
+    if floor is None or rtt_ms <= floor:
+        return rtt_ms
+    return min(rtt_ms, floor * (1 + FLOOR_RISE * max(0.0, elapsed)))
+
+
+def queued(rtt_ms: float | None, floor: float | None) -> bool:
+    """Is a queue building on the link (its round trip well over its floor)?"""
+    if rtt_ms is None or floor is None:
+        return False
+    return rtt_ms - floor > max(QUEUE_MS, floor / 4)
+
+
+def headroom(
+    call_links: set[str],
+    peaks: Mapping[str, float],
+    percent: int,
+    limits: Mapping[str, int],
+    queues: set[str],
+    gated: set[str],
+) -> tuple[dict[str, int], set[str]]:
+    """Headroom for calls: each link's limit for the tunnels' downloads (link -> bytes per
+    second, ``percent`` under the link's peak), and the links held to it now: those a call uses
+    where a queue builds (``queues``), and stay held while the call lasts (``gated``: held
+    already), as a held link's queue is gone. A limit within a tenth of the wanted rate stays as
+    it is (a new one starts its bucket full again); a link whose peak is under
+    ``HEADROOM_MIN_BPS`` gets none."""
+    if percent <= 0:
+        return {}, set()
+    out = {}
+    for name, peak in sorted(peaks.items()):
+        if peak < HEADROOM_MIN_BPS:
+            continue
+        want = int(peak * (100 - min(percent, 100)) / 100 / 8)
+        now = limits.get(name)
+        out[name] = now if now and abs(want - now) <= now / 10 else want
+    held = {name for name in call_links if name in out and (name in queues or name in gated)}
+    return out, held
+
+
 __all__ = [
+    "FLOOR_RISE",
+    "HEADROOM_MIN_BPS",
+    "PEAK_HALF_LIFE",
+    "QUEUE_HALF_LIFE",
+    "QUEUE_MS",
     "Decision",
     "Inputs",
     "Named",
@@ -416,12 +501,16 @@ __all__ = [
     "connection_events",
     "daemon_state",
     "decide",
+    "headroom",
     "link_events",
+    "link_peak",
     "may_carry",
     "metered_use",
     "observe",
     "ordered",
+    "queued",
     "routing_for",
+    "rtt_floor",
     "source_address",
     "wanted_names",
 ]

@@ -31,6 +31,7 @@ from braid.daemon.platform import PlatformBase
 from braid.daemon.routing import capture
 from braid.daemon.routing.apps import AppGroups
 from braid.daemon.routing.capture import OWN_MARK
+from braid.daemon.routing.headroom import HeadroomError
 from braid.daemon.routing.paths import plain_address
 from braid.daemon.settings import Settings
 from braid.daemon.tunnel.spread import PathLink, Spreading
@@ -38,6 +39,7 @@ from braid.files import write_json
 from braid.protocol.control import ControlError, ErrorCode
 from braid.protocol.events import Event, EventKind
 from braid.protocol.pairing import Pairing
+from braid.units import format_rate
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class Reconciler:
         parts: Parts,
         publish: Callable[[dict], None] = lambda message: None,
         capture_ports: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        call_links: Callable[[], set[str]] = set,
     ) -> None:
         self.platform = platform
         self.store = store
@@ -90,6 +93,7 @@ class Reconciler:
         self._parts = parts
         self._publish = publish
         self._capture_ports = capture_ports
+        self._call_links = call_links  # the links real-time flows use now
         # The state; only the writer task changes it.
         self.links: dict[str, Link] = {}
         self.best: str | None = None
@@ -107,6 +111,15 @@ class Reconciler:
         self._probe_family: int | None = None
         self._probing: dict[str, str] = {}
         self._counters: dict[str, tuple[float, int, int]] = {}
+        #: The fastest download each link has shown (bits/s), each link's limit for headroom
+        #: (bytes/s), and the links calls use, held to it.
+        self.peaks: dict[str, float] = {}
+        self.floors: dict[str, float | None] = {}  # each link's round trip without a queue
+        self._queues: set[str] = set()  # links whose round trip shows a queue now
+        self.limits: dict[str, int] = {}
+        self.gated: set[str] = set()
+        self._headroom_failed = False
+        self._headroom_known = False  # the table is as self.limits says
         self._path_signature: tuple = ()
         self.events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.passes = 0
@@ -213,6 +226,7 @@ class Reconciler:
         self._connection_events()
         self._reconcile_paths()
         await self._update_capture()
+        await self._hold_for_calls()
 
     def _sync_probes(self, want: dict[str, str]) -> None:
         if self.prober is None:
@@ -416,6 +430,7 @@ class Reconciler:
         self.connected_since = None
         await self._stop_prober()
         await self._update_capture()
+        await self._hold_for_calls()
         if pool is not None:
             await pool.stop()
             self.event(Event(EventKind.DISCONNECTED, None, "disconnected"))
@@ -482,6 +497,7 @@ class Reconciler:
         counters = await self.platform.counters()
         crossed = False
         links = {}
+        queues: set[str] = set()
         for name, link in self.links.items():
             link = replace(link, subflows=sum(subflows.get(a, 0) for a in link.addresses))
             if self.prober is not None and name in self._probing:
@@ -504,12 +520,66 @@ class Reconciler:
                 # The cap is the policy's to judge; a crossing only asks for a pass.
                 crossed = crossed or policy.metered_use(link, used).capped != link.capped
                 link.used_bytes = used
+                rtt = (link.health or {}).get("rtt_ms")
+                self.floors[name] = policy.rtt_floor(self.floors.get(name), rtt, elapsed)
+                queue = policy.queued(rtt, self.floors[name])
+                if queue:
+                    queues.add(name)
+                self.peaks[name] = policy.link_peak(
+                    self.peaks.get(name, 0.0),
+                    link.rx_bps,
+                    link.tx_bps,
+                    elapsed,
+                    name in self.gated,
+                    queue,
+                )
             link.rx_bytes, link.tx_bytes = io
             self._counters[name] = (now, io[0], io[1])
             links[name] = link
         self.links = links
+        self._queues = queues
+        await self._hold_for_calls()
         if crossed:
             self.poke()
+
+    @property
+    def held(self) -> dict[str, int]:
+        """The links held for calls now, with their limits (bytes per second)."""
+        return {name: self.limits[name] for name in sorted(self.gated)}
+
+    async def _hold_for_calls(self) -> None:
+        """Headroom for calls (routing/headroom.py): limits while connected, held where calls
+        are."""
+        connected = self.pool is not None and self.pairing is not None
+        calls = self._call_links() if connected else set()
+        limits, gated = policy.headroom(
+            calls,
+            self.peaks if connected else {},
+            self.settings["call_headroom"],
+            self.limits,
+            self._queues,
+            self.gated,
+        )
+        if limits == self.limits and gated == self.gated:
+            return
+        servers = [plain_address(a) for a in self.server_addresses]
+        port = self.pairing.port if self.pairing else 0
+        before = self.limits if self._headroom_known else None
+        try:
+            await self.platform.headroom(before, limits, gated, servers, port)
+        except HeadroomError as exc:
+            self._headroom_known = False  # the table is whatever nft left: write it whole
+            if not self._headroom_failed:
+                log.warning("%s", exc)
+            self._headroom_failed = True
+            return
+        for name in sorted(gated - self.gated):
+            rate = format_rate(limits[name] * 8)
+            log.info("a call uses %s: downloads through Braid on it held under %s", name, rate)
+        for name in sorted(self.gated - gated):
+            log.info("no call uses %s any more: its downloads are free", name)
+        self.limits, self.gated = limits, gated
+        self._headroom_known = True
 
 
 __all__ = ["PAIRING_FILE", "Parts", "Reconciler", "real_parts"]

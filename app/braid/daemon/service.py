@@ -34,6 +34,7 @@ from braid.daemon.links.model import Priority
 from braid.daemon.links.store import LinkStore
 from braid.daemon.platform import Platform, remove_capture_table
 from braid.daemon.reconciler import PAIRING_FILE, Parts, Reconciler, real_parts
+from braid.daemon.routing import headroom
 from braid.daemon.routing.apps import DEFAULT_NAME as DEFAULT_CGROUP
 from braid.daemon.routing.apps import AppGroups, AppGroupsError
 from braid.daemon.routing.capture import OWN_MARK
@@ -120,7 +121,9 @@ class Daemon:
             parts or real_parts(),
             publish=self._publish,
             capture_ports=lambda: (self.transparent_tcp.port, self.transparent_udp.port),
+            call_links=lambda: self.datagram.realtime_links(self.reconciler.best),
         )
+        self.datagram.on_realtime = self.reconciler.poke
         self.name_bypass = NameBypass(
             lambda: self.settings["bypass"], lambda: self.reconciler.capture_active
         )
@@ -392,7 +395,10 @@ class Daemon:
                 "tx_bps": sum(link.tx_bps for link in links.values() if link.carrying),
                 "paths": self.spreading.summary(),
             },
-            "datagram": self.datagram.status(),
+            "datagram": {
+                **self.datagram.status(),
+                "held": {name: rate * 8 for name, rate in r.held.items()},
+            },
         }
         if not brief:
             out["events"] = list(r.events)[-20:]
@@ -479,6 +485,7 @@ def cleanup(state_dir: Path, cgroup: str = DEFAULT_CGROUP) -> None:
         routing.close()
     PathManager(state_dir).restore()
     remove_capture_table()
+    headroom.remove()
     apps = AppGroups(cgroup, state_dir)
     try:
         apps.start()  # finds (or mounts) the hierarchy; the groups are made if missing

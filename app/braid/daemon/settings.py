@@ -147,6 +147,18 @@ SETTINGS: tuple[Setting, ...] = (
         "real-time.",
     ),
     Setting(
+        "call_headroom",
+        int,
+        20,
+        "Headroom for calls (%)",
+        "While a call or game uses a link, downloads through Braid on that link are held this "
+        "far under the fastest rate the link has shown, so the call's packets never wait behind "
+        "a download's queue at the provider. Downloads lose that share of one link while the "
+        "call lasts. 0: off.",
+        minimum=0,
+        maximum=50,
+    ),
+    Setting(
         "when_server_unreachable",
         str,
         "direct",

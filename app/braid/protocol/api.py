@@ -108,6 +108,7 @@ class DatagramObject(TypedDict):
     forged: int
     too_large: int
     sessions: int
+    held: dict[str, int]  # links whose tunnel downloads are held for calls: bits/s they may carry
 
 
 class StatusObject(TypedDict, total=False):

@@ -52,6 +52,8 @@ OLD_SERVER_RETRY = 600.0  # a server that does not know Command.DATAGRAM: UDP by
 FLOW_IDLE = float(os.environ.get("BRAID_UDP_IDLE", 60.0))
 MAX_FLOWS = 4096
 STATUS_FLOWS = 64
+#: A real-time flow that sent within this many seconds still holds headroom on its links.
+REALTIME_RECENT = 3.0
 IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
 IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU = 23, 2, 24
 
@@ -158,6 +160,8 @@ class DatagramPath:
         self._server_fn = server
         self._links_fn = links
         self._mark = mark
+        #: Called when a flow turns real-time (braidd: a pass, which holds its link for it).
+        self.on_realtime: Callable[[], None] = lambda: None
         self._server: tuple[str, int] | None = None
         self._tunnel: Tunnel | None = None
         self._sealer: dg.Sealer | None = None
@@ -491,9 +495,7 @@ class DatagramPath:
         flow.meter.add(now, len(data))
         flow.last = now
         flow.up += 1
-        flow.klass = flowclass.classify(
-            flow.destination.port, flow.dscp, flow.listed, flow.meter, now, flow.klass
-        )
+        self.classify(flow, now)
         mode = modes.get(flow.klass, "fastest")
         if mode != "tunnel":  # a flow keeps its path (the destination would see a new port)
             flow.mode = mode
@@ -553,6 +555,27 @@ class DatagramPath:
             flow.via_tunnel += 1
             self._tunnel.queue_datagram(sealed)
         return True
+
+    def classify(self, flow: Flow, now: float) -> None:
+        """Re-judge ``flow`` after a datagram; a flow turning real-time calls ``on_realtime``."""
+        was = flow.klass
+        flow.klass = flowclass.classify(
+            flow.destination.port, flow.dscp, flow.listed, flow.meter, now, flow.klass
+        )
+        if flow.klass == REALTIME and was != REALTIME:
+            self.on_realtime()  # a call began: its link may need headroom at once
+
+    def realtime_links(self, tunnel_link: str | None, within: float = REALTIME_RECENT) -> set[str]:
+        """The links real-time flows sent on within the last ``within`` seconds; a flow on the
+        tunnel path counts as on ``tunnel_link`` (where its tunnel starts: the best link)."""
+        if self._loop is None:
+            return set()
+        now = self._now()
+        out: set[str] = set()
+        for flow in self.flows.values():
+            if flow.klass == REALTIME and now - flow.last < within:
+                out.update(flow.links or ((tunnel_link,) if tunnel_link else ()))
+        return out
 
     def forget(self, flow: Flow) -> None:
         """The flow is over: the server releases its socket at once (on the session's tunnel,
@@ -665,6 +688,8 @@ class DatagramFlows:
                 dscp,
             )
             flow.klass = klass
+            if klass == REALTIME:
+                self._path.on_realtime()
             self._flows[key] = flow
         if flow.path == "datagram" and self._path.send(flow, data, modes):
             return
@@ -673,7 +698,9 @@ class DatagramFlows:
             flow.links = ()
             log.info("UDP to %s: no datagram session, carried by the tunnel", destination)
         flow.up += 1
-        flow.last = asyncio.get_running_loop().time()
+        flow.last = now = asyncio.get_running_loop().time()
+        flow.meter.add(now, len(data))  # a call on the tunnel path needs headroom too
+        self._path.classify(flow, now)
         self._tunnel.send(client, destination, data)
 
     async def _sweep(self) -> None:
