@@ -279,10 +279,12 @@ MBIT = 1_000_000
         (20 * MBIT, 25 * MBIT, 0, 1.0, True, False, 25 * MBIT),  # held, yet faster: the link showed it
         # A download queues at the provider: the link is full, its rate comes down to what it
         # carries within seconds ...
-        (20 * MBIT, 8 * MBIT, 0.3 * MBIT, policy.QUEUE_HALF_LIFE, False, True, 10 * MBIT),
-        (20 * MBIT, 8 * MBIT, 0.3 * MBIT, 5 * policy.QUEUE_HALF_LIFE, False, True, 8 * MBIT),
+        (20 * MBIT, 12 * MBIT, 0.3 * MBIT, policy.QUEUE_HALF_LIFE, False, True, 12 * MBIT),
+        (20 * MBIT, 11 * MBIT, 0.3 * MBIT, policy.QUEUE_HALF_LIFE / 5, False, True, 20 * MBIT * 0.5 ** 0.2),
         (20 * MBIT, 25 * MBIT, 0.3 * MBIT, 1.0, False, True, 25 * MBIT),
-        (20 * MBIT, 8 * MBIT, 0.3 * MBIT, 1.0, True, True, 20 * MBIT),  # ... but not while held
+        (20 * MBIT, 8 * MBIT, 0.3 * MBIT, 1.0, True, True, 20 * MBIT),  # ... but not while held,
+        # nor below half the peak: a false queue (other devices on the Wi-Fi) is not a full link.
+        (20 * MBIT, 3 * MBIT, 0.3 * MBIT, 1.0, False, True, 20 * MBIT * 0.5 ** (1 / 300)),
         # ... not when an upload fills it (more sent than received), nor at a trickle.
         (20 * MBIT, 0.5 * MBIT, 9 * MBIT, 1.0, False, True, 20 * MBIT * 0.5 ** (1 / 300)),
         (20 * MBIT, 0.2 * MBIT, 0, 1.0, True, True, 20 * MBIT),
@@ -329,13 +331,16 @@ def test_every_known_link_is_limited_and_a_calls_queued_link_held(
 
 
 def test_a_links_floor_is_its_lowest_round_trip_creeping_up_and_a_queue_is_well_over_it():
-    assert policy.rtt_floor(None, 10.0, 1.0) == 10.0
-    assert policy.rtt_floor(10.0, 8.0, 1.0) == 8.0
-    assert policy.rtt_floor(10.0, None, 1.0) == 10.0
-    assert policy.rtt_floor(10.0, 28.0, 1.0) == pytest.approx(10.1)  # 1 % a second
+    assert policy.rtt_floor(None, 10.0, 1.0, True) == 10.0
+    assert policy.rtt_floor(10.0, 8.0, 1.0, False) == 8.0
+    assert policy.rtt_floor(10.0, None, 1.0, True) == 10.0
+    assert policy.rtt_floor(10.0, 28.0, 1.0, True) == pytest.approx(10.1)  # 1 % a second
     floor = 10.0
-    for _ in range(120):  # a longer route, two minutes on: learned
-        floor = policy.rtt_floor(floor, 14.0, 1.0)
+    for _ in range(600):  # a long download's standing queue is never learned
+        floor = policy.rtt_floor(floor, 28.0, 1.0, False)
+    assert floor == 10.0 and policy.queued(28.0, floor)
+    for _ in range(120):  # a longer route, two quiet minutes on: learned
+        floor = policy.rtt_floor(floor, 14.0, 1.0, True)
     assert floor == 14.0
     assert policy.queued(28.0, 10.0) and not policy.queued(14.0, 10.0)
     assert not policy.queued(120.0, 100.0) and policy.queued(130.0, 100.0)  # a quarter over

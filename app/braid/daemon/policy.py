@@ -418,13 +418,15 @@ def link_peak(
 ) -> float:
     """The download rate a link can carry (bits per second), a second later.
 
-    While a download queues at its provider (``queue``, more received than sent) the link is
-    full, so the rate comes down to what it carries within seconds (``QUEUE_HALF_LIFE``: one
-    slow second does not make a slow link). Otherwise the fastest second it has shown, fading
+    While a download queues at its provider (``queue``, more received than sent, and at least
+    half the peak) the link is full, so the rate comes down to what it carries within seconds
+    (``QUEUE_HALF_LIFE``: one slow second does not make a slow link); a link carrying less than
+    half its peak is not taken for full, whatever its round trip (other devices on the same
+    Wi-Fi, jitter), so a false queue can never bring its rate down by more than half. Otherwise the fastest second it has shown, fading
     with ``PEAK_HALF_LIFE``. A held link's rate only rises: its seconds show the hold, not the
     link, and chasing them down would strangle it whenever its round trip stays up for another
     reason."""
-    if queue and not held and rx_bps > tx_bps and rx_bps >= HEADROOM_MIN_BPS:
+    if queue and not held and rx_bps > tx_bps and rx_bps >= max(HEADROOM_MIN_BPS, peak / 2):
         return max(rx_bps, peak * 0.5 ** (max(0.0, elapsed) / QUEUE_HALF_LIFE))
     if rx_bps >= peak:
         return rx_bps
@@ -441,12 +443,18 @@ QUEUE_MS = 5.0
 FLOOR_RISE = 0.01
 
 
-def rtt_floor(floor: float | None, rtt_ms: float | None, elapsed: float) -> float | None:
-    """A link's round trip without a queue: the lowest seen, creeping up towards what it is."""
+def rtt_floor(
+    floor: float | None, rtt_ms: float | None, elapsed: float, quiet: bool
+) -> float | None:
+    """A link's round trip without a queue: the lowest seen, creeping up towards what it is
+    only while the link is ``quiet`` (carries almost nothing), so a long download's standing
+    queue is never learned as the floor."""
     if rtt_ms is None:
         return floor
     if floor is None or rtt_ms <= floor:
         return rtt_ms
+    if not quiet:
+        return floor
     return min(rtt_ms, floor * (1 + FLOOR_RISE * max(0.0, elapsed)))
 
 

@@ -42,6 +42,9 @@ from braid.protocol.pairing import Pairing
 from braid.units import format_rate
 
 log = logging.getLogger(__name__)
+#: A link carrying less than this (bits per second, both ways) is quiet: its round trip is
+#: its floor's to learn.
+QUIET_BPS = 200_000
 
 T = TypeVar("T")
 
@@ -120,6 +123,7 @@ class Reconciler:
         self.gated: set[str] = set()
         self._headroom_failed = False
         self._headroom_known = False  # the table is as self.limits says
+        self._headroom_percent: int | None = None
         self._path_signature: tuple = ()
         self.events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.passes = 0
@@ -521,7 +525,8 @@ class Reconciler:
                 crossed = crossed or policy.metered_use(link, used).capped != link.capped
                 link.used_bytes = used
                 rtt = (link.health or {}).get("rtt_ms")
-                self.floors[name] = policy.rtt_floor(self.floors.get(name), rtt, elapsed)
+                quiet = link.rx_bps + link.tx_bps < QUIET_BPS
+                self.floors[name] = policy.rtt_floor(self.floors.get(name), rtt, elapsed, quiet)
                 queue = policy.queued(rtt, self.floors[name])
                 if queue:
                     queues.add(name)
@@ -537,6 +542,9 @@ class Reconciler:
             self._counters[name] = (now, io[0], io[1])
             links[name] = link
         self.links = links
+        for gone in (set(self.peaks) | set(self.floors)) - set(links):
+            self.peaks.pop(gone, None)
+            self.floors.pop(gone, None)
         self._queues = queues
         await self._hold_for_calls()
         if crossed:
@@ -552,14 +560,17 @@ class Reconciler:
         are."""
         connected = self.pool is not None and self.pairing is not None
         calls = self._call_links() if connected else set()
+        percent = self.settings["call_headroom"]
         limits, gated = policy.headroom(
             calls,
             self.peaks if connected else {},
-            self.settings["call_headroom"],
-            self.limits,
+            percent,
+            # A changed setting takes effect whole (the tenth's tolerance is for the rates).
+            self.limits if percent == self._headroom_percent else {},
             self._queues,
             self.gated,
         )
+        self._headroom_percent = percent
         if limits == self.limits and gated == self.gated:
             return
         servers = [plain_address(a) for a in self.server_addresses]
@@ -573,6 +584,9 @@ class Reconciler:
                 log.warning("%s", exc)
             self._headroom_failed = True
             return
+        if self._headroom_failed:
+            log.info("headroom for calls works again")
+        self._headroom_failed = False
         for name in sorted(gated - self.gated):
             rate = format_rate(limits[name] * 8)
             log.info("a call uses %s: downloads through Braid on it held under %s", name, rate)

@@ -151,10 +151,10 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         20,
         "Headroom for calls (%)",
-        "While a call or game uses a link, downloads through Braid on that link are held this "
-        "far under the fastest rate the link has shown, so the call's packets never wait behind "
-        "a download's queue at the provider. Downloads lose that share of one link while the "
-        "call lasts. 0: off.",
+        "While a call or game uses a link where a download through Braid builds a queue at the "
+        "provider, downloads through Braid on that link are held this far under the link's "
+        "rate, so the call's packets do not wait behind them. Downloads lose that share of one "
+        "link while the call lasts. 0: off.",
         minimum=0,
         maximum=50,
     ),

@@ -6,67 +6,99 @@ default) keeps a standing queue in each ISP's buffer: measured in the test world
 path its datagrams take. Real access links buffer far more (hundreds of milliseconds on a
 bufferbloated cable or 4G line).
 
-While a real-time flow uses a link, braidd drops the tunnels' TCP arriving on that link above a
-share of the fastest rate the link has shown (``call_headroom`` percent under it): the sender
+While a real-time flow uses a link where a queue builds, braidd drops the tunnels' TCP arriving
+on that link above a share of the link's rate (``call_headroom`` percent under it): the sender
 sees the loss and settles under the link's rate, the ISP's queue drains, and the call crosses
 an empty buffer. This is ingress shaping as SQM does it, with an nftables ``limit`` in a table
 of Braid's own (this kernel has no ``act_police``, ifb or cake), matching only the server's
-address and port, so the datagram path, the probes and every other connection are untouched.
+address and port: the datagram path, the probes and connections that do not go through Braid
+are untouched; every tunnel on that link, interactive ones included, shares the held rate.
 
 The limit counts packets of at least ``DATA_LENGTH`` bytes (the download's data, not the ACKs
 of an upload), at the link's rate over ``FULL_PACKET``: an nft *byte* limit's bucket holds a
 second of its rate, so after a lull a sender probing upwards (BBR does, every few seconds)
 filled the queue again for seconds before its first drop (measured: a call's p99 35 ms held by
-bytes, 28 ms by packets), while a packet limit's bucket is ``BURST_PACKETS``. While braidd is
-connected every link with a known rate has its limit counting, in a chain of its own, and a
-call only adds the link to the set ``calls`` the rule also matches; a limit is rewritten only
-when its link's rate moves by more than a tenth, and then only that link's chain.
+bytes, 28 ms by packets), while a packet limit's bucket is ``BURST_PACKETS``. A link whose
+interface merges received packets (GRO or LRO: most real NICs and Wi-Fi) shows netfilter one
+packet for many, so there the limit counts bytes, with the weaker bucket: right in bytes, if
+slower to bite. Each link has one limit (a chain of its own that both address families go to),
+counting all the time while braidd is connected; a call only adds the link to the set ``calls``
+the limit's rule also matches. A limit is rewritten only when its link's rate moves by more
+than a tenth, and then only that link's chain.
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
 import ipaddress
 import logging
 import re
 import shutil
+import socket
+import struct
 import subprocess
 
 log = logging.getLogger(__name__)
 
 TABLE = "braid_headroom"
-#: The limit counts full-sized packets (the download's data; not the ACKs of an upload): a
-#: byte limit's bucket holds a second of its rate, so a sender probing up after a lull (BBR
-#: does, every few seconds) could fill the provider's queue for seconds before a drop, while a
-#: packet limit's bucket is ``BURST_PACKETS`` (measured: p99 of a call 35 ms with bytes).
 FULL_PACKET = 1500
 DATA_LENGTH = 1000  # a packet at least this long (IP length) counts as data
 BURST_PACKETS = 10
+BURST_KBYTES = 64  # for links that merge packets (a byte limit)
+NFT_TIMEOUT = 10.0
 #: Interface names nft may be given quoted (the kernel allows almost anything else).
 _DEVICE = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
+SIOCETHTOOL = 0x8946
+ETHTOOL_GFLAGS = 0x25
+ETHTOOL_GGRO = 0x2B
+ETH_FLAG_LRO = 1 << 15
 
 
 class HeadroomError(Exception):
-    """nft is missing or refused the rules."""
+    """nft is missing, hung, or refused the rules."""
 
 
-#: Characters of interface names that nft chain names cannot hold, and what stands for them.
-_SPELLED = {".": "_dot_", "@": "_at_", "+": "_plus_", "-": "_dash_"}
+def receive_offload(device: str) -> bool:
+    """Does ``device`` merge received packets (GRO or LRO)? True when it cannot be told."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for command, mask in ((ETHTOOL_GGRO, 0xFFFFFFFF), (ETHTOOL_GFLAGS, ETH_FLAG_LRO)):
+                value = array.array("I", [command, 0])
+                request = struct.pack("16sP16x", device.encode()[:15], value.buffer_info()[0])
+                fcntl.ioctl(sock, SIOCETHTOOL, request)
+                if value[1] & mask:
+                    return True
+    except OSError:
+        return True
+    return False
 
 
-def _chain(device: str) -> str:
-    return "link_" + "".join(_SPELLED.get(c, c) for c in device)
+def _chains(device: str) -> tuple[str, str]:
+    """The chain a link's tunnel traffic goes to, and the one holding its limit."""
+    name = device.encode().hex()
+    return f"link_{name}", f"hold_{name}"
 
 
-def _limit_rules(rate: int, servers: list[str], port: int) -> list[str]:
-    packets = max(1, rate // FULL_PACKET)
+def _limit_rule(rate: int, merged: bool) -> str:
+    if merged:
+        limit = f"limit rate over {max(1, rate // 1024)} kbytes/second burst {BURST_KBYTES} kbytes"
+    else:
+        limit = (
+            f"limit rate over {max(1, rate // FULL_PACKET)}/second burst {BURST_PACKETS} packets"
+        )
+    return f"meta length >= {DATA_LENGTH} {limit} iifname @calls counter drop"
+
+
+def _to_limit(servers: list[str], port: int, hold: str) -> list[str]:
     out = []
     for server in servers:
-        family = "ip6" if ipaddress.ip_address(server).version == 6 else "ip"
-        out.append(
-            f"{family} saddr {server} tcp sport {int(port)} meta length >= {DATA_LENGTH} "
-            f"limit rate over {packets}/second burst {BURST_PACKETS} packets "
-            "iifname @calls counter drop"
-        )
+        try:
+            address = ipaddress.ip_address(server.split("%")[0])
+        except ValueError:
+            continue  # only addresses are matched (the pool's are resolved ones)
+        family = "ip6" if address.version == 6 else "ip"
+        out.append(f"{family} saddr {address} tcp sport {int(port)} goto {hold}")
     return out
 
 
@@ -81,12 +113,12 @@ def script(
     gated: set[str],
     servers: list[str],
     port: int,
+    merging: frozenset[str] | set[str] = frozenset(),
 ) -> str:
     """One nft transaction from the table as ``before`` left it (None: unknown) to a limit per
     link in ``limits`` (device -> bytes per second) on TCP from ``servers`` port ``port``,
-    dropping over it only on the ``gated`` links (the set ``calls``); no limits remove the table.
-    Each link's limit sits in a chain of its own, so changing one link's rate, or the gate,
-    leaves every other limit as it was."""
+    dropping over it only on the ``gated`` links (the set ``calls``); no limits remove the
+    table. ``merging``: the links whose interface merges received packets (a byte limit)."""
     limits = {d: r for d, r in limits.items() if _DEVICE.match(d) and r > 0}
     if not limits:
         return f"table inet {TABLE}\ndelete table inet {TABLE}\n"
@@ -97,12 +129,9 @@ def script(
             lines.append(f"add element inet {TABLE} calls {{ {names} }}")
         for device, rate in sorted(limits.items()):
             if before[device] != rate:
-                chain = _chain(device)
-                lines.append(f"flush chain inet {TABLE} {chain}")
-                lines += [
-                    f"add rule inet {TABLE} {chain} {rule}"
-                    for rule in _limit_rules(rate, servers, port)
-                ]
+                hold = _chains(device)[1]
+                lines.append(f"flush chain inet {TABLE} {hold}")
+                lines.append(f"add rule inet {TABLE} {hold} {_limit_rule(rate, device in merging)}")
         return "\n".join(lines) + "\n"
     lines = [
         f"table inet {TABLE}",
@@ -114,22 +143,31 @@ def script(
         "  }",
         "  chain hold {",
         "    type filter hook prerouting priority raw; policy accept;",
-        *[f'    iifname "{device}" jump {_chain(device)}' for device in sorted(limits)],
+        *[f'    iifname "{device}" jump {_chains(device)[0]}' for device in sorted(limits)],
         "  }",
     ]
     for device, rate in sorted(limits.items()):
-        rules = _limit_rules(rate, servers, port)
-        lines += [f"  chain {_chain(device)} {{", *[f"    {rule}" for rule in rules], "  }"]
+        link, hold = _chains(device)
+        lines += [f"  chain {link} {{", *[f"    {r}" for r in _to_limit(servers, port, hold)]]
+        lines += ["  }", f"  chain {hold} {{", f"    {_limit_rule(rate, device in merging)}", "  }"]
     return "\n".join([*lines, "}"]) + "\n"
 
 
-def _nft(script: str) -> None:
+def _nft(text: str) -> None:
     nft = shutil.which("nft")
     if nft is None:
         raise HeadroomError("headroom for calls needs nftables (Debian: apt install nftables)")
-    done = subprocess.run(
-        [nft, "-f", "-"], input=script, text=True, capture_output=True, check=False
-    )
+    try:
+        done = subprocess.run(
+            [nft, "-f", "-"],
+            input=text,
+            text=True,
+            capture_output=True,
+            check=False,
+            timeout=NFT_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HeadroomError(f"nftables did not take the headroom rules: {exc}") from exc
     if done.returncode != 0:
         raise HeadroomError(f"nftables refused the headroom rules: {done.stderr.strip()}")
 
@@ -142,7 +180,8 @@ def install(
     port: int,
 ) -> None:
     """Bring the headroom table from ``before`` to ``limits`` and ``gated`` (atomically)."""
-    _nft(script(before, limits, gated, servers, port))
+    merging = {device for device in limits if receive_offload(device)}
+    _nft(script(before, limits, gated, servers, port, merging))
 
 
 def remove() -> None:
@@ -153,4 +192,4 @@ def remove() -> None:
         log.debug("no headroom table to remove: %s", exc)
 
 
-__all__ = ["TABLE", "HeadroomError", "install", "remove", "script"]
+__all__ = ["TABLE", "HeadroomError", "install", "receive_offload", "remove", "script"]
