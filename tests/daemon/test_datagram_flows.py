@@ -100,13 +100,19 @@ def test_a_call_on_the_tunnel_path_counts_on_the_tunnels_link_for_headroom() -> 
             path, None, lambda *a: None, SETTINGS.__getitem__, lambda take, answer: TunnelSessions()
         )
         flows.start()
+        began = []
+        path.on_realtime = lambda: began.append(1)  # braidd: a pass, which holds the link
         flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"x")  # STUN: a call
+        flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"x")
         flows.send(("198.18.1.2", 4001), Address("198.19.0.1", 53), b"y" * 40)  # DNS: not
         calls = path.realtime_links("eth0"), path.realtime_links(None)
-        quiet = path.realtime_links("eth0", within=0.0)
+        for flow in path.flows.values():
+            flow.last -= 10.0  # the call went quiet
+        quiet = path.realtime_links("eth0")
         await flows.close()
         await path.close()
-        return calls, quiet
+        return calls, quiet, began
 
-    (calls, without_best), quiet = asyncio.run(scenario())
+    (calls, without_best), quiet, began = asyncio.run(scenario())
     assert calls == {"eth0"} and without_best == set() and quiet == set()
+    assert began == [1]  # once, when the call began
