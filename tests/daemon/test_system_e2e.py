@@ -207,11 +207,11 @@ def test_switching_off_and_crash_cleanup_restore_nft_and_rules(
 ) -> None:
     stack.call("set-settings", settings={"mode": "proxy"})
     without_capture = world.network_state()
-    assert "table inet braid" not in without_capture
+    assert "table inet braid {" not in without_capture
     stack.call("set-settings", settings={"mode": "system"})
-    assert "table inet braid" in world.network_state()
+    assert "table inet braid {" in world.network_state()
     stack.stop_daemon(signal.SIGKILL)
-    assert "table inet braid" in world.network_state()
+    assert "table inet braid {" in world.network_state()
     assert stack.cleanup_daemon().returncode == 0
     assert world.network_state() == pristine
     stack.start_daemon()

@@ -228,6 +228,21 @@ def _stop_processes(procs: Sequence[subprocess.Popen[Any]], grace: float = STOP_
                     stream.close()
 
 
+def _without_tables(text: str, names: Sequence[str]) -> str:
+    """``nft list ruleset`` output without the blocks of the tables named ``names``."""
+    if not names:
+        return text
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("table ") and line.split()[2] in names:
+            skipping = True
+        if not skipping:
+            kept.append(line)
+        elif line.startswith("}"):
+            skipping = False
+    return "".join(kept)
+
+
 class World:
     """A running test world; use as a context manager (or ``start()``/``close()``)."""
 
@@ -938,12 +953,15 @@ table inet {NFT_TABLE} {{
 
     # --- observation ---------------------------------------------------------------------------
 
-    def network_state(self, role: str = "laptop") -> str:
+    def network_state(self, role: str = "laptop", skip_tables: Sequence[str] = ()) -> str:
         """Everything a daemon may change in a namespace, as text to compare before and after:
         rules, every routing table, MPTCP endpoints, limits and path manager, and the nftables
-        ruleset."""
+        ruleset (without the tables named in ``skip_tables``, e.g. one whose counters move while
+        a daemon runs)."""
         return "\n".join(
-            self.run(role, argv, capture_output=True, text=True).stdout
+            _without_tables(
+                self.run(role, argv, capture_output=True, text=True).stdout, skip_tables
+            )
             for argv in (
                 ["ip", "-4", "rule"],
                 ["ip", "-6", "rule"],
