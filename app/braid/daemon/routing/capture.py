@@ -259,20 +259,35 @@ def ruleset(plan: CapturePlan) -> str:
     return "\n".join([*declare, *flush, *fill]) + "\n"
 
 
-def _nft(script: str) -> None:
+#: How long one nft transaction may take before braidd gives up on it (a hung nft).
+NFT_TIMEOUT = 10.0
+
+
+def run_nft(
+    script: str, error: type[Exception] = CaptureError, needed_by: str = "system-wide mode"
+) -> None:
+    """Run one nft transaction; ``error`` (with what needs nft) says why it did not take."""
     nft = shutil.which("nft")
     if nft is None:
-        raise CaptureError("system-wide mode needs nftables (Debian: apt install nftables)")
-    done = subprocess.run(
-        [nft, "-f", "-"], input=script, text=True, capture_output=True, check=False
-    )
+        raise error(f"{needed_by} needs nftables (Debian: apt install nftables)")
+    try:
+        done = subprocess.run(
+            [nft, "-f", "-"],
+            input=script,
+            text=True,
+            capture_output=True,
+            check=False,
+            timeout=NFT_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise error(f"nftables did not take Braid's rules: {exc}") from exc
     if done.returncode != 0:
-        raise CaptureError(f"nftables refused Braid's rules: {done.stderr.strip()}")
+        raise error(f"nftables refused Braid's rules: {done.stderr.strip()}")
 
 
 def install(plan: CapturePlan) -> None:
     """Create Braid's table or bring it to ``plan``, atomically (one nft transaction)."""
-    _nft(ruleset(plan))
+    run_nft(ruleset(plan))
     if plan.scope == "bonded":
         log.info("programs started with braid bonded: TCP → :%d", plan.tcp_port)
         return
@@ -287,7 +302,7 @@ def install(plan: CapturePlan) -> None:
 def remove() -> None:
     """Remove Braid's table if it exists; nothing else is touched."""
     # Declaring the table first makes the delete succeed whether or not it existed.
-    _nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
+    run_nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
 
 
 def present() -> bool:

@@ -34,10 +34,10 @@ import fcntl
 import ipaddress
 import logging
 import re
-import shutil
 import socket
 import struct
-import subprocess
+
+from braid.daemon.routing.capture import run_nft
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ FULL_PACKET = 1500
 DATA_LENGTH = 1000  # a packet at least this long (IP length) counts as data
 BURST_PACKETS = 10
 BURST_KBYTES = 64  # for links that merge packets (a byte limit)
-NFT_TIMEOUT = 10.0
 #: Interface names nft may be given quoted (the kernel allows almost anything else).
 _DEVICE = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
 SIOCETHTOOL = 0x8946
@@ -154,22 +153,7 @@ def script(
 
 
 def _nft(text: str) -> None:
-    nft = shutil.which("nft")
-    if nft is None:
-        raise HeadroomError("headroom for calls needs nftables (Debian: apt install nftables)")
-    try:
-        done = subprocess.run(
-            [nft, "-f", "-"],
-            input=text,
-            text=True,
-            capture_output=True,
-            check=False,
-            timeout=NFT_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HeadroomError(f"nftables did not take the headroom rules: {exc}") from exc
-    if done.returncode != 0:
-        raise HeadroomError(f"nftables refused the headroom rules: {done.stderr.strip()}")
+    run_nft(text, HeadroomError, "headroom for calls")
 
 
 def install(
