@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
@@ -72,5 +73,37 @@ def test_resize_closes_the_surplus_at_once() -> None:
         await asyncio.sleep(0.01)
         assert pool.size == 1 and pool.ready_count == 1
         assert sum(t.closed for t in tunnels) == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_tunnel_that_waited_in_the_pool_restarts_its_congestion_control(monkeypatch) -> None:
+    """BBR would enter PROBE_RTT (a window of 4 packets for 200 ms) on a tunnel that sat idle
+    for 10 s since its handshake; a tunnel taken at once is left as it is."""
+    from braid.daemon.tunnel import pool as pool_module
+
+    restarted: list[object] = []
+    monkeypatch.setattr(
+        pool_module, "restart_congestion_control", lambda sock: restarted.append(sock) or True
+    )
+    pairing = Pairing("braid-server.invalid", 7443, "ab" * 32, "T" * 43)
+
+    class Ready:
+        def __init__(self, age: float) -> None:
+            self.sock = object()
+            self.created = time.monotonic() - age
+            self.local = ("198.18.1.2", 40000)
+
+        def is_alive(self) -> bool:
+            return True
+
+    async def scenario() -> None:
+        pool = TunnelPool(pairing, lambda family: None, 0)
+        idle, fresh = Ready(age=30.0), Ready(age=0.0)
+        pool._ready = [idle, fresh]  # take() hands out the newest first
+        assert await pool.take() is fresh
+        assert restarted == []
+        assert await pool.take() is idle
+        assert restarted == [idle.sock]
 
     asyncio.run(scenario())

@@ -65,6 +65,7 @@ from braid.server.state import (
 from braid.server.system import OwnAddresses, read_mptcp_limits
 from braid.server.udp import DatagramCounters, DatagramPipe, relay_udp
 from braid.transport import (
+    IDLE_RESTART,
     MptcpUnavailable,
     RelayCounters,
     close_writer,
@@ -72,6 +73,7 @@ from braid.transport import (
     mptcp_socket,
     read_event,
     relay,
+    restart_congestion_control,
 )
 
 log = logging.getLogger(__name__)
@@ -783,6 +785,7 @@ class BraidServer:
     async def _serve_request(self, tunnel: Authenticated, label: str) -> None:
         idle = self.config.timeouts.idle
         reader, writer, session = tunnel.reader, tunnel.writer, tunnel.session
+        waiting = time.monotonic()
         try:
             async with asyncio.timeout(idle):
                 event = await read_event(reader, session)
@@ -805,6 +808,9 @@ class BraidServer:
 
         request = event.request
         self.stats.requests += 1
+        if time.monotonic() - waiting >= IDLE_RESTART:
+            # The tunnel waited in the client's pool: its congestion state is stale.
+            restart_congestion_control(writer.get_extra_info("socket"))
         if request.command == Command.CONNECT:
             await self._serve_connect(request, tunnel, label)
         elif request.command == Command.UDP:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from braid.aio import spawn
 from braid.protocol.pairing import Pairing
+from braid.transport import IDLE_RESTART, restart_congestion_control
 from braid.tunnel_client import Tunnel, TunnelError, open_tunnel
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ class TunnelPool:
             tunnel = self._ready.pop()
             if self._usable(tunnel, now):
                 self._wake.set()
+                if now - tunnel.created >= IDLE_RESTART:
+                    # It sat idle since its handshake: its congestion state is stale.
+                    restart_congestion_control(tunnel.sock)
                 return tunnel
             spawn(tunnel.close(), name="tunnel-close")
         self._wake.set()

@@ -1,0 +1,92 @@
+"""A tunnel that waited in the pool starts its congestion control afresh (transport.py)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from braid import transport
+from braid.transport import MptcpUnavailable, mptcp_socket, restart_congestion_control
+
+
+def algorithm(sock: socket.socket) -> bytes:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0]
+
+
+def connected_pair(family_socket) -> Iterator[tuple[socket.socket, socket.socket]]:
+    listener = family_socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = family_socket()
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    try:
+        yield client, server
+    finally:
+        for s in (client, server, listener):
+            s.close()
+
+
+def plain() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+
+def mptcp() -> socket.socket:
+    try:
+        return mptcp_socket(socket.AF_INET)
+    except MptcpUnavailable as exc:
+        pytest.skip(f"no MPTCP here: {exc.strerror}")
+
+
+@pytest.mark.parametrize("make", [plain, mptcp], ids=["tcp", "mptcp"])
+def test_a_restarted_connection_keeps_its_own_algorithm(make) -> None:
+    for client, server in connected_pair(make):
+        before = algorithm(client)
+        if before == b"reno":
+            pytest.skip("this namespace's default algorithm is reno: nothing to restart")
+        assert restart_congestion_control(client) is True
+        assert restart_congestion_control(server) is True
+        assert algorithm(client) == before and algorithm(server) == before
+        client.sendall(b"still connected")
+        assert server.recv(64) == b"still connected"
+
+
+def test_reno_has_nothing_to_restart() -> None:
+    for client, _server in connected_pair(plain):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+        assert restart_congestion_control(client) is False
+        assert algorithm(client) == b"reno"
+
+
+def test_something_that_is_not_a_tcp_socket_is_left_alone() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert restart_congestion_control(udp) is False
+    assert restart_congestion_control(None) is False  # a transport without a socket
+
+
+def test_an_algorithm_that_cannot_be_given_back_is_said_once(monkeypatch, caplog) -> None:
+    class Refusing:
+        """Takes reno, then refuses the algorithm back (the default changed meanwhile)."""
+
+        def __init__(self) -> None:
+            self.set: list[bytes] = []
+
+        def getsockopt(self, level: int, option: int, size: int) -> bytes:
+            return b"bbr".ljust(size, b"\0")
+
+        def setsockopt(self, level: int, option: int, value: bytes) -> None:
+            if value != b"reno":
+                raise PermissionError(1, "Operation not permitted")
+            self.set.append(value)
+
+    monkeypatch.setattr(transport, "_restore_failed", False)
+    first, second = Refusing(), Refusing()
+    with caplog.at_level(logging.WARNING, logger="braid.transport"):
+        assert restart_congestion_control(first) is False
+        assert restart_congestion_control(second) is False
+    assert first.set == [b"reno"] and second.set == [b"reno"]
+    warnings = [r for r in caplog.records if "congestion control bbr" in r.getMessage()]
+    assert len(warnings) == 1
