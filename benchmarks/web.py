@@ -19,12 +19,17 @@ a. fresh requests: a new TCP connection each (through the SOCKS5 port, or direct
 b. many objects: 6 persistent HTTP/1.1 connections opened at once fetch 60 objects between them
    (sizes cycling 8, 30, 120 KiB: small images, scripts and style sheets, 3.1 MiB in all), as a
    browser does with one site; the wall time until the last byte, median of --rounds;
+b2. after a pause: --idle-rounds times, nothing for --idle seconds (a user reading a page),
+   then each contender in turn fetches 30, 120 and 500 KiB (GET) and sends 500 KiB (POST), one
+   after another (Braid's four flows take pooled tunnels that waited at least the whole pause);
+   median of the rounds;
 c. a real browser: headless Chromium, a fresh profile per load, loads a page of 60 scripts of
    70 KiB (4.3 MB) from the target with a cache-busting query; the navigation entry's
    loadEventEnd - startTime, median of --loads. Skipped, with a line saying why, without
    chromium, chromium-driver or selenium.
 
     ./dev bench web [--scenario unequal|equal|both] [--samples 9] [--rounds 5] [--loads 5]
+                    [--idle 15] [--idle-rounds 3]
 
 Writes benchmarks/out/web.json and benchmarks/out/web.png. Needs root (network namespaces) and
 Debian's shadowsocks-libev.
@@ -56,6 +61,13 @@ CONTENDERS = ("best link", "reference", "braid")
 KIB = 1 << 10
 SIZES = (1 * KIB, 8 * KIB, 30 * KIB, 120 * KIB, 500 * KIB, 4096 * KIB)
 MANY_SIZES = (8 * KIB, 30 * KIB, 120 * KIB)
+#: After a pause: (command, size), in order.
+AFTER_IDLE = (
+    ("download", 30 * KIB),
+    ("download", 120 * KIB),
+    ("download", 500 * KIB),
+    ("upload", 500 * KIB),
+)
 MANY_OBJECTS = 60
 MANY_CONNECTIONS = 6
 PAGE_SCRIPTS = 60
@@ -84,9 +96,12 @@ def summary(samples: list[float], failures: list[str]) -> dict:
     return out
 
 
-def request_once(world: World, n: int, via: str) -> tuple[float | None, str | None]:
-    """One fresh GET of n bytes; (whole time in ms, None) or (None, error)."""
-    args = ["download", world.target_v4, "--bytes", str(n), "--timeout", "30"]
+def request_once(
+    world: World, n: int, via: str, command: str = "download"
+) -> tuple[float | None, str | None]:
+    """One fresh GET (or POST: ``upload``) of n bytes; (whole time in ms, None) or (None,
+    error)."""
+    args = [command, world.target_v4, "--bytes", str(n), "--timeout", "30"]
     try:
         result = run_traffic(world, *args, *via_args(world, via), timeout=120)
     except Exception as exc:  # the client crashed or hung: a failed sample
@@ -113,6 +128,29 @@ def measure_requests(world: World, samples: int, pause: float) -> dict:
     return {
         size_label(size): {via: summary(times[size][via], errors[size][via]) for via in CONTENDERS}
         for size in SIZES
+    }
+
+
+def idle_label(command: str, n: int) -> str:
+    return f"{'GET' if command == 'download' else 'POST'} {size_label(n)}"
+
+
+def measure_after_idle(world: World, rounds: int, idle: float) -> dict:
+    times = {key: {via: [] for via in CONTENDERS} for key in AFTER_IDLE}
+    errors: dict = {key: {via: [] for via in CONTENDERS} for key in AFTER_IDLE}
+    for i in range(rounds):
+        time.sleep(idle)
+        for via in turns(i):
+            for command, size in AFTER_IDLE:
+                took, error = request_once(world, size, via, command)
+                if error is None:
+                    times[(command, size)][via].append(took)
+                else:
+                    errors[(command, size)][via].append(error)
+        print(f"   after {idle:g} s idle: round {i + 1}/{rounds} done", flush=True)
+    return {
+        idle_label(*key): {via: summary(times[key][via], errors[key][via]) for via in CONTENDERS}
+        for key in AFTER_IDLE
     }
 
 
@@ -212,6 +250,9 @@ def run_scenario(key: str, args: argparse.Namespace, browser_skip: str | None) -
             raise RuntimeError(f"braidd did not connect: {stack.status()}")
         print("   fresh requests", flush=True)
         out["requests"] = measure_requests(world, args.samples, args.pause)
+        if args.idle_rounds:
+            print(f"   requests after {args.idle:g} s idle", flush=True)
+            out["after_idle"] = measure_after_idle(world, args.idle_rounds, args.idle)
         print("   many objects over 6 connections", flush=True)
         out["many"] = measure_many(world, args.rounds, args.pause)
         if browser_skip:
@@ -239,7 +280,7 @@ def ratio(entry: dict, base: dict) -> str:
 
 
 def print_tables(results: dict) -> None:
-    widths = (22, 16, 16, 16, 11, 11)
+    widths = (28, 16, 16, 16, 11, 11)
     header = ("", *CONTENDERS, "ref/direct", "braid/dir.")
     for row in results["scenarios"].values():
         print()
@@ -254,6 +295,10 @@ def print_tables(results: dict) -> None:
             )
         )
         lines = [(f"GET {label}", entries) for label, entries in row["requests"].items()]
+        idle = results["config"]["idle_s"]
+        lines += [
+            (f"{label}, {idle:g} s idle", e) for label, e in row.get("after_idle", {}).items()
+        ]
         lines.append((f"{MANY_OBJECTS} objects / {MANY_CONNECTIONS} conn", row["many"]))
         if "skipped" not in row["browser"]:
             lines.append((f"browser page {PAGE_SCRIPTS}×70K", row["browser"]))
@@ -280,10 +325,14 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = list(results["scenarios"].values())
-    fig, axes = plt.subplots(len(scenarios), 1, figsize=(11, 4.2 * len(scenarios)), squeeze=False)
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(15, 4.2 * len(scenarios)), squeeze=False)
     colors = {"best link": "#888888", "reference": "#4c72b0", "braid": "#dd8452"}
     for ax, row in zip(axes[:, 0], scenarios, strict=True):
         groups = [(f"GET\n{label}", entries) for label, entries in row["requests"].items()]
+        groups += [
+            (label.replace(" ", "\n", 1) + "\nafter idle", entries)
+            for label, entries in row.get("after_idle", {}).items()
+        ]
         groups.append((f"{MANY_OBJECTS} obj.\n{MANY_CONNECTIONS} conn.", row["many"]))
         if "skipped" not in row["browser"]:
             groups.append(("browser\npage", row["browser"]))
@@ -310,6 +359,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the many-objects fetch")
     parser.add_argument("--loads", type=int, default=5, help="browser page loads per contender")
     parser.add_argument("--pause", type=float, default=0.2, help="seconds between requests")
+    parser.add_argument("--idle", type=float, default=15.0, help="seconds of the pauses")
+    parser.add_argument("--idle-rounds", type=int, default=3, help="pauses per contender (0: none)")
     parser.add_argument("--no-browser", action="store_true", help="skip the browser part")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/web.json"))
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/out/web.png"))
@@ -326,6 +377,8 @@ def main() -> int:
             "sizes": [size_label(n) for n in SIZES],
             "samples": args.samples,
             "pause_s": args.pause,
+            "idle_s": args.idle,
+            "idle_rounds": args.idle_rounds,
             "many": {
                 "objects": MANY_OBJECTS,
                 "connections": MANY_CONNECTIONS,
