@@ -7,9 +7,9 @@ connection, as before the datagram path), and the datagram path without (fastest
 (redundant) redundancy. Situations: idle; during a bulk download through Braid; the link that
 carries the call blackholed at its ISP for 4 s; the same link's interface down for 4 s.
 
-For each it prints p50/p99 round trip, the share of datagrams later than 150 ms or lost, and the
-worst gap between answers, the bulk download's goodput during the call, and draws every
-datagram's round trip to a PNG.
+For each it prints p50/p99 round trip, the share of datagrams later than 150 ms or lost, the
+worst gap between answers (anywhere in the call, and while the link was cut or coming back), the
+bulk download's goodput during the call, and draws every datagram's round trip to a PNG.
 
     ./dev bench realtime [--png benchmarks/out/realtime.png] [--seconds 10] [--only bulk ...]
 """
@@ -113,22 +113,28 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summarise(result: dict, seconds: float) -> dict:
+def summarise(result: dict, seconds: float, fault: bool = False) -> dict:
+    """The figures of one call; with ``fault``, also the worst gap while the link was cut or
+    coming back (from CUT_AT to a second after CUT_AT + CUT_FOR, the call's own time)."""
     rtts = [r for r in result["rtts_ms"] if r is not None]
     total = len(result["rtts_ms"])
     late = sum(1 for r in result["rtts_ms"] if r is None or r > LATE_MS)
     # Between consecutive answers (and from the first datagram to the first answer).
-    marks = [0.0, *sorted(result["arrivals"])]
-    gap = (
-        max(b - a for a, b in itertools.pairwise(marks)) * 1e3 if len(marks) > 1 else seconds * 1e3
-    )
-    return {
+    marks = [0.0, *sorted(result["arrivals"]), seconds]
+    pairs = list(itertools.pairwise(marks))
+    gap = max(b - a for a, b in pairs) * 1e3
+    out = {
         "p50": percentile(rtts, 0.5),
         "p99": percentile(rtts, 0.99),
         "late": late / total if total else 1.0,
         "lost": total - len(rtts),
         "gap": gap,
+        "fault_gap": None,
     }
+    if fault:
+        start, end = CUT_AT, CUT_AT + CUT_FOR + 1.0
+        out["fault_gap"] = max((b - a for a, b in pairs if b > start and a < end), default=0) * 1e3
+    return out
 
 
 def run_call(world: World, contender: str, seconds: float) -> subprocess.Popen:
@@ -191,7 +197,7 @@ def measure(stack: BraidStack, world: World, contender: str, situation: str, sec
         wait_for(lambda: all(link["alive"] for link in stack.status()["links"]), 20)
         time.sleep(2.0)
     result = json.loads(out.strip().splitlines()[-1])
-    return result, summarise(result, seconds), goodput, cut
+    return result, summarise(result, seconds, fault=cut is not None), goodput, cut
 
 
 def bulk_alone(world: World, seconds: float) -> float:
@@ -288,15 +294,17 @@ def main() -> int:
     print(f"Bulk download alone through Braid: {alone:.1f} Mbit/s.")
     print(f"Load average (1 min) at the start: {started_load:.1f}, at the end: {load:.1f}.\n")
     print(
-        "| situation | contender | p50 ms | p99 ms | late (>150 ms) or lost | lost | worst gap ms | bulk Mbit/s |"
+        "| situation | contender | p50 ms | p99 ms | late (>150 ms) or lost | lost "
+        "| worst gap ms | gap in the fault ms | bulk Mbit/s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for situation in chosen:
         for contender in CONTENDERS:
             r = results[situation][contender]
             print(
                 f"| {situation} | {contender} | {fmt(r['p50'])} | {fmt(r['p99'])} | "
-                f"{r['late'] * 100:.1f} % | {r['lost']} | {r['gap']:.0f} | {fmt(r['goodput'])} |"
+                f"{r['late'] * 100:.1f} % | {r['lost']} | {r['gap']:.0f} | "
+                f"{fmt(r['fault_gap'], '.0f')} | {fmt(r['goodput'])} |"
             )
     draw(args.png, results, args.seconds)
     args.png.with_suffix(".json").write_text(json.dumps(results))
