@@ -119,8 +119,9 @@ def summarise(result: dict, seconds: float, fault: bool = False) -> dict:
     rtts = [r for r in result["rtts_ms"] if r is not None]
     total = len(result["rtts_ms"])
     late = sum(1 for r in result["rtts_ms"] if r is None or r > LATE_MS)
-    # Between consecutive answers (and from the first datagram to the first answer).
-    marks = [0.0, *sorted(result["arrivals"]), seconds]
+    # Between consecutive answers, from the first datagram to the first answer, and from the
+    # last answer to the call's end.
+    marks = sorted([0.0, *result["arrivals"], seconds])
     pairs = list(itertools.pairwise(marks))
     gap = max(b - a for a, b in pairs) * 1e3
     out = {

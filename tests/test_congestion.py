@@ -82,11 +82,34 @@ def test_an_algorithm_that_cannot_be_given_back_is_said_once(monkeypatch, caplog
                 raise PermissionError(1, "Operation not permitted")
             self.set.append(value)
 
-    monkeypatch.setattr(transport, "_restore_failed", False)
+    monkeypatch.setattr(transport, "_given_up", False)
     first, second = Refusing(), Refusing()
     with caplog.at_level(logging.WARNING, logger="braid.transport"):
         assert restart_congestion_control(first) is False
         assert restart_congestion_control(second) is False
-    assert first.set == [b"reno"] and second.set == [b"reno"]
+    # The first tunnel is left on reno; no later one is touched (they keep their algorithm).
+    assert first.set == [b"reno"] and second.set == []
     warnings = [r for r in caplog.records if "congestion control bbr" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_a_refused_switch_to_reno_puts_the_algorithm_back(monkeypatch) -> None:
+    """On MPTCP the switch goes subflow by subflow: when one refuses reno, those already
+    switched get their own algorithm back."""
+
+    class NoReno:
+        def __init__(self) -> None:
+            self.set: list[bytes] = []
+
+        def getsockopt(self, level: int, option: int, size: int) -> bytes:
+            return b"cubic".ljust(size, b"\0")
+
+        def setsockopt(self, level: int, option: int, value: bytes) -> None:
+            self.set.append(value)
+            if value == b"reno":
+                raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(transport, "_given_up", False)
+    sock = NoReno()
+    assert restart_congestion_control(sock) is False
+    assert sock.set == [b"reno", b"cubic"]

@@ -61,7 +61,7 @@ def is_mptcp(sock: socket.socket) -> bool:
 #: A tunnel that waited this long (seconds) between its handshake and its first flow gets its
 #: congestion control started afresh (restart_congestion_control).
 IDLE_RESTART = 1.0
-_restore_failed = False
+_given_up = False  # a switch failed once: tunnels keep their algorithm from then on
 
 
 def restart_congestion_control(sock: Any) -> bool:
@@ -73,9 +73,14 @@ def restart_congestion_control(sock: Any) -> bool:
     for at least 200 ms: a 120 KiB answer then took 241 ms instead of 79 ms direct. Switching
     the connection to reno and back to its own algorithm re-initialises the algorithm's state
     on every subflow (the kernel ignores a switch to the algorithm a socket already has). Reno
-    is open to every process, and a socket's own algorithm is the namespace's default, which
-    is too. True if it was restarted. Call it only while nothing is in flight."""
-    global _restore_failed
+    is normally open to every process, and a socket's own algorithm is normally the
+    namespace's default, which is too. If either switch is refused (an administrator's
+    ``tcp_allowed_congestion_control``, a route's ``congctl``), it gives up for good: later
+    tunnels keep their algorithm untouched. True if it was restarted. Call it only while
+    nothing is in flight."""
+    global _given_up
+    if _given_up:
+        return False
     try:
         name = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0]
     except (OSError, AttributeError):
@@ -85,17 +90,21 @@ def restart_congestion_control(sock: Any) -> bool:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
     except OSError:
+        # On MPTCP the switch goes subflow by subflow: give back any that took reno.
+        _given_up = True
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name)
         return False
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name)
     except OSError as exc:
-        if not _restore_failed:
-            _restore_failed = True
-            log.warning(
-                "could not give a tunnel its congestion control %s back (%s); it runs reno",
-                name.decode(errors="replace"),
-                exc.strerror or exc,
-            )
+        _given_up = True
+        log.warning(
+            "could not give a tunnel its congestion control %s back (%s); it runs reno, "
+            "and later tunnels are left as they are",
+            name.decode(errors="replace"),
+            exc.strerror or exc,
+        )
         return False
     return True
 

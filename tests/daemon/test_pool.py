@@ -100,10 +100,10 @@ def test_a_tunnel_that_waited_in_the_pool_restarts_its_congestion_control(monkey
     async def scenario() -> None:
         pool = TunnelPool(pairing, lambda family: None, 0)
         idle, fresh = Ready(age=30.0), Ready(age=0.0)
-        pool._ready = [idle, fresh]  # take() hands out the newest first
-        assert await pool.take() is fresh
-        assert restarted == []
+        pool._ready = [idle, fresh]  # take() hands out the oldest first
         assert await pool.take() is idle
+        assert restarted == [idle.sock]
+        assert await pool.take() is fresh
         assert restarted == [idle.sock]
 
     asyncio.run(scenario())

@@ -93,10 +93,14 @@ class TunnelPool:
         return len(self._ready)
 
     async def take(self) -> Tunnel:
-        """A ready tunnel bound to the current best link, or a fresh one."""
+        """The oldest ready tunnel bound to the current best link, or a fresh one.
+
+        Oldest first: every pooled tunnel gets used before it ages out (the server's handshake
+        is not spent for nothing), and after a pause each of the next flows takes a tunnel that
+        waited through it, not one opened a moment before by the refill."""
         now = time.monotonic()
         while self._ready:
-            tunnel = self._ready.pop()
+            tunnel = self._ready.pop(0)
             if self._usable(tunnel, now):
                 self._wake.set()
                 if now - tunnel.created >= IDLE_RESTART:
