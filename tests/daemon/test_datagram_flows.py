@@ -116,3 +116,34 @@ def test_a_call_on_the_tunnel_path_counts_on_the_tunnels_link_for_headroom() -> 
     (calls, without_best), quiet, began = asyncio.run(scenario())
     assert calls == {"eth0"} and without_best == set() and quiet == set()
     assert began == [1]  # once, when the call began
+
+
+def test_a_flow_that_carries_stun_is_a_call_from_its_first_datagram() -> None:
+    """WebRTC checks connectivity with STUN on the call's own addresses before its media, on
+    any port: the flow is real-time (and asks for headroom) from that first check, and a flow
+    that starts as something else turns real-time at its first STUN message."""
+    from test_flowclass import stun_binding_request
+
+    async def scenario():
+        path = path_without_server()
+        path.start()
+        flows = DatagramFlows(
+            path, None, lambda *a: None, SETTINGS.__getitem__, lambda take, answer: TunnelSessions()
+        )
+        flows.start()
+        began = []
+        path.on_realtime = lambda: began.append(1)
+        check = stun_binding_request()
+        flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 40000), check)
+        first = len(began)
+        flows.send(("198.18.1.2", 4002), Address("198.19.0.1", 40002), b"z" * 1200)
+        after_other = len(began)
+        flows.send(("198.18.1.2", 4002), Address("198.19.0.1", 40002), check)
+        classes = {f.destination.port: f.klass for f in path.flows.values()}
+        await flows.close()
+        await path.close()
+        return first, after_other, began, classes
+
+    first, after_other, began, classes = asyncio.run(scenario())
+    assert first == 1 and after_other == 1 and began == [1, 1]
+    assert classes == {40000: "realtime", 40002: "realtime"}

@@ -10,6 +10,7 @@ from braid.daemon.tunnel.flowclass import (
     LinkView,
     choose_links,
     classify,
+    is_stun,
 )
 
 
@@ -79,3 +80,26 @@ def test_the_best_link_changes_only_when_clearly_better() -> None:
     assert choose_links(links, 1, 100, previous=("a",)) == ("a",)
     links = [LinkView("a", 0, 40.0, True), LinkView("b", 1, 19.0, True)]
     assert choose_links(links, 1, 100, previous=("a",)) == ("b",)
+
+
+def stun_binding_request(attributes: bytes = b"") -> bytes:
+    """An RFC 5389 binding request as WebRTC sends in its connectivity checks."""
+    return (
+        (0x0001).to_bytes(2, "big")
+        + len(attributes).to_bytes(2, "big")
+        + b"\x21\x12\xa4\x42"
+        + bytes(range(12))  # transaction id
+        + attributes
+    )
+
+
+def test_stun_messages_are_told_from_other_datagrams() -> None:
+    # USERNAME (0x0006), 8 bytes, as in an ICE check; then a bare binding request.
+    assert is_stun(stun_binding_request((0x0006).to_bytes(2, "big") + b"\x00\x08" + b"abcd:efg"))
+    assert is_stun(stun_binding_request())
+    assert not is_stun(stun_binding_request()[:19])  # too short for a header
+    assert not is_stun(stun_binding_request(b"\x00\x06\x00\x03abc"))  # not in 4-byte words
+    assert not is_stun(stun_binding_request() + b"xxxx")  # the length is not the rest
+    rtp = b"\x80\x60" + bytes(158)  # RTP: version 2 in the first two bits
+    assert not is_stun(rtp)
+    assert not is_stun(b"\x00\x01\x00\x00" + b"\x00" * 16)  # no magic cookie

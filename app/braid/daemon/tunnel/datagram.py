@@ -110,7 +110,7 @@ class Flow:
     answer: Callable[[bytes], None]
     path: str  # "datagram" or "tunnel"
     mode: str
-    listed: bool = False
+    listed: bool = False  # by the user, or it carried a STUN message: real-time unless bulk
     dscp: int | None = None
     klass: str = flowclass.OTHER
     links: tuple[str, ...] = ()
@@ -676,8 +676,9 @@ class DatagramFlows:
         key = (client, destination)
         flow = self._flows.get(key)
         modes = self._modes()
+        stun = flowclass.is_stun(data)
         if flow is None:
-            listed = destination.port in parse_ports(self._settings("realtime_ports"))
+            listed = stun or destination.port in parse_ports(self._settings("realtime_ports"))
             klass = flowclass.classify(destination.port, dscp, listed, FlowMeter(), 0.0)
             flow = self._path.open_flow(
                 client,
@@ -691,6 +692,8 @@ class DatagramFlows:
             if klass == REALTIME:
                 self._path.on_realtime()
             self._flows[key] = flow
+        elif stun and not flow.listed:
+            flow.listed = True  # a call's connectivity check: real-time from now on
         if flow.path == "datagram" and self._path.send(flow, data, modes):
             return
         if flow.path == "datagram":

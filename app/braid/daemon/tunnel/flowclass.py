@@ -1,7 +1,9 @@
 """What a UDP flow is and which links its datagrams take (pure: no sockets, no asyncio).
 
 A flow is *real-time* when it is marked so (DSCP EF or AF4x), uses a STUN/TURN/WebRTC port, is
-listed by the user, or looks like a call: small datagrams at a steady rate. It turns *bulk* when
+listed by the user, carries STUN messages (WebRTC's connectivity checks run on the call's own
+addresses before its media, and keep running during it), or looks like a call: small datagrams
+at a steady rate. It turns *bulk* when
 its rate grows past what a call sends; a bulk flow is never duplicated (redundancy may cost at
 most twice the flow's own rate, and for bulk traffic that would only steal capacity).
 
@@ -31,6 +33,19 @@ CALL_MIN_RATE = 8  # datagrams per second
 CALL_MAX_RATE = 120
 BULK_BPS = 2_000_000  # a flow above this (bits/s, over the window) is bulk, never duplicated
 SWITCH_MARGIN_MS = 3.0  # another link must be this much better (or 15 %) to become the best
+
+
+STUN_COOKIE = b"\x21\x12\xa4\x42"  # RFC 5389's magic cookie
+STUN_HEADER = 20
+
+
+def is_stun(data: bytes) -> bool:
+    """Whether a datagram is a STUN message (RFC 5389): its two first bits zero, the magic
+    cookie, and a length that is the rest of the datagram, in 4-byte words."""
+    if len(data) < STUN_HEADER or data[0] & 0xC0 or data[4:8] != STUN_COOKIE:
+        return False
+    length = int.from_bytes(data[2:4], "big")
+    return length == len(data) - STUN_HEADER and length % 4 == 0
 
 
 @dataclass
@@ -123,4 +138,5 @@ __all__ = [
     "LinkView",
     "choose_links",
     "classify",
+    "is_stun",
 ]
