@@ -4,8 +4,11 @@ A call is 50 datagrams a second of 160 bytes, echoed by the target, sent by an u
 application in system-wide mode. Contenders: direct over the best link (the call leaves by eth0,
 outside Braid), Braid's tunnel path (udp_realtime = tunnel: frames inside an MPTCP tunnel
 connection, as before the datagram path), and the datagram path without (fastest) and with
-(redundant) redundancy. Situations: idle; during a bulk download through Braid; the link that
-carries the call blackholed at its ISP for 4 s; the same link's interface down for 4 s.
+(redundant) redundancy. Situations: idle; during a bulk download through Braid (the call's
+datagrams from its first one, as a plain UDP stream starts); the same with a WebRTC call's start
+(0.3 s of connectivity checks, STUN binding requests 50 ms apart as ICE sends them, on the
+call's own addresses before its media; only the media is timed); the link that carries the call
+blackholed at its ISP for 4 s; the same link's interface down for 4 s.
 
 For each it prints p50/p99 round trip, the share of datagrams later than 150 ms or lost, the
 worst gap between answers (anywhere in the call, and while the link was cut or coming back), the
@@ -47,15 +50,38 @@ MODE = {
     "datagram, fastest": "fastest",
     "datagram, redundant": "redundant",
 }
-SITUATIONS = ("idle", "bulk download", "link blackholed 4 s", "link down 4 s")
-ONLY = dict(zip(SITUATIONS, ("idle", "bulk", "blackhole", "down"), strict=True))
+SITUATIONS = (
+    "idle",
+    "bulk download",
+    "bulk download, WebRTC start",
+    "link blackholed 4 s",
+    "link down 4 s",
+)
+ONLY = dict(zip(SITUATIONS, ("idle", "bulk", "webrtc", "blackhole", "down"), strict=True))
+#: A WebRTC call's start: connectivity checks (STUN binding requests) on the call's own addresses,
+#: paced 50 ms apart as ICE does, before its media.
+ICE_SECONDS, ICE_INTERVAL = 0.3, 0.05
 
 
 # --- the call client (runs in the laptop's namespace) -------------------------------------------
 
 
-def call(host: str, port: int, seconds: float, device: str | None, bind: str | None, mark: bool):
-    """Send a call-like stream and time each echo: a JSON line of send offsets and RTTs."""
+def stun_check() -> bytes:
+    """A STUN binding request (RFC 5389) with a fresh transaction id, as in an ICE check."""
+    return b"\x00\x01\x00\x00\x21\x12\xa4\x42" + os.urandom(12)
+
+
+def call(
+    host: str,
+    port: int,
+    seconds: float,
+    device: str | None,
+    bind: str | None,
+    mark: bool,
+    ice: float = 0.0,
+):
+    """Send a call-like stream and time each echo: a JSON line of send offsets and RTTs. With
+    ``ice``, connectivity checks go first for that long (not timed): a WebRTC call's start."""
     count = int(seconds / INTERVAL)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     token = os.urandom(8)
@@ -73,6 +99,13 @@ def call(host: str, port: int, seconds: float, device: str | None, bind: str | N
             sock.bind((bind, 0))
         sock.setblocking(False)
         print(json.dumps({"started": True}), flush=True)  # the harness times its cuts from here
+        for _ in range(round(ice / ICE_INTERVAL)):
+            with contextlib.suppress(OSError):
+                sock.sendto(stun_check(), (host, port))
+            time.sleep(ICE_INTERVAL)
+        with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+            while sock.recv(65535):  # the checks' answers
+                pass
         start = time.monotonic()
         deadline = start + count * INTERVAL + 1.0
         while True:
@@ -138,9 +171,9 @@ def summarise(result: dict, seconds: float, fault: bool = False) -> dict:
     return out
 
 
-def run_call(world: World, contender: str, seconds: float) -> subprocess.Popen:
+def run_call(world: World, contender: str, seconds: float, ice: float = 0.0) -> subprocess.Popen:
     argv = [sys.executable, str(Path(__file__).resolve()), "--call", world.target_v4]
-    argv += ["--seconds", str(seconds)]
+    argv += ["--seconds", str(seconds), "--ice", str(ice)]
     if contender.startswith("direct"):
         best = world.links[0].name
         argv += ["--device", best, "--bind", world.laptop_addr(best), "--mark"]
@@ -169,11 +202,11 @@ def measure(stack: BraidStack, world: World, contender: str, situation: str, sec
         stack.call("set-settings", settings={"udp_realtime": MODE[contender]})
     time.sleep(2.0)  # the previous run's traffic has drained
     bulk = None
-    if situation == "bulk download":
+    if situation.startswith("bulk download"):
         bulk = start_bulk(world, seconds)
         time.sleep(3.0)  # past slow start, with every link busy
     began = time.time()
-    proc = run_call(world, contender, seconds)
+    proc = run_call(world, contender, seconds, ICE_SECONDS if "WebRTC" in situation else 0.0)
     assert proc.stdout is not None
     proc.stdout.readline()  # the call has started: cut at CUT_AT of its own time
     cut = None
@@ -251,7 +284,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument(
         "--only",
-        choices=("idle", "bulk", "blackhole", "down"),
+        choices=("idle", "bulk", "webrtc", "blackhole", "down"),
         action="append",
         help="run only these situations (repeatable; default: all)",
     )
@@ -259,9 +292,10 @@ def main() -> int:
     parser.add_argument("--device", help=argparse.SUPPRESS)
     parser.add_argument("--bind", help=argparse.SUPPRESS)
     parser.add_argument("--mark", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ice", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.call:
-        call(args.call, 7, args.seconds, args.device, args.bind, args.mark)
+        call(args.call, 7, args.seconds, args.device, args.bind, args.mark, args.ice)
         return 0
     reason = unavailable_reason()
     if reason:
