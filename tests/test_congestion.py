@@ -67,28 +67,31 @@ def test_something_that_is_not_a_tcp_socket_is_left_alone() -> None:
     assert restart_congestion_control(None) is False  # a transport without a socket
 
 
+class FakeSocket:
+    """Reports ``algorithm``; refuses to be switched to any name in ``refused``."""
+
+    def __init__(self, algorithm: bytes, refused: set[bytes]) -> None:
+        self.algorithm, self.refused = algorithm, refused
+        self.set: list[bytes] = []
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return self.algorithm.ljust(size, b"\0")
+
+    def setsockopt(self, level: int, option: int, value: bytes) -> None:
+        self.set.append(value)
+        if value in self.refused:
+            raise PermissionError(1, "Operation not permitted")
+
+
 def test_an_algorithm_that_cannot_be_given_back_is_said_once(monkeypatch, caplog) -> None:
-    class Refusing:
-        """Takes reno, then refuses the algorithm back (the default changed meanwhile)."""
-
-        def __init__(self) -> None:
-            self.set: list[bytes] = []
-
-        def getsockopt(self, level: int, option: int, size: int) -> bytes:
-            return b"bbr".ljust(size, b"\0")
-
-        def setsockopt(self, level: int, option: int, value: bytes) -> None:
-            if value != b"reno":
-                raise PermissionError(1, "Operation not permitted")
-            self.set.append(value)
-
+    """Reno is taken, the algorithm is refused back (the allowed list changed meanwhile)."""
     monkeypatch.setattr(transport, "_given_up", False)
-    first, second = Refusing(), Refusing()
+    first, second = FakeSocket(b"bbr", {b"bbr"}), FakeSocket(b"bbr", {b"bbr"})
     with caplog.at_level(logging.WARNING, logger="braid.transport"):
         assert restart_congestion_control(first) is False
         assert restart_congestion_control(second) is False
     # The first tunnel is left on reno; no later one is touched (they keep their algorithm).
-    assert first.set == [b"reno"] and second.set == []
+    assert first.set == [b"reno", b"bbr"] and second.set == []
     warnings = [r for r in caplog.records if "congestion control bbr" in r.getMessage()]
     assert len(warnings) == 1
 
@@ -96,20 +99,7 @@ def test_an_algorithm_that_cannot_be_given_back_is_said_once(monkeypatch, caplog
 def test_a_refused_switch_to_reno_puts_the_algorithm_back(monkeypatch) -> None:
     """On MPTCP the switch goes subflow by subflow: when one refuses reno, those already
     switched get their own algorithm back."""
-
-    class NoReno:
-        def __init__(self) -> None:
-            self.set: list[bytes] = []
-
-        def getsockopt(self, level: int, option: int, size: int) -> bytes:
-            return b"cubic".ljust(size, b"\0")
-
-        def setsockopt(self, level: int, option: int, value: bytes) -> None:
-            self.set.append(value)
-            if value == b"reno":
-                raise PermissionError(1, "Operation not permitted")
-
     monkeypatch.setattr(transport, "_given_up", False)
-    sock = NoReno()
+    sock = FakeSocket(b"cubic", {b"reno"})
     assert restart_congestion_control(sock) is False
     assert sock.set == [b"reno", b"cubic"]

@@ -80,6 +80,20 @@ def test_a_flow_of_class_tunnel_stays_on_tunnel_connections() -> None:
     assert status["flows"][0]["path"] == "tunnel" and status["flows"][0]["mode"] == "tunnel"
 
 
+def flows_on_the_tunnel_path() -> tuple[DatagramPath, DatagramFlows, list[int]]:
+    """Started flows without a datagram session; the list grows each time a call begins (braidd
+    then runs a pass, which holds the call's link)."""
+    path = path_without_server()
+    path.start()
+    flows = DatagramFlows(
+        path, None, lambda *a: None, SETTINGS.__getitem__, lambda take, answer: TunnelSessions()
+    )
+    flows.start()
+    began: list[int] = []
+    path.on_realtime = lambda: began.append(1)
+    return path, flows, began
+
+
 def test_user_listed_ports() -> None:
     assert parse_ports(["5004", "10000-10002", "nonsense", "9-3", "70000"]) == {
         5004,
@@ -94,14 +108,7 @@ def test_a_call_on_the_tunnel_path_counts_on_the_tunnels_link_for_headroom() -> 
     headroom, on the link its tunnel starts on; other UDP, and a call gone quiet, does not."""
 
     async def scenario():
-        path = path_without_server()
-        path.start()
-        flows = DatagramFlows(
-            path, None, lambda *a: None, SETTINGS.__getitem__, lambda take, answer: TunnelSessions()
-        )
-        flows.start()
-        began = []
-        path.on_realtime = lambda: began.append(1)  # braidd: a pass, which holds the link
+        path, flows, began = flows_on_the_tunnel_path()
         flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"x")  # STUN: a call
         flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 3478), b"x")
         flows.send(("198.18.1.2", 4001), Address("198.19.0.1", 53), b"y" * 40)  # DNS: not
@@ -125,14 +132,7 @@ def test_a_flow_that_carries_stun_is_a_call_from_its_first_datagram() -> None:
     from test_flowclass import stun_binding_request
 
     async def scenario():
-        path = path_without_server()
-        path.start()
-        flows = DatagramFlows(
-            path, None, lambda *a: None, SETTINGS.__getitem__, lambda take, answer: TunnelSessions()
-        )
-        flows.start()
-        began = []
-        path.on_realtime = lambda: began.append(1)
+        path, flows, began = flows_on_the_tunnel_path()
         check = stun_binding_request()
         flows.send(("198.18.1.2", 4000), Address("198.19.0.1", 40000), check)
         first = len(began)
