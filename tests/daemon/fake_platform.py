@@ -33,6 +33,8 @@ class FakePlatform:
         #: Headroom for calls: each device's limit (bytes per second), and the ones held to it.
         self.limits: dict[str, int] = {}
         self.gated: set[str] = set()
+        #: Tables a test removed "from outside" (an nft flush ruleset).
+        self.flushed: set[str] = set()
         self.calls: list[tuple] = []
         self.paths = FakePaths()
         self.resolved: dict[str, list[str]] = {}
@@ -70,6 +72,17 @@ class FakePlatform:
     async def headroom(self, before, limits, gated, servers, port) -> None:
         self.calls.append(("headroom", before, dict(limits), set(gated), list(servers), port))
         self.limits, self.gated = dict(limits), set(gated)
+        self.flushed.discard("inet braid_headroom")
+
+    async def nft_tables(self) -> set[str] | None:
+        """The tables braidd's state implies, less those removed from outside (``flushed``: a
+        firewall reload), which writing them again puts back."""
+        tables = set()
+        if self.plan is not None:
+            tables.add("inet braid")
+        if self.limits:
+            tables.add("inet braid_headroom")
+        return tables - self.flushed
 
     async def views(self, names: list[str]) -> dict[str, DeviceView | None]:
         return {name: self.devices.get(name) for name in names}
@@ -124,6 +137,7 @@ class FakePlatform:
     async def capture(self, plan) -> None:
         self.calls.append(("capture", plan is not None))
         self.plan = plan
+        self.flushed.discard("inet braid")
 
     async def resolve(self, host: str, port: int) -> list[str]:
         self.calls.append(("resolve", host))

@@ -415,3 +415,38 @@ def test_a_calls_link_is_held_while_the_call_lasts_and_freed_after(tmp_path: Pat
             assert rig.platform.limits == {} and rig.platform.gated == set()
 
     run(scenario)
+
+
+def test_tables_removed_from_outside_are_put_back(tmp_path: Path) -> None:
+    """A firewall reload flushes the ruleset: the capture table and the headroom table come
+    back whole at the next check, and a check with nothing missing changes nothing."""
+
+    async def scenario() -> None:
+        async with Rig(tmp_path) as rig:
+            rig.settings.update({"mode": "system"})
+            up = await rig.up()
+            await rig.settle()
+            rig.made.pools[0].connect()
+            await up
+            await rig.settle()
+            rig.platform.io = {"eth0": (0, 0), "wlan0": (0, 0)}
+            await rig.r.submit(rig.r.sample, {})
+            await asyncio.sleep(0.05)
+            rig.platform.io = {"eth0": (1_250_000, 0), "wlan0": (750_000, 0)}
+            await rig.r.submit(rig.r.sample, {})
+            assert rig.r.capture_active and rig.platform.limits
+            limits = dict(rig.platform.limits)
+            before = len(rig.platform.calls)
+            await rig.r.submit(rig.r.check_tables)
+            await rig.settle()
+            assert rig.platform.calls[before:] == [] and rig.r.tables_restored == 0
+            rig.platform.flushed = {"inet braid", "inet braid_headroom"}
+            await rig.r.submit(rig.r.check_tables)
+            await rig.settle()
+            again = rig.platform.calls[before:]
+            assert ("capture", True) in again
+            assert [c[1:3] for c in again if c[0] == "headroom"] == [(None, limits)]
+            assert rig.platform.flushed == set() and rig.r.tables_restored == 1
+            assert rig.r.capture_active
+
+    run(scenario)

@@ -202,6 +202,22 @@ def test_server_unreachable_falls_back_direct_or_blocks(world: World, stack: Bra
     assert stack.status()["capture"]["in_force"] == "tunnel"
 
 
+def test_a_firewall_reload_does_not_turn_capture_off(world: World, stack: BraidStack) -> None:
+    """nftables.service's reload, like many firewalls, begins with ``flush ruleset``: braidd
+    puts its tables back within seconds, and unmodified programs are carried again."""
+    laptop(world, "nft", "flush", "ruleset")
+    assert laptop(world, "nft", "list", "table", "inet", "braid").returncode != 0
+    assert wait_for(
+        lambda: laptop(world, "nft", "list", "table", "inet", "braid").returncode == 0, 15
+    ), "braidd did not put its capture table back"
+    seed, n = "after-reload", 1 << 20
+    assert curl_sha(world, f"http://{world.target_v4}/bytes/{n}?seed={seed}") == expected_sha256(
+        n, seed
+    )
+    entry = world.wait_access(lambda e: f"seed={seed}" in e.get("path", ""))
+    assert entry["client"] in (world.server_v4, world.server_v6), entry
+
+
 def test_switching_off_and_crash_cleanup_restore_nft_and_rules(
     world: World, stack: BraidStack, pristine: str
 ) -> None:

@@ -57,6 +57,7 @@ class PlatformBase(Protocol):
         servers: list[str],
         port: int,
     ) -> None: ...
+    async def nft_tables(self) -> set[str] | None: ...
     async def resolve(self, host: str, port: int) -> list[str]: ...
     async def counters(self) -> dict[str, tuple[int, int]]: ...
     async def in_netlink(self, fn: Callable[..., T], *args: Any) -> T: ...
@@ -201,6 +202,10 @@ class Platform:
         """Limit the tunnels' downloads per link, dropping over the limit on the ``gated`` ones
         (raises headroom.HeadroomError)."""
         await self.in_netlink(headroom.install, before, limits, gated, servers, port)
+
+    async def nft_tables(self) -> set[str] | None:
+        """The nftables tables present ("inet braid", ...); None if nft cannot say."""
+        return await self.in_netlink(capture.list_tables)
 
     async def resolve(self, host: str, port: int) -> list[str]:
         """The server's addresses (raises OSError)."""

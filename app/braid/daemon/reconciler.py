@@ -28,7 +28,7 @@ from braid.daemon import policy
 from braid.daemon.links.model import Link, Priority
 from braid.daemon.links.store import LinkStore
 from braid.daemon.platform import PlatformBase
-from braid.daemon.routing import capture
+from braid.daemon.routing import capture, headroom
 from braid.daemon.routing.apps import AppGroups
 from braid.daemon.routing.capture import OWN_MARK
 from braid.daemon.routing.headroom import HeadroomError
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: A link carrying less than this (bits per second, both ways) is quiet: its round trip is
 #: its floor's to learn.
 QUIET_BPS = 200_000
+#: A firewall that reloads again and again is said at most this often (seconds).
+TABLES_WARN_INTERVAL = 60.0
 
 T = TypeVar("T")
 
@@ -123,6 +125,9 @@ class Reconciler:
         self.gated: set[str] = set()
         self._headroom_failed = False
         self._headroom_known = False  # the table is as self.limits says
+        #: How often Braid's nftables tables were found removed from outside and put back.
+        self.tables_restored = 0
+        self._tables_warned = -1e9
         self._headroom_percent: int | None = None
         self._path_signature: tuple = ()
         self.events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
@@ -549,6 +554,39 @@ class Reconciler:
         await self._hold_for_calls()
         if crossed:
             self.poke()
+
+    async def check_tables(self) -> None:
+        """Put back Braid's nftables tables if something outside removed them: a firewall
+        reload (``nft -f /etc/nftables.conf`` begins with ``flush ruleset``) would otherwise turn
+        system-wide capture and headroom for calls off until the next change of plan."""
+        expected = set()
+        if self.capture_active and self._capture_plan is not None:
+            expected.add(f"inet {capture.TABLE}")
+        if self._headroom_known and self.limits:
+            expected.add(f"inet {headroom.TABLE}")
+        if not expected:
+            return
+        present = await self.platform.nft_tables()
+        if present is None:
+            return
+        gone = expected - present
+        if not gone:
+            return
+        self.tables_restored += 1
+        now = time.monotonic()
+        if now - self._tables_warned >= TABLES_WARN_INTERVAL:
+            self._tables_warned = now
+            log.warning(
+                "nftables table %s removed from outside (a firewall reload?); putting it back",
+                ", ".join(sorted(gone)),
+            )
+        if f"inet {capture.TABLE}" in gone:
+            self._capture_plan = None  # the next pass installs the plan again, whole
+        if f"inet {headroom.TABLE}" in gone:
+            self._headroom_known = False  # written whole at once
+            self.limits = {}
+            await self._hold_for_calls()
+        self.poke()
 
     @property
     def held(self) -> dict[str, int]:

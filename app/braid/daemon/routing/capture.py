@@ -305,6 +305,30 @@ def remove() -> None:
     run_nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
 
 
+def list_tables() -> set[str] | None:
+    """The nftables tables present, as "FAMILY NAME" ("inet braid"); None if nft cannot say."""
+    nft = shutil.which("nft")
+    if nft is None:
+        return None
+    try:
+        done = subprocess.run(
+            [nft, "list", "tables"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=NFT_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return {
+        " ".join(line.split()[1:3])
+        for line in done.stdout.splitlines()
+        if line.startswith("table ")
+    }
+
+
 def present() -> bool:
     nft = shutil.which("nft")
     if nft is None:
