@@ -418,12 +418,14 @@ def test_a_calls_link_is_held_while_the_call_lasts_and_freed_after(tmp_path: Pat
 
 
 def test_tables_removed_from_outside_are_put_back(tmp_path: Path) -> None:
-    """A firewall reload flushes the ruleset: the capture table and the headroom table come
-    back whole at the next check, and a check with nothing missing changes nothing."""
+    """A firewall reload flushes the ruleset: the capture table and the headroom table (with a
+    call's link held) come back whole at the next check, the status keeps working meanwhile,
+    and a check with nothing missing changes nothing."""
 
     async def scenario() -> None:
         async with Rig(tmp_path) as rig:
             rig.settings.update({"mode": "system"})
+            rig.r._call_links = lambda: {"eth0"}
             up = await rig.up()
             await rig.settle()
             rig.made.pools[0].connect()
@@ -434,19 +436,24 @@ def test_tables_removed_from_outside_are_put_back(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
             rig.platform.io = {"eth0": (1_250_000, 0), "wlan0": (750_000, 0)}
             await rig.r.submit(rig.r.sample, {})
-            assert rig.r.capture_active and rig.platform.limits
-            limits = dict(rig.platform.limits)
+            rig.made.probers[0].rtt_ms["eth0"] = 28.0  # a download's queue: the call holds eth0
+            await asyncio.sleep(0.05)
+            rig.platform.io = {"eth0": (1_251_000, 0), "wlan0": (751_000, 0)}
+            await rig.r.submit(rig.r.sample, {})
+            assert rig.r.capture_active and rig.platform.gated == {"eth0"}
+            limits, held = dict(rig.platform.limits), rig.r.held
             before = len(rig.platform.calls)
             await rig.r.submit(rig.r.check_tables)
             await rig.settle()
             assert rig.platform.calls[before:] == [] and rig.r.tables_restored == 0
             rig.platform.flushed = {"inet braid", "inet braid_headroom"}
             await rig.r.submit(rig.r.check_tables)
+            assert rig.r.held == held  # the status keeps working before the pass
             await rig.settle()
             again = rig.platform.calls[before:]
             assert ("capture", True) in again
-            assert [c[1:3] for c in again if c[0] == "headroom"] == [(None, limits)]
+            assert [c[1:4] for c in again if c[0] == "headroom"] == [(None, limits, {"eth0"})]
             assert rig.platform.flushed == set() and rig.r.tables_restored == 1
-            assert rig.r.capture_active
+            assert rig.r.capture_active and rig.r.held == held
 
     run(scenario)

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: A link carrying less than this (bits per second, both ways) is quiet: its round trip is
 #: its floor's to learn.
 QUIET_BPS = 200_000
+#: Every this many samples (seconds), braidd checks that its nftables tables are still there.
+TABLES_CHECK_EVERY = 5
 #: A firewall that reloads again and again is said at most this often (seconds).
 TABLES_WARN_INTERVAL = 60.0
 
@@ -128,6 +130,8 @@ class Reconciler:
         #: How often Braid's nftables tables were found removed from outside and put back.
         self.tables_restored = 0
         self._tables_warned = -1e9
+        self._headroom_lost = False  # removed from outside: write it again though unchanged
+        self._samples = 0
         self._headroom_percent: int | None = None
         self._path_signature: tuple = ()
         self.events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
@@ -552,15 +556,19 @@ class Reconciler:
             self.floors.pop(gone, None)
         self._queues = queues
         await self._hold_for_calls()
+        self._samples += 1
+        if self._samples % TABLES_CHECK_EVERY == 0:
+            await self.check_tables()
         if crossed:
             self.poke()
 
     async def check_tables(self) -> None:
         """Put back Braid's nftables tables if something outside removed them: a firewall
         reload (``nft -f /etc/nftables.conf`` begins with ``flush ruleset``) would otherwise turn
-        system-wide capture and headroom for calls off until the next change of plan."""
+        capture (system-wide, or for ``braid bonded`` programs) and headroom for calls off until
+        the next change of plan. Run by the writer, from every TABLES_CHECK_EVERY-th sample."""
         expected = set()
-        if self.capture_active and self._capture_plan is not None:
+        if self._capture_plan is not None:
             expected.add(f"inet {capture.TABLE}")
         if self._headroom_known and self.limits:
             expected.add(f"inet {headroom.TABLE}")
@@ -577,15 +585,16 @@ class Reconciler:
         if now - self._tables_warned >= TABLES_WARN_INTERVAL:
             self._tables_warned = now
             log.warning(
-                "nftables table %s removed from outside (a firewall reload?); putting it back",
+                "nftables table %s removed from outside (a firewall reload?); putting it back "
+                "(%d time(s) since braidd started)",
                 ", ".join(sorted(gone)),
+                self.tables_restored,
             )
         if f"inet {capture.TABLE}" in gone:
             self._capture_plan = None  # the next pass installs the plan again, whole
         if f"inet {headroom.TABLE}" in gone:
-            self._headroom_known = False  # written whole at once
-            self.limits = {}
-            await self._hold_for_calls()
+            self._headroom_known = False  # the next pass writes it again, whole
+            self._headroom_lost = True
         self.poke()
 
     @property
@@ -609,8 +618,9 @@ class Reconciler:
             self.gated,
         )
         self._headroom_percent = percent
-        if limits == self.limits and gated == self.gated:
+        if limits == self.limits and gated == self.gated and not self._headroom_lost:
             return
+        self._headroom_lost = False  # one try; a failure below is said and retried on change
         servers = [plain_address(a) for a in self.server_addresses]
         port = self.pairing.port if self.pairing else 0
         before = self.limits if self._headroom_known else None

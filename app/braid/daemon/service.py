@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import itertools
 import logging
 import os
 import signal
@@ -64,8 +63,6 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = Path("/var/lib/braid")
 LINK_POLL = 1.0  # netlink events wake the reconciler at once; this catches what they miss
 USAGE_SAVE_INTERVAL = 10.0
-#: Every this many samples, braidd checks that its nftables tables are still there.
-TABLES_CHECK_EVERY = 5
 SUBSCRIBER_BACKLOG = 1 << 20  # a subscriber this far behind is dropped, not buffered forever
 # On stop, connections get this long to close cleanly, then are reset: a server that went away
 # would hold every TLS close for seconds, and each shutdown of the computer with it.
@@ -292,7 +289,7 @@ class Daemon:
     async def _sample_loop(self) -> None:
         """Once a second: rates, usage and health (a pass follows, which also polls links)."""
         last_save = time.monotonic()
-        for tick in itertools.count(1):
+        while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
             await self.spreading.shrink_idle()
             try:
@@ -306,8 +303,6 @@ class Daemon:
                     else {}
                 )
                 await self.reconciler.submit(self.reconciler.sample, subflows)
-                if tick % TABLES_CHECK_EVERY == 0:
-                    await self.reconciler.submit(self.reconciler.check_tables)
                 if time.monotonic() - last_save > USAGE_SAVE_INTERVAL:
                     self.store.save_usage()
                     last_save = time.monotonic()

@@ -305,6 +305,10 @@ def remove() -> None:
     run_nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
 
 
+#: How long listing the tables may take (it runs every few seconds on the netlink thread).
+LIST_TIMEOUT = 2.0
+
+
 def list_tables() -> set[str] | None:
     """The nftables tables present, as "FAMILY NAME" ("inet braid"); None if nft cannot say."""
     nft = shutil.which("nft")
@@ -316,7 +320,7 @@ def list_tables() -> set[str] | None:
             capture_output=True,
             text=True,
             check=False,
-            timeout=NFT_TIMEOUT,
+            timeout=LIST_TIMEOUT,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
