@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +55,39 @@ def test_a_restarted_connection_keeps_its_own_algorithm(make) -> None:
         assert algorithm(client) == before and algorithm(server) == before
         client.sendall(b"still connected")
         assert server.recv(64) == b"still connected"
+
+
+TCP_CC_INFO = 26  # linux/tcp.h; for BBR: struct tcp_bbr_info
+
+
+def test_a_restart_starts_the_algorithm_afresh() -> None:
+    """BBR after a transfer knows the path's bandwidth; restarted, it knows nothing again, as on
+    a new connection (the state whose stale round trip sent idle tunnels into PROBE_RTT)."""
+    if b"bbr" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
+        pytest.skip("this kernel has no BBR")
+    for client, server in connected_pair(plain):
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"bbr")
+        except PermissionError:
+            pytest.skip("BBR is not allowed for this user here")
+        done = threading.Thread(target=drain, args=(server, 1 << 20))
+        done.start()
+        client.sendall(bytes(1 << 20))
+        done.join(10)
+        assert bandwidth(client) > 0
+        assert restart_congestion_control(client) is True
+        assert bandwidth(client) == 0 and algorithm(client) == b"bbr"
+
+
+def bandwidth(sock: socket.socket) -> int:
+    """BBR's bandwidth estimate (bytes per second)."""
+    low, high = struct.unpack("2I", sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, 8))
+    return high << 32 | low
+
+
+def drain(sock: socket.socket, count: int) -> None:
+    while count > 0:
+        count -= len(sock.recv(1 << 16)) or count
 
 
 def test_reno_has_nothing_to_restart() -> None:

@@ -422,10 +422,10 @@ def link_peak(
     half the peak) the link is full, so the rate comes down to what it carries within seconds
     (``QUEUE_HALF_LIFE``: one slow second does not make a slow link); a link carrying less than
     half its peak is not taken for full, whatever its round trip (other devices on the same
-    Wi-Fi, jitter), so a false queue can never bring its rate down by more than half. Otherwise the fastest second it has shown, fading
-    with ``PEAK_HALF_LIFE``. A held link's rate only rises: its seconds show the hold, not the
-    link, and chasing them down would strangle it whenever its round trip stays up for another
-    reason."""
+    Wi-Fi, jitter), so a false queue can never bring its rate down by more than half. Otherwise
+    the fastest second it has shown, fading with ``PEAK_HALF_LIFE``. A held link's rate only
+    rises: its seconds show the hold, not the link, and chasing them down would strangle it
+    whenever its round trip stays up for another reason."""
     if queue and not held and rx_bps > tx_bps and rx_bps >= max(HEADROOM_MIN_BPS, peak / 2):
         return max(rx_bps, peak * 0.5 ** (max(0.0, elapsed) / QUEUE_HALF_LIFE))
     if rx_bps >= peak:

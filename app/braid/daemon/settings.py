@@ -124,9 +124,10 @@ SETTINGS: tuple[Setting, ...] = (
         "redundant",
         "Calls and games",
         "How real-time UDP (small datagrams at a steady rate, DSCP EF/AF4x, STUN/TURN/WebRTC "
-        "ports, flows carrying STUN, or the ports listed below) travels. redundant: on the two links of lowest delay "
-        "at once, the first copy wins (at most twice the flow's own traffic). fastest: on the "
-        "link of lowest delay. tunnel: inside a tunnel connection, as TCP does.",
+        "ports, flows carrying STUN, or the ports listed below) travels. redundant: on the two "
+        "links of lowest delay at once, the first copy wins (at most twice the flow's own "
+        "traffic). fastest: on the link of lowest delay. tunnel: inside a tunnel connection, as "
+        "TCP does.",
         choices=("redundant", "fastest", "tunnel"),
     ),
     Setting(

@@ -261,26 +261,33 @@ def ruleset(plan: CapturePlan) -> str:
 
 #: How long one nft transaction may take before braidd gives up on it (a hung nft).
 NFT_TIMEOUT = 10.0
+#: How long listing the tables may take (it runs every few seconds on the netlink thread).
+LIST_TIMEOUT = 2.0
+
+
+def _nft(
+    args: list[str], timeout: float, script: str | None = None
+) -> subprocess.CompletedProcess[str] | None:
+    """nft with ``args`` (``script`` on its input); None if this system has no nft. Raises
+    OSError or subprocess.TimeoutExpired."""
+    nft = shutil.which("nft")
+    if nft is None:
+        return None
+    return subprocess.run(
+        [nft, *args], input=script, text=True, capture_output=True, check=False, timeout=timeout
+    )
 
 
 def run_nft(
     script: str, error: type[Exception] = CaptureError, needed_by: str = "system-wide mode"
 ) -> None:
     """Run one nft transaction; ``error`` (with what needs nft) says why it did not take."""
-    nft = shutil.which("nft")
-    if nft is None:
-        raise error(f"{needed_by} needs nftables (Debian: apt install nftables)")
     try:
-        done = subprocess.run(
-            [nft, "-f", "-"],
-            input=script,
-            text=True,
-            capture_output=True,
-            check=False,
-            timeout=NFT_TIMEOUT,
-        )
+        done = _nft(["-f", "-"], NFT_TIMEOUT, script)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise error(f"nftables did not take Braid's rules: {exc}") from exc
+    if done is None:
+        raise error(f"{needed_by} needs nftables (Debian: apt install nftables)")
     if done.returncode != 0:
         raise error(f"nftables refused Braid's rules: {done.stderr.strip()}")
 
@@ -305,39 +312,16 @@ def remove() -> None:
     run_nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
 
 
-#: How long listing the tables may take (it runs every few seconds on the netlink thread).
-LIST_TIMEOUT = 2.0
-
-
 def list_tables() -> set[str] | None:
     """The nftables tables present, as "FAMILY NAME" ("inet braid"); None if nft cannot say."""
-    nft = shutil.which("nft")
-    if nft is None:
-        return None
     try:
-        done = subprocess.run(
-            [nft, "list", "tables"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=LIST_TIMEOUT,
-        )
+        done = _nft(["list", "tables"], LIST_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if done.returncode != 0:
+    if done is None or done.returncode != 0:
         return None
     return {
         " ".join(line.split()[1:3])
         for line in done.stdout.splitlines()
         if line.startswith("table ")
     }
-
-
-def present() -> bool:
-    nft = shutil.which("nft")
-    if nft is None:
-        return False
-    done = subprocess.run(
-        [nft, "list", "table", "inet", TABLE], capture_output=True, text=True, check=False
-    )
-    return done.returncode == 0

@@ -676,7 +676,8 @@ class DatagramFlows:
         key = (client, destination)
         flow = self._flows.get(key)
         modes = self._modes()
-        stun = flowclass.is_stun(data)
+        # A STUN message marks a call; a flow already marked is not looked at again.
+        stun = (flow is None or not flow.listed) and flowclass.is_stun(data)
         if flow is None:
             listed = stun or destination.port in parse_ports(self._settings("realtime_ports"))
             klass = flowclass.classify(destination.port, dscp, listed, FlowMeter(), 0.0)
@@ -692,7 +693,7 @@ class DatagramFlows:
             if klass == REALTIME:
                 self._path.on_realtime()
             self._flows[key] = flow
-        elif stun and not flow.listed:
+        elif stun:
             flow.listed = True  # a call's connectivity check: real-time from now on
         if flow.path == "datagram" and self._path.send(flow, data, modes):
             return

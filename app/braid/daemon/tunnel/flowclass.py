@@ -3,9 +3,9 @@
 A flow is *real-time* when it is marked so (DSCP EF or AF4x), uses a STUN/TURN/WebRTC port, is
 listed by the user, carries STUN messages (WebRTC's connectivity checks run on the call's own
 addresses before its media, and keep running during it), or looks like a call: small datagrams
-at a steady rate. It turns *bulk* when
-its rate grows past what a call sends; a bulk flow is never duplicated (redundancy may cost at
-most twice the flow's own rate, and for bulk traffic that would only steal capacity).
+at a steady rate. It turns *bulk* when its rate grows past what a call sends; a bulk flow is
+never duplicated (redundancy may cost at most twice the flow's own rate, and for bulk traffic
+that would only steal capacity).
 
 Each datagram goes on the usable link with the lowest current delay (probes and the datagram
 path's own echoes, both measured under the load the link carries); a redundant flow goes on the
