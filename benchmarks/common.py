@@ -30,10 +30,10 @@ def side_by_side_possible() -> bool:
 
 
 def links_for(rtts, rates) -> list[LinkSpec]:
-    names = (("eth0", "ethernet"), ("wlan0", "wifi"), ("usb0", "cellular"))
+    names = (("eth0", "ethernet"), ("wlan0", "wifi"), ("usb0", "cellular"), ("usb1", "cellular"))
     return [
         LinkSpec(name, kind, rate, rtt)
-        for (name, kind), rate, rtt in zip(names, rates, rtts, strict=True)
+        for (name, kind), rate, rtt in zip(names[: len(rtts)], rates, rtts, strict=True)
     ]
 
 

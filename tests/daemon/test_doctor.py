@@ -131,6 +131,23 @@ def test_the_laptop_limits_and_counters() -> None:
     assert unpaired["laptop"][0]["check"] == "server" and unpaired["level"] == "error"
 
 
+def test_data_dropped_past_the_window_is_told_but_blames_no_path() -> None:
+    def counters_finding(counters: dict[str, int]) -> dict:
+        obs = Observations(
+            server="s:1",
+            connected=True,
+            links=[healthy()],
+            limits={"subflows": 8, "add_addr_accepted": 0},
+            counters=counters,
+        )
+        return next(f for f in diagnose(obs, 1)["laptop"] if f["check"] == "counters")
+
+    dropped = counters_finding({**COUNTERS, "NoDSSInWindow": 161, "MPTCPRetrans": 8})
+    assert dropped["level"] == "ok"
+    assert "161 incoming segments received and then dropped" in dropped["text"]
+    assert "dropped" not in counters_finding(COUNTERS)["text"]
+
+
 def test_the_servers_limits_bind_the_links_too() -> None:
     def server(**kw) -> list[dict]:
         links = [healthy(), healthy("wlan0"), healthy("usb0")]

@@ -49,6 +49,8 @@ SHOWN_COUNTERS = (
     "MPJoinSynRx",
     *JOIN_FAILURE_COUNTERS,
     "DSSCorruptionFallback",
+    "NoDSSInWindow",
+    "MPTCPRetrans",
     "MPCurrEstab",
 )
 
@@ -332,6 +334,14 @@ def diagnose_laptop(obs: Observations) -> list[Finding]:
         f"{fallbacks} fell back to TCP; {sent} joins sent, {answered} accepted, "
         f"{failures} failed"
     )
+    dropped = counters.get("NoDSSInWindow", 0)
+    if dropped:
+        # The kernel's own window accounting, not a path's fault: said, not warned about.
+        summary += (
+            f"; {dropped} incoming segments received and then dropped by this kernel as beyond "
+            "the window it had announced (each such hole pauses a download for at least one "
+            "retransmission timeout; see the README's Performance section)"
+        )
     if fallbacks or failures or (sent and answered < sent):
         out.append(
             Finding(
