@@ -99,7 +99,9 @@ def machine() -> Iterator[booted.Booted]:
     root = booted.fresh_copy(base, "nm")
     (root / "etc/NetworkManager/conf.d/90-test.conf").write_text(NM_CONF)
     work = Path(tempfile.mkdtemp(prefix="braid-nm-"))
-    (work / "mode").write_text("portal")
+    # The internet is reachable until a test says otherwise: braidd must see its links usable
+    # whether or not NetworkManager's first check has run when it starts.
+    (work / "mode").write_text("full")
     outside = f"brd{os.getpid()}x901-nm-isp"  # named like the test world's: swept if we die
     system = booted.Booted(root, booted.CACHE / "boot-nm.log")
     server = None
