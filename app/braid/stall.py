@@ -80,6 +80,45 @@ def autotune_max(path: str = "/proc/sys/net/ipv4/tcp_rmem") -> int:
         return AUTOTUNE_MAX_DEFAULT
 
 
+#: The receive buffer every tunnel socket gets at both ends (see fix_receive_buffer).
+TUNNEL_RCVBUF = 16 << 20
+
+
+def rmem_max(path: str = "/proc/sys/net/core/rmem_max") -> int:
+    """The largest receive buffer an unprivileged process may ask for (net.core.rmem_max)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def fix_receive_buffer(sock: socket.socket | None, want: int = TUNNEL_RCVBUF) -> bool:
+    """Give a tunnel socket a ``want``-byte receive buffer instead of autotuning; False (and the
+    socket untouched) where this process may not have one that large.
+
+    Linux 6.18 lets an MPTCP sender pass the window the receiver announced while receive
+    autotuning is still growing it; the receiver then drops data its subflows have already
+    acknowledged, and only MPTCP-level retransmissions, one fragment per timeout, fill the hole:
+    the whole connection pauses for 0.35 s or more, several times (docs/ARCHITECTURE.md, "Why a
+    bulk transfer sometimes pauses on every link at once"). With the window this large from the
+    start the sender never reaches its edge. It is a limit, not an allocation.
+    """
+    half = want // 2  # the kernel doubles what it is given, for its bookkeeping
+    if sock is None:
+        return True  # nothing to fix (a transport without a socket)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, half)  # root: past rmem_max
+        except PermissionError:
+            if rmem_max() < half:
+                return False  # a smaller fixed buffer would be worse than autotuning
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, half)
+    except OSError:
+        pass  # closed meanwhile: nothing to say about this process's rights
+    return True
+
+
 def grow_receive_buffer(sock: socket.socket, want: int) -> int:
     """Ask for a ``want``-byte receive buffer; returns the size the kernel granted."""
     half = want // 2  # the kernel doubles what it is given, for its bookkeeping

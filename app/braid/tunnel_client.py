@@ -34,6 +34,7 @@ from braid.protocol.session import (
     TunnelSession,
 )
 from braid.protocol.tunnel import Command, ReplyMessage
+from braid.stall import fix_receive_buffer
 from braid.transport import (
     READ_SIZE,
     MptcpUnavailable,
@@ -325,6 +326,7 @@ async def _connect(
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            fix_receive_buffer(sock)  # before the SYN; see braid.stall
             if mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             if bind_device:

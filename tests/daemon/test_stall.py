@@ -18,7 +18,15 @@ from collections.abc import Iterator
 import pytest
 
 from braid import stall
-from braid.stall import StallGuard, autotune_max, grow_receive_buffer, is_stalled, receive_memory
+from braid.stall import (
+    StallGuard,
+    autotune_max,
+    fix_receive_buffer,
+    grow_receive_buffer,
+    is_stalled,
+    receive_memory,
+    rmem_max,
+)
 from braid.transport import IPPROTO_MPTCP
 
 
@@ -168,3 +176,48 @@ def test_a_stream_without_a_socket_is_not_watched() -> None:
             assert guard._task is None
 
     asyncio.run(scenario())
+
+
+class _Unprivileged:
+    """A socket as a process without CAP_NET_ADMIN sees it: SO_RCVBUFFORCE is refused."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def setsockopt(self, level: int, name: int, value: int) -> None:
+        if name == stall.SO_RCVBUFFORCE:
+            raise PermissionError(1, "Operation not permitted")
+        self.sock.setsockopt(level, name, value)
+
+
+def test_a_tunnel_socket_gets_a_fixed_large_receive_buffer(connection) -> None:
+    client, _ = connection
+    want = stall.TUNNEL_RCVBUF
+    privileged = os.geteuid() == 0
+    assert fix_receive_buffer(client) == (privileged or rmem_max() >= want // 2)
+    if privileged:  # past net.core.rmem_max, as braidd does
+        assert client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == want
+    # Unprivileged (braid-server) where net.core.rmem_max allows the size: the plain option.
+    allowed = 2 * rmem_max()
+    other = socket.socket()
+    with other:
+        assert fix_receive_buffer(_Unprivileged(other), want=allowed)
+        assert other.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == allowed
+
+
+def test_a_buffer_that_would_be_smaller_than_autotuning_allows_is_not_fixed(
+    connection, monkeypatch
+) -> None:
+    client, _ = connection
+    before = client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    monkeypatch.setattr(stall, "rmem_max", lambda: 212992)  # Debian's default
+    assert not fix_receive_buffer(_Unprivileged(client))
+    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before  # still autotuning
+    assert fix_receive_buffer(None)  # nothing to fix, nothing to warn about
+
+
+def test_rmem_max_is_read_from_proc(tmp_path) -> None:
+    path = tmp_path / "rmem_max"
+    path.write_text("4194304\n")
+    assert rmem_max(str(path)) == 4194304
+    assert rmem_max(str(tmp_path / "missing")) == 0

@@ -64,6 +64,7 @@ from braid.server.state import (
 )
 from braid.server.system import OwnAddresses, read_mptcp_limits
 from braid.server.udp import DatagramCounters, DatagramPipe, relay_udp
+from braid.stall import TUNNEL_RCVBUF, fix_receive_buffer, rmem_max
 from braid.transport import (
     IDLE_RESTART,
     MptcpUnavailable,
@@ -418,6 +419,7 @@ class BraidServer:
         self.seen: dict[str, DeviceSeen] = read_seen(state)[1] if state is not None else {}
         self._seen_dirty = False
         self._conns: set[asyncio.Task] = set()
+        self._rcvbuf_warned = False  # said once: this process may not fix tunnel buffers
         self._stop: asyncio.Event | None = None
 
     # --- lifecycle -----------------------------------------------------------------
@@ -808,6 +810,17 @@ class BraidServer:
 
         request = event.request
         self.stats.requests += 1
+        # An authenticated device's tunnel only: a fixed buffer is never offered to strangers.
+        if not fix_receive_buffer(writer.get_extra_info("socket")) and not self._rcvbuf_warned:
+            self._rcvbuf_warned = True
+            log.warning(
+                "net.core.rmem_max (%d) is below %d: tunnels keep receive autotuning, and bulk "
+                "uploads over several links may pause for a third of a second now and then; "
+                "raise it: sysctl -w net.core.rmem_max=%d (and in /etc/sysctl.d)",
+                rmem_max(),
+                TUNNEL_RCVBUF // 2,
+                TUNNEL_RCVBUF // 2,
+            )
         if time.monotonic() - waiting >= IDLE_RESTART:
             # The tunnel waited in the client's pool: its congestion state is stale.
             restart_congestion_control(writer.get_extra_info("socket"))
