@@ -82,6 +82,9 @@ def autotune_max(path: str = "/proc/sys/net/ipv4/tcp_rmem") -> int:
 
 #: The receive buffer every tunnel socket gets at both ends (see fix_receive_buffer).
 TUNNEL_RCVBUF = 16 << 20
+#: The net.core.rmem_max an unprivileged server needs: the tunnel buffer, and the guard's
+#: doubling of it (the kernel doubles what it is given, so half of twice the buffer).
+RMEM_MAX_ADVICE = 2 * TUNNEL_RCVBUF
 
 
 def rmem_max(path: str = "/proc/sys/net/core/rmem_max") -> int:

@@ -221,3 +221,29 @@ def test_rmem_max_is_read_from_proc(tmp_path) -> None:
     path.write_text("4194304\n")
     assert rmem_max(str(path)) == 4194304
     assert rmem_max(str(tmp_path / "missing")) == 0
+
+
+def test_braidd_connects_its_tunnels_with_the_fixed_buffer() -> None:
+    """The buffer is set before the SYN, on every tunnel braidd opens (tunnel_client)."""
+    from braid.tunnel_client import _connect
+
+    try:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    except OSError:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        async def connect() -> socket.socket:
+            loop = asyncio.get_running_loop()
+            candidates = [(socket.AF_INET, listener.getsockname())]
+            return await _connect(candidates, "test", loop.time() + 5, None, None, True)
+
+        sock = asyncio.run(connect())
+        with sock:
+            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if os.geteuid() == 0 or rmem_max() >= stall.TUNNEL_RCVBUF // 2:
+        assert granted == stall.TUNNEL_RCVBUF
+    else:
+        assert granted < stall.TUNNEL_RCVBUF  # left to autotuning

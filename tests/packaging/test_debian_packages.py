@@ -287,6 +287,11 @@ def test_braid_server_unit_runs_unprivileged(unpacked: Path) -> None:
     assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"]
     assert unit["MemoryDenyWriteExecute"] == ["yes"]
     assert "+/usr/lib/braid-server/raise-mptcp-limits 8" in unit["ExecStartPre"]
+    # Tunnels' fixed receive buffer needs net.core.rmem_max of 32 MiB: raised as root, never
+    # lowered, and a failure (a read-only /proc/sys) does not stop the start.
+    (raise_rmem,) = [line for line in unit["ExecStartPre"] if "rmem_max" in line]
+    assert raise_rmem.startswith("+/bin/sh -c ") and "33554432" in raise_rmem
+    assert raise_rmem.rstrip("'").endswith("|| true") and "-ge 33554432" in raise_rmem
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")

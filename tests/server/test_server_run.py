@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import re
 import signal
@@ -34,6 +35,8 @@ SERVER_V4 = "198.18.100.1"
 OTHER_CLIENT_V4 = "198.18.100.2"
 SILENT_CLIENT_V4 = "198.18.100.3"  # warnings are rate-limited per source: each test its own
 SLOW_CLIENT_V4 = "198.18.100.4"
+STRANGER_V4 = "198.18.100.5"  # connects and says nothing while a device's tunnel is open
+DEVICE_V4 = "198.18.100.6"
 SERVER_V6 = "2001:db8:100::1"
 TARGET_V4 = "198.18.200.1"
 TARGET_V6 = "2001:db8:200::1"
@@ -83,7 +86,15 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     try:
         # The kernel may lack the dummy driver; a veth pair inside the namespace works anywhere.
         netns.veth(
-            (SERVER_V4, OTHER_CLIENT_V4, SILENT_CLIENT_V4, SLOW_CLIENT_V4, TARGET_V4),
+            (
+                SERVER_V4,
+                OTHER_CLIENT_V4,
+                SILENT_CLIENT_V4,
+                SLOW_CLIENT_V4,
+                STRANGER_V4,
+                DEVICE_V4,
+                TARGET_V4,
+            ),
             (SERVER_V6, TARGET_V6),
         )
         netns.write_etc(
@@ -430,3 +441,49 @@ def test_kernel_without_mptcp_falls_back_to_plain_tcp(world: World) -> None:
     assert "WARNING this kernel does not offer Multipath TCP" in log
     assert "listening on 198.18.100.1:7446 (plain TCP)" in log
     assert "MPTCP subflow limit" not in log
+
+
+def _receive_buffers(world: World, peer_ip: str) -> list[int]:
+    """The receive buffer sizes (ss skmem rb) of the server's sockets whose peer is
+    ``peer_ip``."""
+    done = subprocess.run(
+        world.netns.exec_argv(["ss", "-tmnMH", "state", "established"]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    sizes = []
+    lines = done.stdout.splitlines()
+    for head, info in itertools.pairwise(lines):
+        if f"{peer_ip}]:" in head.split()[-1] or head.split()[-1].startswith(f"{peer_ip}:"):
+            found = re.search(r"rb(\d+)", info)
+            if found and f":{PORT}" in head.split()[-2]:
+                sizes.append(int(found.group(1)))
+    return sizes
+
+
+def test_only_an_authenticated_devices_tunnel_gets_the_fixed_buffer(world: World) -> None:
+    """A stranger's connection keeps autotuning (a fixed 16 MiB buffer per handshake would let
+    anyone park memory on the server); a device's tunnel gets it with its first request."""
+    held: dict = {}
+
+    async def open_both() -> None:
+        held["stranger"] = await asyncio.open_connection(
+            SERVER_V4, PORT, local_addr=(STRANGER_V4, 0)
+        )
+        tunnel = await open_tunnel(world.pairing, bind=(DEVICE_V4, 0))
+        held["tunnel"] = tunnel
+        assert (await tunnel.request(Address(TARGET_V4, TARGET_PORT))).code == Reply.SUCCEEDED
+
+    async def close_both() -> None:
+        await held["tunnel"].close()
+        held["stranger"][1].close()
+
+    world.run(open_both())
+    try:
+        time.sleep(0.2)
+        assert 16 << 20 in _receive_buffers(world, DEVICE_V4)
+        stranger = _receive_buffers(world, STRANGER_V4)
+        assert stranger and all(size < 16 << 20 for size in stranger)
+    finally:
+        world.run(close_both())

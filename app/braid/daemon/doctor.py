@@ -339,8 +339,8 @@ def diagnose_laptop(obs: Observations) -> list[Finding]:
         # The kernel's own window accounting, not a path's fault: said, not warned about.
         summary += (
             f"; {dropped} incoming segments received and then dropped by this kernel as beyond "
-            "the window it had announced (each such hole pauses a download for at least one "
-            "retransmission timeout; see the README's Performance section)"
+            "the window it had announced (the holes they leave pause a download for at least a "
+            "retransmission timeout each; see the README's Performance section)"
         )
     if fallbacks or failures or (sent and answered < sent):
         out.append(

@@ -64,7 +64,7 @@ from braid.server.state import (
 )
 from braid.server.system import OwnAddresses, read_mptcp_limits
 from braid.server.udp import DatagramCounters, DatagramPipe, relay_udp
-from braid.stall import TUNNEL_RCVBUF, fix_receive_buffer, rmem_max
+from braid.stall import RMEM_MAX_ADVICE, TUNNEL_RCVBUF, fix_receive_buffer, rmem_max
 from braid.transport import (
     IDLE_RESTART,
     MptcpUnavailable,
@@ -810,8 +810,13 @@ class BraidServer:
 
         request = event.request
         self.stats.requests += 1
-        # An authenticated device's tunnel only: a fixed buffer is never offered to strangers.
-        if not fix_receive_buffer(writer.get_extra_info("socket")) and not self._rcvbuf_warned:
+        # A device's connection only (never a stranger's: see stall.fix_receive_buffer). Not
+        # the speed test's: a pinned single-link transfer gains nothing from it, and its rates
+        # are timed as the server reads them.
+        fixed = request.command != Command.CONNECT or fix_receive_buffer(
+            writer.get_extra_info("socket")
+        )
+        if not fixed and not self._rcvbuf_warned:
             self._rcvbuf_warned = True
             log.warning(
                 "net.core.rmem_max (%d) is below %d: tunnels keep receive autotuning, and bulk "
@@ -819,7 +824,7 @@ class BraidServer:
                 "raise it: sysctl -w net.core.rmem_max=%d (and in /etc/sysctl.d)",
                 rmem_max(),
                 TUNNEL_RCVBUF // 2,
-                TUNNEL_RCVBUF // 2,
+                RMEM_MAX_ADVICE,
             )
         if time.monotonic() - waiting >= IDLE_RESTART:
             # The tunnel waited in the client's pool: its congestion state is stale.
