@@ -30,16 +30,21 @@ from braid.stall import (
 from braid.transport import IPPROTO_MPTCP
 
 
-@pytest.fixture
-def connection() -> Iterator[tuple[socket.socket, socket.socket]]:
-    """An MPTCP connection over loopback (plain TCP where the kernel has no MPTCP)."""
+def loopback_listener() -> socket.socket:
+    """An MPTCP listener on loopback (plain TCP where the kernel has no MPTCP)."""
     try:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
     except OSError:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+@pytest.fixture
+def connection() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """An MPTCP connection over loopback (plain TCP where the kernel has no MPTCP)."""
+    with loopback_listener() as listener:
         client = socket.socket(listener.family, socket.SOCK_STREAM, listener.proto)
         client.connect(listener.getsockname())
         server, _ = listener.accept()
@@ -227,13 +232,7 @@ def test_braidd_connects_its_tunnels_with_the_fixed_buffer() -> None:
     """The buffer is set before the SYN, on every tunnel braidd opens (tunnel_client)."""
     from braid.tunnel_client import _connect
 
-    try:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
-    except OSError:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
+    with loopback_listener() as listener:
 
         async def connect() -> socket.socket:
             loop = asyncio.get_running_loop()
