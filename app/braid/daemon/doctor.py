@@ -40,19 +40,6 @@ JOIN_FAILURE_COUNTERS = (
     "MPJoinRejected",
     "MPJoinNoTokenFound",
 )
-SHOWN_COUNTERS = (
-    "MPCapableSYNTX",
-    "MPCapableSYNACKRX",
-    *FALLBACK_COUNTERS,
-    "MPJoinSynTx",
-    "MPJoinSynAckRx",
-    "MPJoinSynRx",
-    *JOIN_FAILURE_COUNTERS,
-    "DSSCorruptionFallback",
-    "NoDSSInWindow",
-    "MPTCPRetrans",
-    "MPCurrEstab",
-)
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 _RANK = {OK: 0, WARNING: 1, ERROR: 2}
