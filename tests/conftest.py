@@ -36,3 +36,12 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (
             f"network test skipped but BRAID_REQUIRE_NETNS=1 requires it to run: {report.longrepr}"
         )
+    if report.failed:
+        # A failing end-to-end test shows what braidd and braid-server logged: a run in CI
+        # leaves nothing else behind to read.
+        stack = getattr(item, "funcargs", {}).get("stack")
+        if stack is not None and callable(getattr(stack, "logs", None)):
+            try:
+                report.sections.append(("braid logs", stack.logs(tail=40000)))
+            except Exception as exc:  # the report must not fail on its appendix
+                report.sections.append(("braid logs", f"unreadable: {exc!r}"))

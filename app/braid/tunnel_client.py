@@ -408,13 +408,21 @@ async def open_tunnel(
             stage = Stage.CONNECT
             sock = await _connect(candidates, server, deadline, bind, bind_device, mptcp, mark)
             stage = Stage.TLS
-            reader, writer = await asyncio.open_connection(
-                sock=sock,
-                ssl=client_tls_context(),
-                server_hostname="",  # no SNI: the certificate is pinned, not checked by name
-                ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
-                limit=2**17,
+            handshake = asyncio.ensure_future(
+                asyncio.open_connection(
+                    sock=sock,
+                    ssl=client_tls_context(),
+                    server_hostname="",  # no SNI: the certificate is pinned, not checked by name
+                    ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
+                    limit=2**17,
+                )
             )
+            try:
+                reader, writer = await asyncio.shield(handshake)
+            except (asyncio.CancelledError, TimeoutError):
+                _drop_when_done(handshake, sock)
+                sock = None  # its transport closes it
+                raise
             ssl_object = writer.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
             presented = fingerprint(der) if der else "nothing"
@@ -465,6 +473,35 @@ async def open_tunnel(
     tunnel = Tunnel(reader, writer, sock, server, session)
     log.debug("tunnel to %s open from %s (mptcp=%s)", server, tunnel.local, tunnel.mptcp)
     return tunnel
+
+
+def _drop_when_done(handshake: asyncio.Future, sock: socket.socket) -> None:
+    """Drop the connection a TLS handshake makes once it ends: we were cancelled (or timed out)
+    while it ran.
+
+    Cancelled inside ``open_connection``, asyncio would close the half-made TLS transport
+    politely: a TLS goodbye, with the socket kept open and watched for up to 30 s. Closing the
+    socket under that transport frees its descriptor number while the transport still claims
+    it, and the next socket given that number cannot be watched ("File descriptor N is used by
+    transport"). So the handshake is shielded from the cancellation; shutting the socket down
+    (which keeps its descriptor) ends it within a loop turn or two, and what it made is aborted
+    here when it ends: the transport closes its own socket."""
+
+    def done(task: asyncio.Future) -> None:
+        if task.cancelled():  # only when the loop itself is shutting down
+            return
+        if task.exception() is None:
+            task.result()[1].transport.abort()
+        else:  # the handshake failed: its transport, if it made one, is closed already
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    if handshake.done():
+        done(handshake)
+    else:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        handshake.add_done_callback(done)
 
 
 def _discard(sock: socket.socket | None, writer: asyncio.StreamWriter | None) -> None:

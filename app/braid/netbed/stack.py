@@ -222,9 +222,9 @@ class Braidd:
     def status(self) -> dict:
         return self.call("status")
 
-    def logs(self) -> str:
+    def logs(self, tail: int = 6000) -> str:
         with contextlib.suppress(OSError):
-            return f"--- {self.log.name} ---\n{self.log.read_text()[-6000:]}"
+            return f"--- {self.log.name} ---\n{self.log.read_text()[-tail:]}"
         return ""
 
 
@@ -378,11 +378,12 @@ class BraidStack:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.server.wait(10)
 
-    def logs(self) -> str:
+    def logs(self, tail: int = 6000) -> str:
+        """The last ``tail`` characters of each daemon's and the server's log."""
         parts = []
         for path in (self.daemon_log, *(other.log for other in self.laptops), self.server_log):
             with contextlib.suppress(OSError):
-                parts.append(f"--- {path.name} ---\n{path.read_text()[-6000:]}")
+                parts.append(f"--- {path.name} ---\n{path.read_text()[-tail:]}")
         return "\n".join(parts)
 
     def __enter__(self) -> BraidStack:
