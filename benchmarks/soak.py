@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import threading
@@ -164,14 +163,16 @@ def start_tray(stack: BraidStack) -> subprocess.Popen:
 
 
 def growth(series: list[int], warmup: int) -> float:
-    """Relative growth of the level after warm-up: median of the last quarter against the
-    median of the first quarter (medians, so the churn's short spikes do not count)."""
+    """Relative growth of the floor after warm-up: the lowest sample of the last quarter against
+    the lowest of the first. A leak raises the floor; the churn's spikes (a hundred connections
+    in flight at the moment of a sample) never touch it, while a median of a short run's few
+    samples took one spike for half the level."""
     after = series[warmup:]
     if len(after) < 4:
         return 0.0
     quarter = max(1, len(after) // 4)
-    first = statistics.median(after[:quarter])
-    last = statistics.median(after[-quarter:])
+    first = min(after[:quarter])
+    last = min(after[-quarter:])
     return 0.0 if first == 0 else (last - first) / first
 
 
@@ -192,10 +193,11 @@ def run(seconds: float, png: Path | None, out_json: Path | None, with_tray: bool
             for thread in threads:
                 thread.start()
             samples: list[tuple[float, dict]] = []
+            every = max(1.0, min(SAMPLE_EVERY, seconds / 30))  # a short run: 30 samples
             started = time.monotonic()
             while soak.running():
                 samples.append((time.monotonic() - started, measure(pids)))
-                time.sleep(SAMPLE_EVERY)
+                time.sleep(every)
             for thread in threads:
                 thread.join(timeout=180)
             samples.append((time.monotonic() - started, measure(pids)))
