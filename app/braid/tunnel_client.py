@@ -419,7 +419,7 @@ async def open_tunnel(
             )
             try:
                 reader, writer = await asyncio.shield(handshake)
-            except (asyncio.CancelledError, TimeoutError):
+            except asyncio.CancelledError:  # asyncio.timeout_at's too, inside the block
                 _drop_when_done(handshake, sock)
                 sock = None  # its transport closes it
                 raise
@@ -476,8 +476,8 @@ async def open_tunnel(
 
 
 def _drop_when_done(handshake: asyncio.Future, sock: socket.socket) -> None:
-    """Drop the connection a TLS handshake makes once it ends: we were cancelled (or timed out)
-    while it ran.
+    """Drop the connection a TLS handshake makes once it ends: we were cancelled (or our
+    deadline passed) while it ran.
 
     Cancelled inside ``open_connection``, asyncio would close the half-made TLS transport
     politely: a TLS goodbye, with the socket kept open and watched for up to 30 s. Closing the
